@@ -1,0 +1,137 @@
+"""The `pets` command line: compile, run, tasks, demo. Errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pets_compiler.errors import InputError, PetsError
+
+
+def _task_arg(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name, path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pets", description="Serve many PET-tuned BERT tasks from one backbone.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a base checkpoint and task sources into an artifact dir")
+    c.add_argument("base", type=Path, help="Hugging Face BERT checkpoint dir (config, safetensors, tokenizer)")
+    c.add_argument("--task", action="append", type=_task_arg, default=[], metavar="NAME=PATH", required=True)
+    c.add_argument("-o", "--output", type=Path, required=True, help="artifact directory to write")
+    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    c.add_argument(
+        "--sites",
+        choices=["used", "all"],
+        default="used",
+        help="attach task ops at the sites these tasks use (fastest) or at every site (any later task fits)",
+    )
+    c.add_argument("--report", action="store_true", help="print what each graph pass changed")
+
+    r = sub.add_parser("run", help="answer JSONL requests with an artifact")
+    r.add_argument("artifact", type=Path)
+    r.add_argument("--input", type=Path, required=True, help="JSONL: {'task': NAME, 'text'|'input_ids': ...}")
+    r.add_argument("--output", type=Path, help="JSONL answers in input order (default: stdout)")
+    r.add_argument("--batch-size", type=int, default=32)
+
+    t = sub.add_parser("tasks", help="list, add or remove the tasks of an artifact")
+    t.add_argument("artifact", type=Path)
+    ts = t.add_subparsers(dest="action", required=True)
+    ts.add_parser("list")
+    ta = ts.add_parser("add")
+    ta.add_argument("task", type=_task_arg, metavar="NAME=PATH")
+    tr = ts.add_parser("remove")
+    tr.add_argument("name")
+
+    d = sub.add_parser("demo", help="the whole chain on the bundled MiniLM checkpoint")
+    d.add_argument("--workdir", type=Path, help="where to write the demo tasks and artifact (default: a temp dir)")
+    return p
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}") from None
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    return out
+
+
+def cmd_compile(args: argparse.Namespace) -> None:
+    from pets_compiler.compiler import compile
+
+    runtime = compile(args.base, dict(args.task), dtype=args.dtype, sites=args.sites, progress=True)
+    runtime.save(args.output)
+    if args.report:
+        print("\n".join(runtime.report))
+    print(f"wrote {args.output} with tasks: {', '.join(runtime.task_names())}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from pets_compiler.runtime.artifact import load
+
+    requests = _read_jsonl(args.input)
+    runtime = load(args.artifact)
+    answers = runtime.run(requests, batch_size=args.batch_size, progress=True)
+    text = "".join(json.dumps(a) + "\n" for a in answers)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+
+
+def cmd_tasks(args: argparse.Namespace) -> None:
+    from pets_compiler.runtime.artifact import load
+
+    runtime = load(args.artifact)
+    if args.action == "list":
+        for name in runtime.task_names():
+            spec = runtime.task(name)
+            labels = f", {spec.head.num_labels} labels" if spec.head is not None else ""
+            print(f"{name}\t{'+'.join(spec.kinds()) or 'base'}{labels}")
+        return
+    if args.action == "add":
+        name, path = args.task
+        runtime.add_task(name, path)
+    else:
+        runtime.remove_task(args.name)
+    runtime.save(args.artifact)
+    print(f"{args.action}: ok; tasks now: {', '.join(runtime.task_names()) or 'none'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "compile":
+            cmd_compile(args)
+        elif args.command == "run":
+            cmd_run(args)
+        elif args.command == "tasks":
+            cmd_tasks(args)
+        else:
+            from pets_compiler.demo import run_demo
+
+            return run_demo(args.workdir)
+    except PetsError as e:
+        print(f"pets {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

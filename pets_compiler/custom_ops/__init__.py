@@ -1,0 +1,45 @@
+"""The `torch.ops.pets` op library: segmented multi-task ops, one call for all tasks of a batch.
+
+Importing this package loads the compiled kernels (`pets_compiler._C`, built ahead of time by setup.py) and
+registers the fake kernels; both are needed to run, export, load (`torch.export.load`) or re-trace a program
+that uses the ops. The ops, their schemas and semantics:
+
+- `pets::lora_delta(y, x, task_ids, lora_a, lora_b, scale)`: y + scale[t] * (x @ A[t].T) @ B[t].T
+- `pets::bias_delta(y, task_ids, bias)`: y + bias[t]
+- `pets::linear_delta(y, x, task_ids, lora_a?, lora_b?, lora_scale?, bias?)`: both terms of one site, fused
+- `pets::layer_norm(x, task_ids, weight, bias, weight_delta, bias_delta, eps)`: LayerNorm with per-task
+  affine deltas
+- `pets::segmented_linear(x, task_ids, weight, bias)`: x @ weight[t].T + bias[t] (per-task heads)
+
+with t = task_ids[row]; the `*_ref` functions are their plain-torch references (`reference.py`).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+try:
+    importlib.import_module("pets_compiler._C")
+except ImportError as e:
+    raise ImportError(
+        f"the pets op library pets_compiler._C could not be loaded ({e}). It is compiled ahead of time: "
+        "run `pip install --no-build-isolation -e .` (or `make install`) in the project root, and again "
+        "after changing pets_compiler/custom_ops/csrc or upgrading torch."
+    ) from e
+
+from pets_compiler.custom_ops import fake as fake  # registers the fake kernels
+from pets_compiler.custom_ops.reference import (
+    bias_delta_ref,
+    layer_norm_ref,
+    linear_delta_ref,
+    lora_delta_ref,
+    segmented_linear_ref,
+)
+
+__all__ = [
+    "bias_delta_ref",
+    "layer_norm_ref",
+    "linear_delta_ref",
+    "lora_delta_ref",
+    "segmented_linear_ref",
+]

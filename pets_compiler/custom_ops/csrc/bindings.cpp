@@ -1,0 +1,53 @@
+// The pets op library: one TORCH_LIBRARY block with every schema, and the CPU kernels. Ops registered here
+// (not as pybind functions) are visible to torch.export, torch.compile and the ONNX exporter.
+//
+// Conventions of every op: task_ids is int64 [B] and gives each batch row a table slot in [0, T); tables are
+// stacked by slot along dim 0; batch tensors are [B, ..., features]; ops are functional (a new output, inputs
+// untouched). CUDA kernels register in a TORCH_LIBRARY_IMPL(pets, CUDA, m) block built under PETS_WITH_CUDA.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "bias/bias.h"
+#include "head/head.h"
+#include "layer_norm/layer_norm.h"
+#include "lora/lora.h"
+
+// `import pets_compiler._C` loads this library, which runs the registrations below; it has no Python API.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(pets, m) {
+  const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
+  // out[i] = y[i] + scale[t] * (x[i] @ lora_a[t, :r].T) @ lora_b[t, :, :r].T, t = task_ids[i], r = rank[t]
+  m.def(
+      "lora_delta(Tensor y, Tensor x, Tensor task_ids, Tensor lora_a, Tensor lora_b, Tensor scale, "
+      "Tensor rank) -> Tensor",
+      tags);
+  // out[i] = y[i] + bias[t] (every token of row i), t = task_ids[i]
+  m.def("bias_delta(Tensor y, Tensor task_ids, Tensor bias) -> Tensor", tags);
+  // out = y + the lora_delta term (if lora_a is given) + the bias_delta term (if bias is given), one output
+  m.def(
+      "linear_delta(Tensor y, Tensor x, Tensor task_ids, Tensor? lora_a, Tensor? lora_b, Tensor? lora_scale, "
+      "Tensor? lora_rank, Tensor? bias) -> Tensor",
+      tags);
+  // out[i] = normalize(x[i]) * (weight + weight_delta[t]) + (bias + bias_delta[t]), t = task_ids[i]
+  m.def(
+      "layer_norm(Tensor x, Tensor task_ids, Tensor weight, Tensor bias, Tensor weight_delta, "
+      "Tensor bias_delta, float eps) -> Tensor",
+      tags);
+  // out[i] = x[i] @ weight[t].T + bias[t], t = task_ids[i] (per-task heads, labels zero-padded to L)
+  m.def("segmented_linear(Tensor x, Tensor task_ids, Tensor weight, Tensor bias) -> Tensor", tags);
+}
+
+TORCH_LIBRARY_IMPL(pets, CPU, m) {
+  m.impl("lora_delta", &pets::lora_delta_cpu);
+  m.impl("bias_delta", &pets::bias_delta_cpu);
+  m.impl("linear_delta", &pets::linear_delta_cpu);
+  m.impl("layer_norm", &pets::layer_norm_cpu);
+  m.impl("segmented_linear", &pets::segmented_linear_cpu);
+}

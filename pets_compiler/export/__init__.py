@@ -1,0 +1,1 @@
+"""ONNX export of the multi-task program (issue 6)."""

@@ -1,0 +1,36 @@
+"""Read any task source a user has (native dir, peft LoRA dir, full fine-tune) into a validated TaskSpec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pets_compiler.errors import TaskSourceError
+from pets_compiler.frontend.base import BaseModel
+from pets_compiler.frontend.finetune import is_finetune_dir, load_finetune
+from pets_compiler.frontend.names import check_task_name
+from pets_compiler.frontend.native import is_native_dir, read_task
+from pets_compiler.frontend.peft_lora import is_peft_dir, load_peft_lora
+from pets_compiler.frontend.taskset import TaskSpec
+from pets_compiler.frontend.validate import validate_task
+
+
+def load_task_source(name: str, path: str | Path, base: BaseModel) -> TaskSpec:
+    """Detect the source format of `path`, import it and validate it against `base`."""
+    check_task_name(name)
+    path = Path(path)
+    if not path.exists():
+        raise TaskSourceError(f"task {name!r}: source {path} does not exist")
+    if not path.is_dir():
+        raise TaskSourceError(f"task {name!r}: source {path} is not a directory")
+    if is_native_dir(path):
+        spec = read_task(path, name, base.fingerprint)
+    elif is_peft_dir(path):
+        spec = load_peft_lora(path, name, base)
+    elif is_finetune_dir(path):
+        spec = load_finetune(path, name, base)
+    else:
+        raise TaskSourceError(
+            f"task {name!r}: {path} is not a task source: expected task.json (native), adapter_config.json (peft) "
+            "or config.json with model.safetensors (a fine-tuned checkpoint)"
+        )
+    return validate_task(spec, base).prune()

@@ -1,0 +1,34 @@
+"""Check the invariants of the finished graph (see passes/README.md)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch.fx import GraphModule
+
+from pets_compiler.passes.context import CompileContext, PassResult
+
+
+def check_graph(gm: GraphModule, ctx: CompileContext) -> PassResult:
+    """task_ids is an input, each planned site has exactly one task op, no dropout is left, two outputs."""
+    gm.graph.lint()
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    if names[:3] != ["input_ids", "attention_mask", "task_ids"]:
+        raise RuntimeError(f"graph inputs start {names[:3]}, expected input_ids, attention_mask, task_ids")
+    if len(names) != 3 + len(ctx.tables):
+        raise RuntimeError(f"graph has {len(names) - 3} table inputs, the context records {len(ctx.tables)}")
+    if any(n.target is torch.ops.aten.dropout.default for n in gm.graph.nodes):
+        raise RuntimeError("a dropout node is left in the graph")
+    ops = Counter(str(n.target) for n in gm.graph.nodes if str(n.target).startswith("pets."))
+    linear_ops = ops["pets.lora_delta.default"] + ops["pets.bias_delta.default"] + ops["pets.linear_delta.default"]
+    expected = len(set(ctx.plan.lora) | set(ctx.plan.bias))
+    if linear_ops != expected:
+        raise RuntimeError(f"{linear_ops} linear task ops in the graph, the plan has {expected} linear sites")
+    if ops["pets.layer_norm.default"] != len(ctx.plan.layer_norm):
+        raise RuntimeError("per-task LayerNorm count differs from the plan")
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    if len(out.args[0]) != 2:
+        raise RuntimeError("the program must return (logits, embedding)")
+    summary = ", ".join(f"{k.removeprefix('pets.').removesuffix('.default')} x{v}" for k, v in sorted(ops.items()))
+    return PassResult("check_graph", 0, f"ok: {len(ctx.tables)} task tables; {summary}")

@@ -1,0 +1,1 @@
+"""The multi-task runtime: task tables, the Runtime, and artifact save/load."""

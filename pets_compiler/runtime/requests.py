@@ -1,0 +1,102 @@
+"""Turn `pets run` request dicts into padded id/mask tensors, with one clear error per bad field."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pets_compiler.errors import InputError
+
+
+@dataclass(frozen=True)
+class Prepared:
+    task: str
+    ids: list[int]
+    extra: dict[str, Any]  # fields passed through to the answer (e.g. "id")
+
+
+class Tokenizer:
+    """The base checkpoint's tokenizer; text longer than `max_length` tokens is truncated (documented policy)."""
+
+    def __init__(self, directory: Path | None, max_length: int) -> None:
+        self.directory = directory
+        self.max_length = max_length
+        self._tok: Any = None
+
+    def __call__(self, text: str) -> list[int]:
+        if self.directory is None:
+            raise InputError("this artifact has no tokenizer: send input_ids instead of text")
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(str(self.directory), local_files_only=True)
+        return list(self._tok(text, truncation=True, max_length=self.max_length)["input_ids"])
+
+
+def prepare(index: int, request: Any, tokenizer: Tokenizer, vocab_size: int, max_positions: int) -> Prepared:
+    """Validate one request: `task` plus `text` or `input_ids` (and an optional all-0/1 `attention_mask`)."""
+    where = f"request {index}"
+    if not isinstance(request, Mapping):
+        raise InputError(f"{where}: must be a JSON object, got {type(request).__name__}")
+    task = request.get("task")
+    if not isinstance(task, str):
+        raise InputError(f"{where}: field 'task' must be a string, got {task!r}")
+    has_text, has_ids = "text" in request, "input_ids" in request
+    if has_text == has_ids:
+        raise InputError(f"{where}: give exactly one of 'text' or 'input_ids'")
+    if has_text:
+        text = request["text"]
+        if not isinstance(text, str):
+            raise InputError(f"{where}: field 'text' must be a string, got {type(text).__name__}")
+        ids = tokenizer(text)
+    else:
+        ids = _check_ids(where, request["input_ids"], vocab_size, max_positions)
+        mask = request.get("attention_mask")
+        if mask is not None:
+            ids = _apply_mask(where, ids, mask)
+    extra = {"id": request["id"]} if "id" in request else {}
+    return Prepared(task, ids, extra)
+
+
+def _check_ids(where: str, ids: Any, vocab_size: int, max_positions: int) -> list[int]:
+    if not isinstance(ids, list) or any(isinstance(row, list) for row in ids):
+        raise InputError(f"{where}: 'input_ids' must be a flat list of integers (one sequence per request)")
+    for i, v in enumerate(ids):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise InputError(f"{where}: input_ids[{i}] = {v!r} is not an integer")
+        if not 0 <= v < vocab_size:
+            raise InputError(f"{where}: input_ids[{i}] = {v} is outside the vocabulary [0, {vocab_size})")
+    if not ids:
+        raise InputError(f"{where}: 'input_ids' is empty; a request needs at least one token")
+    if len(ids) > max_positions:
+        raise InputError(f"{where}: {len(ids)} tokens, more than the model's {max_positions} positions")
+    return list(ids)
+
+
+def _apply_mask(where: str, ids: list[int], mask: Any) -> list[int]:
+    if not isinstance(mask, list) or len(mask) != len(ids):
+        got = len(mask) if isinstance(mask, list) else type(mask).__name__
+        raise InputError(f"{where}: attention_mask length {got} does not match input_ids length {len(ids)}")
+    if any(m not in (0, 1) or isinstance(m, bool) for m in mask):
+        raise InputError(f"{where}: attention_mask must hold only 0 and 1")
+    # A request is one sequence: masked positions must be trailing padding, which is simply dropped.
+    kept = sum(mask)
+    if kept == 0 or mask != [1] * kept + [0] * (len(mask) - kept):
+        raise InputError(f"{where}: attention_mask must be ones followed by zeros, with at least one 1")
+    return ids[:kept]
+
+
+def pad(rows: Sequence[list[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Right-pad id lists to one [batch, longest] tensor and its attention mask."""
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask

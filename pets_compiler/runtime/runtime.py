@@ -1,0 +1,178 @@
+"""The multi-task runtime: the exported program, its task tables and the name -> slot registry."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.export import ExportedProgram
+from tqdm import tqdm
+from transformers import BertConfig
+
+from pets_compiler.errors import DuplicateTaskError, InputError, UnknownTaskError
+from pets_compiler.frontend.base import BaseModel, Pooling
+from pets_compiler.frontend.names import check_task_name
+from pets_compiler.frontend.sources import load_task_source
+from pets_compiler.frontend.taskset import TaskSpec
+from pets_compiler.frontend.validate import validate_task
+from pets_compiler.passes.context import SitePlan
+from pets_compiler.runtime.requests import Prepared, Tokenizer, pad, prepare
+from pets_compiler.runtime.tables import TableSpec, TaskTables
+
+
+@dataclass(frozen=True)
+class ProgramInfo:
+    """What the manifest records about the compiled program."""
+
+    dtype: torch.dtype
+    config: dict[str, Any]
+    fingerprint: str
+    pooling: Pooling
+    max_length: int
+    plan: SitePlan
+    tables: tuple[TableSpec, ...]
+
+    @staticmethod
+    def of(base: BaseModel, plan: SitePlan, tables: Sequence[TableSpec], dtype: torch.dtype) -> ProgramInfo:
+        return ProgramInfo(
+            dtype, base.config.to_dict(), base.fingerprint, base.pooling, base.max_length, plan, tuple(tables)
+        )
+
+
+@dataclass
+class _Task:
+    spec: TaskSpec
+    slot: int
+
+
+class Runtime:
+    """Serves mixed batches: every row runs the shared program with its own task's slot in the tables."""
+
+    def __init__(self, program: ExportedProgram, info: ProgramInfo, base: BaseModel) -> None:
+        self.program = program
+        self.info = info
+        self.base = base
+        self.tables = TaskTables(list(info.tables), info.dtype)
+        self.tokenizer = Tokenizer(base.tokenizer_dir, info.max_length)
+        self.report: list[str] = []
+        self.program_sha256: str | None = None  # set once the program is saved or loaded
+        self._module = program.module()
+        self._tasks: dict[str, _Task] = {}
+        self._lock = threading.RLock()
+
+    # ---- task registry -------------------------------------------------------------------------------------
+    def task_names(self) -> list[str]:
+        return sorted(self._tasks)
+
+    def task(self, name: str) -> TaskSpec:
+        return self._entry(name).spec
+
+    def slot(self, name: str) -> int:
+        return self._entry(name).slot
+
+    def _entry(self, name: str) -> _Task:
+        try:
+            return self._tasks[name]
+        except KeyError:
+            loaded = ", ".join(self.task_names()) or "none"
+            raise UnknownTaskError(
+                f"unknown task {name!r}; loaded tasks: {loaded} (list them with `pets tasks ARTIFACT_DIR list`)"
+            ) from None
+
+    def _free_slot(self) -> int:
+        used = {t.slot for t in self._tasks.values()}
+        return next(s for s in range(1, len(used) + 2) if s not in used)
+
+    def add_task(self, name: str, source: str | Path | TaskSpec, *, slot: int | None = None) -> None:
+        """Load, validate and add a task; nothing changes if any check fails. No retrace, no recompile."""
+        check_task_name(name)
+        with self._lock:
+            if name in self._tasks:
+                raise DuplicateTaskError(f"task {name!r} is already loaded; remove it first to replace it")
+        if isinstance(source, TaskSpec):
+            spec = validate_task(TaskSpec(name, dict(source.sites), source.head, source.source), self.base).prune()
+        else:
+            spec = load_task_source(name, source, self.base)
+        spec = spec.to(self.info.dtype)
+        with self._lock:
+            if name in self._tasks:
+                raise DuplicateTaskError(f"task {name!r} is already loaded; remove it first to replace it")
+            self.tables.check_fits(spec)
+            target = slot if slot is not None else self._free_slot()
+            if target < 1 or any(t.slot == target for t in self._tasks.values()):
+                raise ValueError(f"task {name!r}: slot {target} is not free")
+            try:
+                self.tables.write(target, spec)
+            except BaseException:
+                self.tables.clear(target)
+                raise
+            self._tasks[name] = _Task(spec, target)
+
+    def remove_task(self, name: str) -> None:
+        """Free the task's slot; other tasks' outputs are unchanged."""
+        with self._lock:
+            entry = self._entry(name)
+            self.tables.clear(entry.slot)
+            del self._tasks[name]
+
+    # ---- execution ------------------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """(logits [batch, max labels], embedding [batch, hidden]) for a padded batch, one task name per row."""
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise InputError(
+                f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                "must both be [batch, seq]"
+            )
+        if len(tasks) != input_ids.shape[0]:
+            raise InputError(f"{len(tasks)} task names for a batch of {input_ids.shape[0]} rows")
+        with self._lock, torch.inference_mode():
+            slots = torch.tensor([self._entry(t).slot for t in tasks], dtype=torch.long)
+            logits, embedding = self._module(input_ids, attention_mask, slots, *self.tables.inputs())
+        return logits, embedding
+
+    def prepare(self, requests: Sequence[Any]) -> list[Prepared]:
+        cfg = BertConfig.from_dict(self.info.config)
+        prepared = [
+            prepare(i, r, self.tokenizer, int(cfg.vocab_size), int(cfg.max_position_embeddings))
+            for i, r in enumerate(requests)
+        ]
+        for p in prepared:
+            self._entry(p.task)
+        return prepared
+
+    def run(
+        self, requests: Sequence[Mapping[str, Any]], batch_size: int = 32, progress: bool = False
+    ) -> list[dict[str, Any]]:
+        """Answer `pets run` requests in input order; every request is checked before any runs."""
+        if batch_size < 1:
+            raise InputError(f"batch_size must be at least 1, got {batch_size}")
+        prepared = self.prepare(requests)
+        answers: list[dict[str, Any]] = []
+        starts = range(0, len(prepared), batch_size)
+        for start in tqdm(starts, desc="pets run", unit="batch", disable=not progress or len(starts) < 2):
+            chunk = prepared[start : start + batch_size]
+            ids, mask = pad([p.ids for p in chunk])
+            logits, embedding = self.forward(ids, mask, [p.task for p in chunk])
+            answers.extend(self._answer(p, logits[i], embedding[i]) for i, p in enumerate(chunk))
+        return answers
+
+    def _answer(self, p: Prepared, logits: Tensor, embedding: Tensor) -> dict[str, Any]:
+        head = self._entry(p.task).spec.head
+        out: dict[str, Any] = {**p.extra, "task": p.task}
+        if head is None:
+            out["embedding"] = embedding.float().tolist()
+        else:
+            row = logits[: head.num_labels].float()
+            out["logits"] = row.tolist()
+            out["label"] = head.labels[int(row.argmax())]
+        return out
+
+    def save(self, directory: str | Path) -> None:
+        from pets_compiler.runtime.artifact import save_artifact
+
+        save_artifact(self, Path(directory))

@@ -1,0 +1,48 @@
+"""Builds the custom-op library `pets_compiler._C`; all other package metadata lives in pyproject.toml.
+
+Build with `pip install --no-build-isolation -e .` (the build needs the installed torch, not a fresh one).
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import torch
+from setuptools import Extension, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+CSRC = "pets_compiler/custom_ops/csrc"
+ROOT = Path(__file__).resolve().parent
+
+
+def _sources(pattern: str) -> list[str]:
+    """Every file under csrc/ matching pattern, as paths relative to this file (setuptools wants them so)."""
+    return sorted(f"{CSRC}/{p}" for p in glob.glob(f"**/{pattern}", root_dir=ROOT / CSRC, recursive=True))
+
+
+def _extension() -> Extension:
+    # A CPU-only torch has CUDA_HOME None even with nvcc on PATH, and CUDAExtension then fails: decide by
+    # both, never by torch.cuda.is_available() (a build machine need not have a GPU).
+    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    if not with_cuda:
+        return CppExtension(
+            "pets_compiler._C",
+            _sources("*.cpp"),
+            extra_compile_args={"cxx": ["-O3"]},
+            py_limited_api=True,
+        )
+    return CUDAExtension(
+        "pets_compiler._C",
+        _sources("*.cpp") + _sources("*.cu"),
+        define_macros=[("PETS_WITH_CUDA", None)],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+        py_limited_api=True,
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp311"}},
+)

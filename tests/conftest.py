@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from builders import MINILM, make_bitfit, make_peft_lora, make_small_base
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def small_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_small_base(tmp_path_factory.mktemp("small_base"))
+
+
+@pytest.fixture(scope="session", params=["minilm", "small"])
+def base_dir(request: pytest.FixtureRequest, small_base: Path) -> Path:
+    return MINILM if request.param == "minilm" else small_base
+
+
+@pytest.fixture(scope="session")
+def task_sources(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The issue's mix: two LoRA tasks (ranks, targets, one with a head), a BitFit fine-tune with a head, no PET."""
+    root = tmp_path_factory.mktemp("tasks")
+    return {
+        "lora_qv": make_peft_lora(base_dir, root / "lora_qv", r=4, alpha=8, targets=["query", "value"], num_labels=3),
+        "lora_kd": make_peft_lora(
+            base_dir, root / "lora_kd", r=2, alpha=16, targets=["key", "dense"], rslora=True, seed=1
+        ),
+        "bitfit": make_bitfit(base_dir, root / "bitfit", num_labels=2, seed=2),
+        "plain": base_dir,
+    }

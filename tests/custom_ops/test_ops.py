@@ -1,0 +1,414 @@
+"""The torch.ops.pets CPU kernels against their plain-torch references, opcheck, input checks and export."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.export import Dim
+
+import pets_compiler.custom_ops as custom_ops
+from pets_compiler.custom_ops import (
+    bias_delta_ref,
+    layer_norm_ref,
+    linear_delta_ref,
+    lora_delta_ref,
+    segmented_linear_ref,
+)
+
+ops = torch.ops.pets
+
+SLOTS = 12  # T: table slots
+BATCH = 9  # B <= SLOTS, so that "distinct" can give every row its own slot
+IN, OUT, LABELS = 72, 200, 5  # odd sizes, not multiples of any tile
+MIXES = ["one", "distinct", "uniform", "zipf", "sorted"]
+RANKS = [0, 1, 3, 7, 16]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+TOKENS = [(), (5,)]  # x is [B, in] or [B, S, in]
+
+# Kernel in `dtype` against the reference in float64 on the same (rounded) inputs, cast to `dtype`.
+TOLERANCE = {
+    torch.float64: {"rtol": 1e-10, "atol": 1e-10},
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
+    torch.float16: {"rtol": 2e-3, "atol": 2e-3},
+}
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def task_ids_for(mix: str, batch: int = BATCH, slots: int = SLOTS, seed: int = 0) -> Tensor:
+    """A task mix: all rows one task, all distinct, uniform, Zipf-skewed, or uniform sorted by slot."""
+    g = _gen(seed)
+    if mix == "one":
+        return torch.full((batch,), 3, dtype=torch.long)
+    if mix == "distinct":
+        return torch.randperm(slots, generator=g)[:batch]
+    if mix == "zipf":
+        weights = 1.0 / torch.arange(1, slots + 1, dtype=torch.float64) ** 1.5
+        return torch.multinomial(weights, batch, replacement=True, generator=g)
+    ids = torch.randint(0, slots, (batch,), generator=g)
+    return ids.sort().values if mix == "sorted" else ids
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0, std: float = 1.0) -> Tensor:
+    return (torch.randn(shape, generator=_gen(seed), dtype=torch.float64) * std).to(dtype)
+
+
+def lora_tables(
+    rank: int, dtype: torch.dtype, slots: int = SLOTS, in_f: int = IN, out_f: int = OUT
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Tables of padded rank R = `rank`; each slot's own rank is drawn in [0, R] and the padding is NOT zero,
+    so a kernel that ignored the per-slot rank would differ from the reference."""
+    a = randn(slots, rank, in_f, dtype=dtype, seed=1, std=in_f**-0.5)
+    b = randn(slots, out_f, rank, dtype=dtype, seed=2, std=max(rank, 1) ** -0.5)
+    scale = (torch.rand(slots, generator=_gen(3), dtype=torch.float64) + 0.5).to(dtype)
+    ranks = torch.randint(0, rank + 1, (slots,), generator=_gen(13))
+    ranks[3] = rank  # the slot of the "one" mix uses the full rank
+    return a, b, scale, ranks
+
+
+def f64(*tensors: Tensor | None) -> list[Tensor | None]:
+    return [None if t is None else t.double() if t.is_floating_point() else t for t in tensors]
+
+
+def assert_matches(actual: Tensor, expected64: Tensor, dtype: torch.dtype) -> None:
+    assert actual.dtype == dtype
+    assert actual.is_contiguous()
+    torch.testing.assert_close(actual, expected64.to(dtype), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("tokens", TOKENS, ids=["2d", "3d"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize("mix", MIXES)
+def test_lora_delta_matches_reference(mix: str, rank: int, dtype: torch.dtype, tokens: tuple[int, ...]) -> None:
+    ids = task_ids_for(mix)
+    x = randn(BATCH, *tokens, IN, dtype=dtype, seed=4)
+    y = randn(BATCH, *tokens, OUT, dtype=dtype, seed=5)
+    a, b, scale, r = lora_tables(rank, dtype)
+    out = ops.lora_delta(y, x, ids, a, b, scale, r)
+    assert_matches(out, lora_delta_ref(*f64(y, x, ids, a, b, scale, r)), dtype)
+
+
+@pytest.mark.parametrize("tokens", TOKENS, ids=["2d", "3d"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mix", MIXES)
+def test_bias_delta_matches_reference(mix: str, dtype: torch.dtype, tokens: tuple[int, ...]) -> None:
+    ids = task_ids_for(mix)
+    y = randn(BATCH, *tokens, OUT, dtype=dtype, seed=5)
+    bias = randn(SLOTS, OUT, dtype=dtype, seed=6)
+    assert_matches(ops.bias_delta(y, ids, bias), bias_delta_ref(*f64(y, ids, bias)), dtype)
+
+
+@pytest.mark.parametrize("terms", ["lora+bias", "lora", "bias", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mix", ["one", "uniform", "zipf"])
+def test_linear_delta_matches_reference(mix: str, dtype: torch.dtype, terms: str) -> None:
+    ids = task_ids_for(mix)
+    x = randn(BATCH, 5, IN, dtype=dtype, seed=4)
+    y = randn(BATCH, 5, OUT, dtype=dtype, seed=5)
+    a, b, scale, r = lora_tables(7, dtype) if "lora" in terms else (None, None, None, None)
+    bias = randn(SLOTS, OUT, dtype=dtype, seed=6) if "bias" in terms else None
+    out = ops.linear_delta(y, x, ids, a, b, scale, r, bias)
+    assert_matches(out, linear_delta_ref(*f64(y, x, ids, a, b, scale, r, bias)), dtype)
+    assert out.data_ptr() != y.data_ptr()
+
+
+@pytest.mark.parametrize("tokens", TOKENS, ids=["2d", "3d"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mix", MIXES)
+def test_layer_norm_matches_reference(mix: str, dtype: torch.dtype, tokens: tuple[int, ...]) -> None:
+    ids = task_ids_for(mix)
+    x = randn(BATCH, *tokens, IN, dtype=dtype, seed=4, std=3.0)
+    weight, bias = randn(IN, dtype=dtype, seed=7), randn(IN, dtype=dtype, seed=8)
+    wd, bd = randn(SLOTS, IN, dtype=dtype, seed=9, std=0.1), randn(SLOTS, IN, dtype=dtype, seed=10, std=0.1)
+    out = ops.layer_norm(x, ids, weight, bias, wd, bd, 1e-12)
+    assert_matches(out, layer_norm_ref(*f64(x, ids, weight, bias, wd, bd), 1e-12), dtype)
+
+
+def test_layer_norm_with_zero_deltas_is_torch_layer_norm() -> None:
+    x = randn(BATCH, 11, 384, seed=4)
+    weight, bias = randn(384, seed=7), randn(384, seed=8)
+    zeros = torch.zeros(SLOTS, 384)
+    out = ops.layer_norm(x, task_ids_for("uniform"), weight, bias, zeros, zeros, 1e-12)
+    torch.testing.assert_close(out, F.layer_norm(x, (384,), weight, bias, 1e-12), rtol=1e-6, atol=1e-6)
+
+
+def test_layer_norm_is_exact_when_the_mean_dwarfs_the_spread() -> None:
+    """Statistics in double for fp32: within 1e-6 of float64 where torch's own fp32 kernel is off by ~2e-4."""
+    x = randn(BATCH, 11, 384, seed=4) + 1e3
+    weight, bias = randn(384, seed=7), randn(384, seed=8)
+    zeros = torch.zeros(SLOTS, 384)
+    out = ops.layer_norm(x, task_ids_for("uniform"), weight, bias, zeros, zeros, 1e-12)
+    exact = F.layer_norm(x.double(), (384,), weight.double(), bias.double(), 1e-12)
+    torch.testing.assert_close(out, exact.float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", TOKENS, ids=["2d", "3d"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mix", MIXES)
+def test_segmented_linear_matches_reference(mix: str, dtype: torch.dtype, tokens: tuple[int, ...]) -> None:
+    ids = task_ids_for(mix)
+    x = randn(BATCH, *tokens, IN, dtype=dtype, seed=4)
+    weight = randn(SLOTS, LABELS, IN, dtype=dtype, seed=11, std=IN**-0.5)
+    bias = randn(SLOTS, LABELS, dtype=dtype, seed=12)
+    out = ops.segmented_linear(x, ids, weight, bias)
+    assert out.shape == (BATCH, *tokens, LABELS)
+    assert_matches(out, segmented_linear_ref(*f64(x, ids, weight, bias)), dtype)
+
+
+def _row_loop_lora(y: Tensor, x: Tensor, ids: Tensor, a: Tensor, b: Tensor, scale: Tensor, r: Tensor) -> Tensor:
+    rows = [(i, t, int(r[t])) for i, t in enumerate(ids.tolist())]
+    return torch.stack([y[i] + scale[t] * (x[i] @ a[t, :k].T) @ b[t, :, :k].T for i, t, k in rows])
+
+
+def test_references_match_a_row_by_row_loop() -> None:
+    """The oracle itself, against the definition written one row at a time."""
+    ids = task_ids_for("uniform")
+    x, y = randn(BATCH, 4, IN, dtype=torch.float64, seed=4), randn(BATCH, 4, OUT, dtype=torch.float64, seed=5)
+    a, b, scale, r = lora_tables(3, torch.float64)
+    bias = randn(SLOTS, OUT, dtype=torch.float64, seed=6)
+    rows = list(enumerate(ids.tolist()))
+    close = torch.testing.assert_close
+    close(lora_delta_ref(y, x, ids, a, b, scale, r), _row_loop_lora(y, x, ids, a, b, scale, r))
+    close(bias_delta_ref(y, ids, bias), torch.stack([y[i] + bias[t] for i, t in rows]))
+    close(
+        linear_delta_ref(y, x, ids, a, b, scale, r, bias),
+        _row_loop_lora(y, x, ids, a, b, scale, r) + bias[ids].unsqueeze(1),
+    )
+    w, bb = randn(IN, dtype=torch.float64, seed=7), randn(IN, dtype=torch.float64, seed=8)
+    wd, bd = randn(SLOTS, IN, dtype=torch.float64, seed=9), randn(SLOTS, IN, dtype=torch.float64, seed=10)
+
+    def ln_row(v: Tensor, t: int) -> Tensor:
+        mean, var = v.mean(-1, keepdim=True), v.var(-1, unbiased=False, keepdim=True)
+        return (v - mean) / torch.sqrt(var + 1e-5) * (w + wd[t]) + (bb + bd[t])
+
+    close(layer_norm_ref(x, ids, w, bb, wd, bd, 1e-5), torch.stack([ln_row(x[i], t) for i, t in rows]))
+    hw, hb = randn(SLOTS, LABELS, IN, dtype=torch.float64, seed=11), randn(SLOTS, LABELS, dtype=torch.float64)
+    close(segmented_linear_ref(x, ids, hw, hb), torch.stack([x[i] @ hw[t].T + hb[t] for i, t in rows]))
+
+
+def test_lora_rows_of_zero_scale_slots_are_exactly_y() -> None:
+    ids = task_ids_for("uniform")
+    x, y = randn(BATCH, 5, IN, seed=4), randn(BATCH, 5, OUT, seed=5)
+    a, b, scale, r = lora_tables(4, torch.float32)
+    scale[ids[::2]] = 0.0
+    out = ops.lora_delta(y, x, ids, a, b, scale, r)
+    skipped = scale[ids] == 0
+    assert torch.equal(out[skipped], y[skipped])
+    assert not torch.equal(out[~skipped], y[~skipped])
+
+
+def test_non_contiguous_inputs() -> None:
+    ids = task_ids_for("uniform")
+    x = randn(BATCH, IN, 5, seed=4).transpose(1, 2)  # [B, 5, in], strided
+    y = randn(BATCH, 5, 2 * OUT, seed=5)[..., ::2]
+    a = randn(SLOTS, IN, 3, seed=1).transpose(1, 2)
+    b = randn(SLOTS, 3, OUT, seed=2).transpose(1, 2)
+    scale = randn(2 * SLOTS, seed=3)[::2]
+    r = torch.arange(2 * SLOTS)[::2] % 4  # ranks 0..3 of the padded rank 3 tables, strided
+    bias = randn(OUT, SLOTS, seed=6).T
+    assert not any(t.is_contiguous() for t in (x, y, a, b, scale, bias))
+    tol = TOLERANCE[torch.float32]
+    torch.testing.assert_close(
+        ops.linear_delta(y, x, ids, a, b, scale, r, bias),
+        linear_delta_ref(y, x, ids, a, b, scale, r, bias),
+        **tol,
+    )
+    w = randn(LABELS, SLOTS, IN, seed=11).transpose(0, 1)
+    wb = randn(SLOTS, LABELS)
+    expected = segmented_linear_ref(x, ids, w, wb)
+    torch.testing.assert_close(ops.segmented_linear(x, ids, w, wb), expected, **tol)
+    gamma, beta = randn(2 * IN, seed=7)[::2], randn(IN, seed=8)
+    wd, bd = randn(IN, SLOTS, seed=9).T, randn(IN, SLOTS, seed=10).T
+    torch.testing.assert_close(
+        ops.layer_norm(x, ids, gamma, beta, wd, bd, 1e-5), layer_norm_ref(x, ids, gamma, beta, wd, bd, 1e-5)
+    )
+
+
+def test_empty_batch() -> None:
+    ids = torch.empty(0, dtype=torch.long)
+    x, y = torch.empty(0, 5, IN), torch.empty(0, 5, OUT)
+    a, b, scale, r = lora_tables(3, torch.float32)
+    bias = randn(SLOTS, OUT)
+    assert ops.linear_delta(y, x, ids, a, b, scale, r, bias).shape == (0, 5, OUT)
+    assert ops.lora_delta(y, x, ids, a, b, scale, r).shape == (0, 5, OUT)
+    assert ops.bias_delta(y, ids, bias).shape == (0, 5, OUT)
+    zeros = torch.zeros(SLOTS, IN)
+    assert ops.layer_norm(x, ids, zeros[0], zeros[0], zeros, zeros, 1e-5).shape == (0, 5, IN)
+    head_w, head_b = randn(SLOTS, LABELS, IN), randn(SLOTS, LABELS)
+    assert ops.segmented_linear(x, ids, head_w, head_b).shape == (0, 5, LABELS)
+
+
+def _samples() -> dict[str, tuple[Callable[..., Tensor], tuple[object, ...]]]:
+    """One call of each op (and of linear_delta with absent terms) on a mixed 3-D batch."""
+    ids = task_ids_for("zipf", batch=5, slots=4)
+    x, y = randn(5, 3, 24), randn(5, 3, 40, seed=1)
+    a, b, scale, r = lora_tables(3, torch.float32, slots=4, in_f=24, out_f=40)
+    bias = randn(4, 40, seed=6)
+    hw, hb = randn(4, 6, 24), randn(4, 6)
+    wd, bd = randn(4, 24, seed=9), randn(4, 24, seed=10)
+    return {
+        "lora_delta": (ops.lora_delta.default, (y, x, ids, a, b, scale, r)),
+        "bias_delta": (ops.bias_delta.default, (y, ids, bias)),
+        "linear_delta": (ops.linear_delta.default, (y, x, ids, a, b, scale, r, bias)),
+        "linear_delta_lora_only": (ops.linear_delta.default, (y, x, ids, a, b, scale, r, None)),
+        "linear_delta_bias_only": (ops.linear_delta.default, (y, x, ids, None, None, None, None, bias)),
+        "layer_norm": (ops.layer_norm.default, (x, ids, randn(24), randn(24, seed=1), wd, bd, 1e-5)),
+        "segmented_linear": (ops.segmented_linear.default, (x[:, 0], ids, hw, hb)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_samples()))
+def test_opcheck(name: str) -> None:
+    op, args = _samples()[name]
+    torch.library.opcheck(op, args)
+
+
+def _bad(op: str, **changes: object) -> Callable[[], Tensor]:
+    """A call of `op` with one argument replaced (the rest as in a valid 2-row batch with T = 4 slots)."""
+    a, b, scale, r = lora_tables(2, torch.float32, slots=4, in_f=8, out_f=6)
+    k: dict[str, object] = {
+        "y": randn(2, 6),
+        "x": randn(2, 8),
+        "task_ids": torch.tensor([0, 3]),
+        "lora_a": a,
+        "lora_b": b,
+        "scale": scale,
+        "lora_scale": scale,
+        "rank": r,
+        "bias": randn(4, 6),
+        "weight": randn(4, 6, 8),
+        "head_bias": randn(4, 6),
+        "ln_weight": randn(8),
+        "ln_bias": randn(8),
+        "weight_delta": randn(4, 8),
+        "bias_delta": randn(4, 8),
+    }
+    k.update(changes)
+    calls: dict[str, Callable[[], Tensor]] = {
+        "lora_delta": lambda: ops.lora_delta(
+            k["y"], k["x"], k["task_ids"], k["lora_a"], k["lora_b"], k["scale"], k["rank"]
+        ),
+        "linear_delta": lambda: ops.linear_delta(
+            k["y"], k["x"], k["task_ids"], k["lora_a"], k["lora_b"], k["lora_scale"], k["rank"], k["bias"]
+        ),
+        "bias_delta": lambda: ops.bias_delta(k["y"], k["task_ids"], k["bias"]),
+        "layer_norm": lambda: ops.layer_norm(
+            k["x"], k["task_ids"], k["ln_weight"], k["ln_bias"], k["weight_delta"], k["bias_delta"], 1e-5
+        ),
+        "segmented_linear": lambda: ops.segmented_linear(k["x"], k["task_ids"], k["weight"], k["head_bias"]),
+    }
+    return calls[op]
+
+
+BAD_CALLS = [
+    ("lora_delta", {"lora_a": randn(4, 2, 9)}, r"lora_delta: lora_a has in_features 9, x has 8"),
+    ("lora_delta", {"lora_b": randn(4, 7, 2)}, r"lora_b has out_features 7, y has 6"),
+    ("lora_delta", {"lora_b": randn(4, 6, 3)}, r"lora_b has rank 3, lora_a has rank 2"),
+    ("lora_delta", {"scale": randn(5)}, r"one slot count T, got lora_a \[4, 2, 8\], .* scale \[5\]"),
+    ("lora_delta", {"lora_a": randn(4, 2, 8, dtype=torch.float64)}, r"lora_a has dtype Double, x has Float"),
+    ("lora_delta", {"task_ids": torch.tensor([0, 4])}, r"task_ids\[1\] = 4 is not a slot of lora_a, .*T = 4"),
+    ("lora_delta", {"task_ids": torch.tensor([-1, 0])}, r"task_ids\[0\] = -1 is not a slot"),
+    ("lora_delta", {"task_ids": torch.tensor([0, 1], dtype=torch.int32)}, r"task_ids must be int64, got Int"),
+    ("lora_delta", {"task_ids": torch.tensor([0, 1, 2])}, r"B = x.size\(0\) = 2, got shape \[3\]"),
+    ("lora_delta", {"y": randn(2, 3, 6)}, r"same dims but the last, got y \[2, 3, 6\] and x \[2, 8\]"),
+    ("lora_delta", {"x": randn(8)}, r"x must be \[B, ..., features\] .*got shape \[8\]"),
+    ("lora_delta", {"lora_a": randn(2, 8)}, r"lora_a must be a 3-D table .*got shape \[2, 8\]"),
+    ("linear_delta", {"lora_b": None}, r"given together or all be None, got lora_a given, lora_b None"),
+    ("lora_delta", {"rank": torch.tensor([0, 1, 2])}, r"rank must be an int64 \[T\] table with T = 4"),
+    ("lora_delta", {"rank": torch.tensor([0, 1, 1, 5])}, r"rank\[3\] = 5 is outside \[0, 2\]"),
+    ("linear_delta", {"bias": randn(4, 5)}, r"linear_delta: bias has out_features 5, y has 6"),
+    ("linear_delta", {"bias": randn(3, 6)}, r"task_ids\[1\] = 3 is not a slot of bias, which has T = 3"),
+    ("bias_delta", {"bias": randn(4, 6, dtype=torch.float64)}, r"bias has dtype Double, y has Float"),
+    ("layer_norm", {"ln_weight": randn(7)}, r"weight must be \[H\] with H = x.size\(-1\) = 8, got .*\[7\]"),
+    ("layer_norm", {"bias_delta": randn(4, 9)}, r"bias_delta must be \[T, H\] with H = x.size\(-1\) = 8"),
+    ("layer_norm", {"bias_delta": randn(3, 8)}, r"weight_delta \[4, 8\], bias_delta \[3, 8\]"),
+    ("segmented_linear", {"weight": randn(4, 6, 9)}, r"weight has in_features 9, x has 8"),
+    ("segmented_linear", {"head_bias": randn(4, 5)}, r"got bias \[4, 5\], weight \[4, 6, 8\]"),
+]
+
+
+@pytest.mark.parametrize("op", ["lora_delta", "linear_delta", "bias_delta", "layer_norm", "segmented_linear"])
+def test_the_call_that_bad_inputs_start_from_is_valid(op: str) -> None:
+    assert _bad(op)().shape[0] == 2
+
+
+@pytest.mark.parametrize(("op", "changes", "message"), BAD_CALLS, ids=[m for _, _, m in BAD_CALLS])
+def test_bad_inputs_raise_with_shapes_in_the_message(op: str, changes: dict[str, object], message: str) -> None:
+    with pytest.raises(RuntimeError, match=message):
+        _bad(op, **changes)()
+
+
+class _SiteModule(nn.Module):
+    """A linear site with a fused task op, a layer norm and per-task heads: every op in one tiny model."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.linear = nn.Linear(IN, OUT)
+        a, b, scale, r = lora_tables(3, torch.float32, slots=4)
+        for name, t in {"a": a, "b": b, "scale": scale, "rank": r, "bias": randn(4, OUT, seed=6)}.items():
+            self.register_buffer(name, t)
+        self.register_buffer("ln_delta", randn(2, 4, OUT, seed=9, std=0.1))
+        self.register_buffer("head_w", randn(4, LABELS, OUT, seed=11, std=OUT**-0.5))
+        self.register_buffer("head_b", randn(4, LABELS, seed=12))
+
+    def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
+        y = self.linear(x)
+        if self.op == "lora_delta":
+            return ops.lora_delta(y, x, task_ids, self.a, self.b, self.scale, self.rank)
+        if self.op == "bias_delta":
+            return ops.bias_delta(y, task_ids, self.bias)
+        if self.op == "linear_delta":
+            return ops.linear_delta(y, x, task_ids, self.a, self.b, self.scale, self.rank, self.bias)
+        if self.op == "layer_norm":
+            w, b = self.linear.weight[:, 0], self.linear.bias
+            return ops.layer_norm(y, task_ids, w, b, self.ln_delta[0], self.ln_delta[1], 1e-12)
+        return ops.segmented_linear(y[:, 0], task_ids, self.head_w, self.head_b)
+
+    def reference(self, x: Tensor, task_ids: Tensor) -> Tensor:
+        y = self.linear(x)
+        if self.op == "lora_delta":
+            return lora_delta_ref(y, x, task_ids, self.a, self.b, self.scale, self.rank)
+        if self.op == "bias_delta":
+            return bias_delta_ref(y, task_ids, self.bias)
+        if self.op == "linear_delta":
+            return linear_delta_ref(y, x, task_ids, self.a, self.b, self.scale, self.rank, self.bias)
+        if self.op == "layer_norm":
+            w, b = self.linear.weight[:, 0], self.linear.bias
+            return layer_norm_ref(y, task_ids, w, b, self.ln_delta[0], self.ln_delta[1], 1e-12)
+        return segmented_linear_ref(y[:, 0], task_ids, self.head_w, self.head_b)
+
+
+@pytest.mark.parametrize("op", ["lora_delta", "bias_delta", "linear_delta", "layer_norm", "segmented_linear"])
+def test_export_save_load_with_dynamic_batch(op: str, tmp_path) -> None:
+    model = _SiteModule(op).eval()
+    batch, seq = Dim("batch", min=1, max=1024), Dim("seq", min=1, max=512)
+    example = (randn(3, 6, IN, seed=4), torch.tensor([0, 3, 1]))
+    ep = torch.export.export(model, example, dynamic_shapes=({0: batch, 1: seq}, {0: batch}), strict=False)
+    torch.export.save(ep, tmp_path / "site.pt2")
+    loaded = torch.export.load(tmp_path / "site.pt2")
+    targets = {str(n.target) for n in loaded.graph.nodes if n.op == "call_function"}
+    assert f"pets.{op}.default" in targets
+    # Batches larger and smaller than the T = 4 slots: the fakes put no guard between the two.
+    for rows, tokens, seed in [(11, 2, 1), (1, 9, 2)]:
+        x, ids = randn(rows, tokens, IN, seed=seed), task_ids_for("uniform", batch=rows, slots=4, seed=seed)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.module()(x, ids), model.reference(x, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_importing_again_keeps_the_ops_and_fakes() -> None:
+    importlib.reload(custom_ops.fake)
+    importlib.reload(custom_ops)
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        x, ids = torch.empty(7, IN), torch.zeros(7, dtype=torch.long)
+        out = ops.segmented_linear(x, ids, torch.empty(SLOTS, LABELS, IN), torch.empty(SLOTS, LABELS))
+    assert out.shape == (7, LABELS)
