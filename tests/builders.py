@@ -98,3 +98,19 @@ def make_bitfit(base: Path, out: Path, *, num_labels: int | None, seed: int = 0)
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want|: the relative error the parity tests bound."""
     return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp(min=1e-30))
+
+
+def mixed_rows(vocab: int, tasks: list[str], n: int, seed: int) -> tuple[list[list[int]], list[str]]:
+    """n rows of random lengths (2-23 tokens, [CLS] ... [SEP]) with random task names."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 24, (n,), generator=g).tolist()
+    rows = [[101, *torch.randint(5, vocab, (length - 2,), generator=g).tolist(), 102] for length in lengths]
+    names = [tasks[int(i)] for i in torch.randint(0, len(tasks), (n,), generator=g)]
+    return rows, names
+
+
+def own_output(model: torch.nn.Module, row: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(logits, embedding) of one unpadded row run alone through a task's own model."""
+    ids = torch.tensor([row])
+    logits, emb = model(ids, torch.ones_like(ids))
+    return (None if logits is None else logits[0]), emb[0]

@@ -6,6 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import pets_compiler
+from pets_compiler.frontend.base import load_base
+from pets_compiler.oracle import merged_model, peft_model
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -42,4 +46,22 @@ def task_sources(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         ),
         "bitfit": make_bitfit(base_dir, root / "bitfit", num_labels=2, seed=2),
         "plain": base_dir,
+    }
+
+
+@pytest.fixture(scope="session")
+def runtime(base_dir: Path, task_sources: dict[str, Path]) -> pets_compiler.Runtime:
+    """The compiled mix, shared read-only by the tests (tests that add or remove tasks compile their own)."""
+    return pets_compiler.compile(base_dir, task_sources)
+
+
+@pytest.fixture(scope="session")
+def own_models(base_dir: Path, task_sources: dict[str, Path], runtime: pets_compiler.Runtime) -> dict:
+    """Each task's own model: peft's PeftModel for peft dirs, the merged HF model otherwise."""
+    base = load_base(base_dir)
+    return {
+        name: peft_model(base, src)
+        if (src / "adapter_config.json").is_file()
+        else merged_model(base, runtime.task(name))
+        for name, src in task_sources.items()
     }

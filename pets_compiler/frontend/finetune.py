@@ -31,7 +31,9 @@ def _check_config(path: Path, base: BaseModel) -> list[str]:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TaskSourceError(f"{path}/config.json: {e}") from None
-    if not isinstance(cfg, dict) or cfg.get("model_type") != "bert":
+    if not isinstance(cfg, dict):
+        raise TaskSourceError(f"{path}/config.json: holds JSON {type(cfg).__name__}, expected an object")
+    if cfg.get("model_type") != "bert":
         raise TaskSourceError(f"{path}: model_type {cfg.get('model_type')!r} is not supported; only 'bert' is")
     for key in _ARCH_KEYS:
         if key in cfg and cfg[key] != getattr(base.config, key):

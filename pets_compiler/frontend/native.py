@@ -96,7 +96,13 @@ def read_task(path: Path, name: str, base_fingerprint: str | None = None) -> Tas
             scale = entry["lora"].get("scale") if isinstance(entry["lora"], dict) else None
             if not isinstance(scale, int | float):
                 raise TaskSourceError(f"{path / META_FILE}: site {site!r} LoRA has no numeric scale")
-            pet.lora = LoRA(a=take(f"{site}.lora_A"), b=take(f"{site}.lora_B"), scale=float(scale))
+            a, b, rank = take(f"{site}.lora_A"), take(f"{site}.lora_B"), entry["lora"].get("rank")
+            if a.dim() != 2 or b.dim() != 2 or (rank is not None and (a.shape[0], b.shape[1]) != (rank, rank)):
+                raise TaskSourceError(
+                    f"{path}: site {site!r} LoRA rank mismatch: {META_FILE} says rank {rank!r}, "
+                    f"lora_A is {tuple(a.shape)}, lora_B is {tuple(b.shape)}"
+                )
+            pet.lora = LoRA(a=a, b=b, scale=float(scale))
         if entry.get("bias"):
             pet.bias = take(f"{site}.bias")
         if entry.get("layer_norm"):

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from pets_compiler.errors import TaskSourceError
@@ -16,7 +17,7 @@ from pets_compiler.frontend.taskset import Head, LayerNormDelta, LoRA, TaskSpec
 from pets_compiler.frontend.weights_io import find_weights_file, read_weights
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-_PREFIXES = ("base_model.model.bert.", "base_model.model.")
+_PREFIX = "base_model.model."
 # adapter_config options whose non-default value changes the math in a way this importer does not compile.
 _REFUSED_OPTIONS = {
     "use_dora": False,
@@ -70,17 +71,17 @@ def _check_options(cfg: dict[str, Any], where: Path) -> None:
             raise TaskSourceError(f"{where}: adapter_config {key}={cfg.get(key)!r} must be a positive number")
 
 
-def _split_key(key: str, where: Path) -> tuple[str, str]:
-    """`base_model.model.bert.encoder...query.lora_A.weight` -> (`encoder...query`, `lora_A.weight`)."""
-    for prefix in _PREFIXES:
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
-            break
-    else:
+def _split_key(key: str, where: Path) -> tuple[str, str, str]:
+    """`base_model.model.bert.encoder...query.lora_A.weight` -> (`encoder...query`, `lora_A.weight`, and the module
+    path as peft matched its patterns against: `bert.encoder...query`)."""
+    if not key.startswith(_PREFIX):
         raise TaskSourceError(f"{where}: tensor {key!r} does not start with 'base_model.model.'")
+    key = key[len(_PREFIX) :]
     for suffix in ("lora_A.weight", "lora_B.weight", "bias", "weight"):
         if key.endswith("." + suffix):
-            return key[: -len(suffix) - 1], suffix
+            # peft keeps a LoRA-wrapped linear's own bias under `base_layer` (bias="all" / "lora_only").
+            peft_module = key[: -len(suffix) - 1].removesuffix(".base_layer")
+            return peft_module.removeprefix("bert."), suffix, peft_module
     raise TaskSourceError(f"{where}: tensor {key!r} is not a LoRA factor, bias or saved module weight")
 
 
@@ -91,9 +92,20 @@ def load_peft_lora(path: Path, name: str, base: BaseModel) -> TaskSpec:
     tensors = read_weights(find_weights_file(path, ADAPTER_FILES))
     shapes = base.sites.linear
     grouped: dict[str, dict[str, Tensor]] = {}
+    peft_names: dict[str, str] = {}
     for key, tensor in tensors.items():
-        module, suffix = _split_key(key, path)
-        grouped.setdefault(module, {})[suffix] = tensor
+        module, suffix, peft_names[module] = _split_key(key, path)
+        head, _, wrapper = module.rpartition(".")
+        if head in _HEAD_MODULES and wrapper in ("original_module", "modules_to_save"):
+            # bias="all" also saves the head wrapper's biases: the untrained original (not this task's) and a copy
+            # of the trained head, which is saved as `classifier.*` too.
+            if wrapper == "original_module":
+                continue
+            module = head
+        parts = grouped.setdefault(module, {})
+        if suffix in parts and not torch.equal(parts[suffix], tensor):
+            raise TaskSourceError(f"{path}: {module} {suffix} is saved twice with different values")
+        parts[suffix] = tensor
 
     spec = TaskSpec(name=name, source=f"peft:{path}")
     for module, parts in sorted(grouped.items()):
@@ -108,7 +120,7 @@ def load_peft_lora(path: Path, name: str, base: BaseModel) -> TaskSpec:
             raise TaskSourceError(f"{path}: module {module!r} is not a linear layer of the base model")
         out_f, in_f = shapes[module]
         if "lora_A.weight" in parts or "lora_B.weight" in parts:
-            spec.site(module).lora = _lora(parts, module, cfg, (out_f, in_f), path)
+            spec.site(module).lora = _lora(parts, module, peft_names[module], cfg, (out_f, in_f), path)
         if "bias" in parts:
             spec.site(module).bias = parts["bias"] - base.state_dict[f"{module}.bias"].to(parts["bias"].dtype)
         if "weight" in parts:
@@ -116,12 +128,14 @@ def load_peft_lora(path: Path, name: str, base: BaseModel) -> TaskSpec:
     return spec
 
 
-def _lora(parts: dict[str, Tensor], module: str, cfg: dict[str, Any], shape: tuple[int, int], where: Path) -> LoRA:
+def _lora(
+    parts: dict[str, Tensor], module: str, peft_module: str, cfg: dict[str, Any], shape: tuple[int, int], where: Path
+) -> LoRA:
     if "lora_A.weight" not in parts or "lora_B.weight" not in parts:
         raise TaskSourceError(f"{where}: {module} has only one of lora_A / lora_B")
     a, b = parts["lora_A.weight"], parts["lora_B.weight"]
     out_f, in_f = shape
-    rank = int(_pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"]))
+    rank = int(_pattern_value(cfg.get("rank_pattern") or {}, peft_module, cfg["r"]))
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f:
         raise TaskSourceError(
             f"{where}: {module} lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base linear "
@@ -132,7 +146,7 @@ def _lora(parts: dict[str, Tensor], module: str, cfg: dict[str, Any], shape: tup
             f"{where}: {module} rank mismatch: adapter_config says r={rank}, "
             f"lora_A is {tuple(a.shape)}, lora_B is {tuple(b.shape)}"
         )
-    alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"]))
+    alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, peft_module, cfg["lora_alpha"]))
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     return LoRA(a=a, b=b, scale=scale)
 
