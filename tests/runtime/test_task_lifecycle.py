@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import pets_compiler
-from builders import make_bitfit, make_peft_lora, mixed_rows, own_output, rel_err
 from pets_compiler.errors import DuplicateTaskError, UnknownTaskError
 from pets_compiler.frontend.base import load_base
 from pets_compiler.oracle import peft_model
 from pets_compiler.runtime.requests import pad
+
+from builders import make_bitfit, make_peft_lora, mixed_rows, own_output, rel_err
 
 
 @pytest.fixture(scope="module")
