@@ -92,23 +92,22 @@ def compile(
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    steps = tqdm(total=4 + len(tasks), desc="pets compile", unit="step", disable=not progress)
-    base_model = base if isinstance(base, BaseModel) else load_base(base)
-    steps.update()
-    specs = []
-    for name, source in tasks.items():
-        steps.set_postfix_str(f"task {name}")
-        specs.append(source if isinstance(source, TaskSpec) else load_task_source(name, source, base_model))
+    with tqdm(total=4 + len(tasks), desc="pets compile", unit="step", disable=not progress) as steps:
+        base_model = base if isinstance(base, BaseModel) else load_base(base)
         steps.update()
-    plan = plan_sites(base_model, specs, sites)
-    steps.set_postfix_str("capture + passes + export")
-    program, tables, report = build_program(base_model, plan, torch_dtype)
-    steps.update(2)
-    info = ProgramInfo.of(base_model, plan, tables, torch_dtype)
-    runtime = Runtime(program, info, base_model)
-    for spec in specs:
-        runtime.add_task(spec.name, spec)
-    runtime.report = [str(r) for r in report]
-    steps.update()
-    steps.close()
+        specs = []
+        for name, source in tasks.items():
+            steps.set_postfix_str(f"task {name}")
+            specs.append(source if isinstance(source, TaskSpec) else load_task_source(name, source, base_model))
+            steps.update()
+        plan = plan_sites(base_model, specs, sites)
+        steps.set_postfix_str("capture + passes + export")
+        program, tables, report = build_program(base_model, plan, torch_dtype)
+        steps.update(2)
+        info = ProgramInfo.of(base_model, plan, tables, torch_dtype)
+        runtime = Runtime(program, info, base_model)
+        for spec in specs:
+            runtime.add_task(spec.name, spec)
+        runtime.report = [str(r) for r in report]
+        steps.update()
     return runtime

@@ -4,9 +4,11 @@ Importing this package loads the compiled kernels (`pets_compiler._C`, built ahe
 registers the fake kernels; both are needed to run, export, load (`torch.export.load`) or re-trace a program
 that uses the ops. The ops, their schemas and semantics:
 
-- `pets::lora_delta(y, x, task_ids, lora_a, lora_b, scale)`: y + scale[t] * (x @ A[t].T) @ B[t].T
+- `pets::lora_delta(y, x, task_ids, lora_a, lora_b, scale, rank)`: y + scale[t] * (x @ A[t, :r].T) @ B[t, :, :r].T
+  with r = rank[t] (tables are padded to the largest rank; a slot's own rank keeps its result independent of it)
 - `pets::bias_delta(y, task_ids, bias)`: y + bias[t]
-- `pets::linear_delta(y, x, task_ids, lora_a?, lora_b?, lora_scale?, bias?)`: both terms of one site, fused
+- `pets::linear_delta(y, x, task_ids, lora_a?, lora_b?, lora_scale?, lora_rank?, bias?)`: both terms of one
+  site, fused
 - `pets::layer_norm(x, task_ids, weight, bias, weight_delta, bias_delta, eps)`: LayerNorm with per-task
   affine deltas
 - `pets::segmented_linear(x, task_ids, weight, bias)`: x @ weight[t].T + bias[t] (per-task heads)
@@ -17,6 +19,8 @@ with t = task_ids[row]; the `*_ref` functions are their plain-torch references (
 from __future__ import annotations
 
 import importlib
+
+import torch  # noqa: F401  (loads libtorch/libc10, which the extension links against)
 
 try:
     importlib.import_module("pets_compiler._C")
