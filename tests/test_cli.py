@@ -111,4 +111,4 @@ def test_console_script_is_installed() -> None:
 def test_demo_runs_and_passes_parity(tmp_path: Path, capsys) -> None:
     assert main(["demo", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "PASS" in out and "[5/5]" in out
+    assert "PASS" in out and "bitwise unchanged" in out and "[6/6]" in out

@@ -95,6 +95,24 @@ def rt_used(small_base: Path, sources: Sources) -> Runtime:
     return pets_compiler.compile(small_base, {"A-b_c.2": sources.finetune, "task..1": small_base}, sites="used")
 
 
+def _restore(rt: Runtime) -> Iterator[Runtime]:
+    """Yield the shared runtime; afterwards remove any task a (failing) test left in it, so failures stay local."""
+    names = set(rt.task_names())
+    yield rt
+    for name in set(rt.task_names()) - names:
+        rt.remove_task(name)
+
+
+@pytest.fixture
+def live(rt_all: Runtime) -> Iterator[Runtime]:
+    yield from _restore(rt_all)
+
+
+@pytest.fixture
+def live_used(rt_used: Runtime) -> Iterator[Runtime]:
+    yield from _restore(rt_used)
+
+
 def _batch(names: list[str]) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(1, 1000, (n,), generator=g).tolist() for n in (5, 11, 3, 8, 11, 2)[: len(names)]]
@@ -695,28 +713,28 @@ def test_bad_source_refused(sources: Sources, tmp_path: Path, case_id: str) -> N
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
 def test_bad_source_leaves_live_runtime_unchanged(
-    rt_all: Runtime, sources: Sources, tmp_path: Path, case_id: str
+    live: Runtime, sources: Sources, tmp_path: Path, case_id: str
 ) -> None:
     make, error = CASES[case_id]
     bad = make(sources, tmp_path)
-    with unchanged(rt_all), pytest.raises(error) as ei:
-        rt_all.add_task("newcomer", bad.path)
+    with unchanged(live), pytest.raises(error) as ei:
+        live.add_task("newcomer", bad.path)
     _check(ei.value, bad)
     with pytest.raises(UnknownTaskError):
-        rt_all.task("newcomer")
+        live.task("newcomer")
 
 
-def test_good_source_after_bad_ones_loads(rt_all: Runtime, sources: Sources, tmp_path: Path) -> None:
+def test_good_source_after_bad_ones_loads(live: Runtime, sources: Sources, tmp_path: Path) -> None:
     """Control: the live runtime does take a good task (so the refusals above are not a blanket refusal)."""
-    rt_all.add_task("late_lora", sources.peft_all)
+    live.add_task("late_lora", sources.peft_all)
     try:
-        assert "late_lora" in rt_all.task_names()
+        assert "late_lora" in live.task_names()
         ids, mask = _batch(["late_lora", "lora3"])
-        logits, _ = rt_all.forward(ids, mask, ["late_lora", "lora3"])
+        logits, _ = live.forward(ids, mask, ["late_lora", "lora3"])
         assert not torch.equal(logits[0, :2], logits[1, :2])
     finally:
-        rt_all.remove_task("late_lora")
-    assert rt_all.task_names() == ["bitfit2", "lora3"]
+        live.remove_task("late_lora")
+    assert live.task_names() == ["bitfit2", "lora3"]
 
 
 # --- 4. pickle checkpoints ----------------------------------------------------------------------------------
@@ -752,7 +770,7 @@ def test_weights_only_pickle_loads_like_safetensors(sources: Sources, tmp_path: 
 
 @pytest.mark.parametrize("via", ["load_task_source", "add_task"])
 @pytest.mark.parametrize("fmt", ["finetune", "peft"])
-def test_malicious_pickle_never_runs(rt_all: Runtime, sources: Sources, tmp_path: Path, fmt: str, via: str) -> None:
+def test_malicious_pickle_never_runs(live: Runtime, sources: Sources, tmp_path: Path, fmt: str, via: str) -> None:
     st_name, bin_name = _PICKLE_FILES[fmt]
     d = _copy(sources.of(fmt), tmp_path)
     marker = tmp_path / "pwned.txt"
@@ -765,8 +783,8 @@ def test_malicious_pickle_never_runs(rt_all: Runtime, sources: Sources, tmp_path
             with pytest.raises(UnsafeCheckpointError) as ei:
                 load_task_source("evil", d, sources.base)
         else:
-            with unchanged(rt_all), pytest.raises(UnsafeCheckpointError) as ei:
-                rt_all.add_task("evil", d)
+            with unchanged(live), pytest.raises(UnsafeCheckpointError) as ei:
+                live.add_task("evil", d)
     assert str(d / bin_name) in str(ei.value) and "weights_only=True" in str(ei.value)
     assert not marker.exists(), "the pickle's __reduce__ ran"
 
@@ -777,17 +795,17 @@ BAD_NAMES = ["../x", "/etc/passwd", "a/b", "..", ".", "", " ", "a b", "\t", "n" 
 
 
 @pytest.mark.parametrize("name", BAD_NAMES, ids=[repr(n)[:12] for n in BAD_NAMES])
-def test_bad_task_name_refused_before_any_file(rt_all: Runtime, sources: Sources, tmp_path: Path, name: str) -> None:
+def test_bad_task_name_refused_before_any_file(live: Runtime, sources: Sources, tmp_path: Path, name: str) -> None:
     # A source that does not exist: a missing-file error would show the name was checked too late.
     missing = tmp_path / "does_not_exist"
     calls: list[Callable[[], object]] = [
         lambda: load_task_source(name, missing, sources.base),
-        lambda: rt_all.add_task(name, missing),
+        lambda: live.add_task(name, missing),
         lambda: pets_compiler.compile(sources.base, {name: missing}),
         lambda: load_task_source(name, sources.peft, sources.base),  # a good source does not make it legal
-        lambda: rt_all.add_task(name, sources.peft),
+        lambda: live.add_task(name, sources.peft),
     ]
-    with unchanged(rt_all):
+    with unchanged(live):
         for call in calls:
             with pytest.raises(TaskNameError) as ei:
                 call()
@@ -797,47 +815,47 @@ def test_bad_task_name_refused_before_any_file(rt_all: Runtime, sources: Sources
 
 
 @pytest.mark.parametrize("name", ["task..1", "A-b_c.2"])
-def test_legal_task_names(rt_all: Runtime, rt_used: Runtime, small_base: Path, sources: Sources, name: str) -> None:
+def test_legal_task_names(live: Runtime, live_used: Runtime, small_base: Path, sources: Sources, name: str) -> None:
     assert load_task_source(name, small_base, sources.base).name == name
-    assert name in rt_used.task_names()  # pets_compiler.compile took it
-    rt_all.add_task(name, sources.finetune)
+    assert name in live_used.task_names()  # pets_compiler.compile took it
+    live.add_task(name, sources.finetune)
     try:
-        assert name in rt_all.task_names() and rt_all.task(name).name == name
+        assert name in live.task_names() and live.task(name).name == name
         ids, mask = _batch([name, "bitfit2"])
-        logits, embedding = rt_all.forward(ids, mask, [name, "bitfit2"])
+        logits, embedding = live.forward(ids, mask, [name, "bitfit2"])
         assert logits.shape[0] == 2 and bool(torch.isfinite(embedding).all())
     finally:
-        rt_all.remove_task(name)
-    assert name not in rt_all.task_names()
+        live.remove_task(name)
+    assert name not in live.task_names()
 
 
 # --- 6. registry errors on a live runtime (RELIABILITY 15) --------------------------------------------------
 
 
-def test_duplicate_add_refused(rt_all: Runtime, sources: Sources, tmp_path: Path) -> None:
-    spec = rt_all.task("lora3")
+def test_duplicate_add_refused(live: Runtime, sources: Sources, tmp_path: Path) -> None:
+    spec = live.task("lora3")
     for source in (sources.peft, sources.finetune, tmp_path / "does_not_exist", spec):
-        with unchanged(rt_all), pytest.raises(DuplicateTaskError) as ei:
-            rt_all.add_task("lora3", source)
+        with unchanged(live), pytest.raises(DuplicateTaskError) as ei:
+            live.add_task("lora3", source)
         assert "'lora3'" in str(ei.value) and "already loaded" in str(ei.value)
-    assert rt_all.task("lora3") is spec
+    assert live.task("lora3") is spec
 
 
-def test_remove_unknown_lists_loaded_tasks(rt_all: Runtime) -> None:
-    with unchanged(rt_all), pytest.raises(UnknownTaskError) as ei:
-        rt_all.remove_task("nope")
+def test_remove_unknown_lists_loaded_tasks(live: Runtime) -> None:
+    with unchanged(live), pytest.raises(UnknownTaskError) as ei:
+        live.remove_task("nope")
     message = str(ei.value)
     assert "unknown task 'nope'" in message and "loaded tasks: bitfit2, lora3" in message
 
 
-def test_site_not_served(rt_used: Runtime, sources: Sources) -> None:
-    assert rt_used.info.plan.lora == ()  # compiled for a BitFit task: no LoRA site
-    with unchanged(rt_used), pytest.raises(SiteNotServedError) as ei:
-        rt_used.add_task("lora_new", sources.peft)
+def test_site_not_served(live_used: Runtime, sources: Sources) -> None:
+    assert live_used.info.plan.lora == ()  # compiled for a BitFit task: no LoRA site
+    with unchanged(live_used), pytest.raises(SiteNotServedError) as ei:
+        live_used.add_task("lora_new", sources.peft)
     assert "'lora_new'" in str(ei.value) and f"lora at {Q0}" in str(ei.value)
     # control: a task whose sites are all served is taken
-    rt_used.add_task("bitfit_again", sources.finetune)
+    live_used.add_task("bitfit_again", sources.finetune)
     try:
-        assert "bitfit_again" in rt_used.task_names()
+        assert "bitfit_again" in live_used.task_names()
     finally:
-        rt_used.remove_task("bitfit_again")
+        live_used.remove_task("bitfit_again")
