@@ -98,7 +98,7 @@ def compile(
         specs = []
         for name, source in tasks.items():
             steps.set_postfix_str(f"task {name}")
-            specs.append(source if isinstance(source, TaskSpec) else load_task_source(name, source, base_model))
+            specs.append(load_task_source(name, source, base_model))
             steps.update()
         plan = plan_sites(base_model, specs, sites)
         steps.set_postfix_str("capture + passes + export")

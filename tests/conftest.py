@@ -8,6 +8,7 @@ import torch
 
 import pets_compiler
 from pets_compiler.frontend.base import load_base
+from pets_compiler.frontend.sources import load_task_source
 from pets_compiler.oracle import merged_model, peft_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,3 +66,23 @@ def own_models(base_dir: Path, task_sources: dict[str, Path], runtime: pets_comp
         else merged_model(base, runtime.task(name))
         for name, src in task_sources.items()
     }
+
+
+@pytest.fixture(scope="session")
+def own_models_small(small_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """The issue's mix on the small base, with each task's own fp32 model (for tests that compile their own)."""
+    root = tmp_path_factory.mktemp("small_mix")
+    sources = {
+        "lora_qv": make_peft_lora(small_base, root / "lora_qv", r=4, alpha=8, targets=["query", "value"], num_labels=3),
+        "lora_kd": make_peft_lora(small_base, root / "lora_kd", r=2, alpha=16, targets=["key", "dense"], seed=1),
+        "bitfit": make_bitfit(small_base, root / "bitfit", num_labels=2, seed=2),
+        "plain": small_base,
+    }
+    base = load_base(small_base)
+    models = {
+        name: peft_model(base, src)
+        if (src / "adapter_config.json").is_file()
+        else merged_model(base, load_task_source(name, src, base))
+        for name, src in sources.items()
+    }
+    return {"sources": sources, "models": models}

@@ -45,8 +45,12 @@ def _check_config(path: Path, base: BaseModel) -> list[str]:
 def _changed(name: str, tuned: Tensor, ref: Tensor, path: Path) -> Tensor | None:
     if tuned.shape != ref.shape:
         raise TaskSourceError(f"{path}: {name} has shape {tuple(tuned.shape)}, the base has {tuple(ref.shape)}")
-    delta = tuned.to(torch.float64) - ref.to(torch.float64)
-    return None if not bool(delta.any()) else (tuned.to(ref.dtype) - ref)
+    # Compared in the base's dtype: a base served in fp16 (a loaded fp16 artifact) equals the fp32 fine-tune's
+    # untouched weights rounded to fp16. The delta itself keeps the fine-tune's precision.
+    if torch.equal(tuned.to(ref.dtype), ref):
+        return None
+    wide = torch.promote_types(tuned.dtype, torch.float32)
+    return tuned.to(wide) - ref.to(wide)
 
 
 def load_finetune(path: Path, name: str, base: BaseModel) -> TaskSpec:
@@ -67,12 +71,12 @@ def load_finetune(path: Path, name: str, base: BaseModel) -> TaskSpec:
             spec.site(module).bias = delta
         elif module in sites.layer_norm:
             site = spec.site(module)
-            old = site.layer_norm or LayerNormDelta(torch.zeros_like(ref), torch.zeros_like(ref))
+            old = site.layer_norm or LayerNormDelta(torch.zeros_like(delta), torch.zeros_like(delta))
             site.layer_norm = LayerNormDelta(
                 weight=delta if param == "weight" else old.weight, bias=delta if param == "bias" else old.bias
             )
         else:
-            frac = float((tuned[key] != ref).float().mean())
+            frac = float((tuned[key].to(ref.dtype) != ref).float().mean())
             raise TaskSourceError(
                 f"{path}: {key} changed ({frac:.1%} of its entries): only biases and LayerNorm parameters may "
                 "differ from the base in a BitFit fine-tune"

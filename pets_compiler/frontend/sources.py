@@ -14,10 +14,14 @@ from pets_compiler.frontend.taskset import TaskSpec
 from pets_compiler.frontend.validate import validate_task
 
 
-def load_task_source(name: str, path: str | Path, base: BaseModel) -> TaskSpec:
-    """Detect the source format of `path`, import it and validate it against `base`."""
+def load_task_source(name: str, source: str | Path | TaskSpec, base: BaseModel) -> TaskSpec:
+    """Detect the source format of `source` (a path, or a TaskSpec taken as is), import it and validate it
+    against `base`; the task is called `name` whatever the source calls it."""
     check_task_name(name)
-    path = Path(path)
+    if isinstance(source, TaskSpec):
+        spec = TaskSpec(name, dict(source.sites), source.head, source.source)
+        return validate_task(spec, base).prune()
+    path = Path(source)
     if not path.exists():
         raise TaskSourceError(f"task {name!r}: source {path} does not exist")
     if not path.is_dir():

@@ -30,6 +30,11 @@ def validate_task(spec: TaskSpec, base: BaseModel) -> TaskSpec:
                 raise TaskSourceError(f"task {spec.name!r}: {site!r} is not a linear layer of the base model")
             out_f, in_f = sites.linear[site]
             if pet.lora is not None:
+                if pet.lora.a.dim() != 2 or pet.lora.b.dim() != 2:
+                    raise TaskSourceError(
+                        f"task {spec.name!r}: LoRA at {site} must have 2-D factors, got lora_A "
+                        f"{tuple(pet.lora.a.shape)} and lora_B {tuple(pet.lora.b.shape)}"
+                    )
                 r = pet.lora.rank
                 if r < 1:
                     raise TaskSourceError(f"task {spec.name!r}: LoRA at {site} has rank {r}")

@@ -144,7 +144,7 @@ def _load(directory: Path, manifest: dict[str, Any]) -> Runtime:
     program = torch.export.load(str(program_path))
     meta = manifest["base"]
     config = BertConfig.from_dict(meta["config"])
-    state = {k: v.detach() for k, v in program.state_dict.items()}
+    state = {k: v.detach() for k, v in program.named_parameters()}  # the base's parameters, not its buffers
     tokenizer = directory / "tokenizer"
     base = BaseModel(
         path=directory,

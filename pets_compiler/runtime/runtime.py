@@ -19,7 +19,6 @@ from pets_compiler.frontend.base import BaseModel, Pooling
 from pets_compiler.frontend.names import check_task_name
 from pets_compiler.frontend.sources import load_task_source
 from pets_compiler.frontend.taskset import TaskSpec
-from pets_compiler.frontend.validate import validate_task
 from pets_compiler.passes.context import SitePlan
 from pets_compiler.runtime.requests import Prepared, Tokenizer, pad, prepare
 from pets_compiler.runtime.tables import TableSpec, TaskTables
@@ -94,11 +93,7 @@ class Runtime:
         with self._lock:
             if name in self._tasks:
                 raise DuplicateTaskError(f"task {name!r} is already loaded; remove it first to replace it")
-        if isinstance(source, TaskSpec):
-            spec = validate_task(TaskSpec(name, dict(source.sites), source.head, source.source), self.base).prune()
-        else:
-            spec = load_task_source(name, source, self.base)
-        spec = spec.to(self.info.dtype)
+        spec = load_task_source(name, source, self.base).to(self.info.dtype)
         with self._lock:
             if name in self._tasks:
                 raise DuplicateTaskError(f"task {name!r} is already loaded; remove it first to replace it")

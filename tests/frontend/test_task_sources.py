@@ -729,8 +729,9 @@ def test_good_source_after_bad_ones_loads(live: Runtime, sources: Sources, tmp_p
     live.add_task("late_lora", sources.peft_all)
     try:
         assert "late_lora" in live.task_names()
-        ids, mask = _batch(["late_lora", "lora3"])
-        logits, _ = live.forward(ids, mask, ["late_lora", "lora3"])
+        ids, mask = pad([[5, 6, 7, 8, 9]] * 3)  # one row, three ways: the new task's PET must change it
+        logits, embedding = live.forward(ids, mask, ["late_lora", "lora3", "bitfit2"])
+        assert not torch.equal(embedding[0], embedding[1]) and not torch.equal(embedding[0], embedding[2])
         assert not torch.equal(logits[0, :2], logits[1, :2])
     finally:
         live.remove_task("late_lora")
