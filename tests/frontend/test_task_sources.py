@@ -39,7 +39,7 @@ from pets_compiler.frontend.taskset import TaskSpec
 from pets_compiler.runtime.requests import pad
 from pets_compiler.runtime.runtime import Runtime
 
-from builders import MINILM, make_bitfit, make_peft_lora
+from builders import make_bitfit, make_peft_lora, make_small_base
 
 LAYERS = 3  # the small base (builders.SMALL_CONFIG): 3 layers, hidden 72, intermediate 200
 Q0 = "encoder.layer.0.attention.self.query"
@@ -63,7 +63,8 @@ class Sources:
     peft_all: Path  # SEQ_CLS LoRA r=2 alpha=6 on query/dense with bias="all", 2 labels
     finetune: Path  # BitFit fine-tune, 2 labels
     native: Path  # native dir of the peft_all task (LoRA, bias, LayerNorm and head)
-    minilm_peft: Path  # LoRA made on MiniLM (hidden 384)
+    other_peft: Path  # LoRA made on a base of another size (hidden 96)
+    other_base: Path  # that base (hidden 96, 4 heads), a full checkpoint of another model
 
     def of(self, fmt: str) -> Path:
         return {"peft": self.peft, "finetune": self.finetune, "native": self.native}[fmt]
@@ -79,8 +80,9 @@ def sources(small_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Sourc
     )
     finetune = make_bitfit(small_base, root / "finetune", num_labels=2, seed=2)
     write_task(load_task_source("full", peft_all, base), root / "native", base.fingerprint)
-    minilm = make_peft_lora(MINILM, root / "minilm_peft", r=2, alpha=4, targets=["query"], seed=3)
-    return Sources(base, peft, peft_all, finetune, root / "native", minilm)
+    other = make_small_base(root / "other_base", hidden_size=96, num_attention_heads=4)  # another model's size
+    other_peft = make_peft_lora(other, root / "other_peft", r=2, alpha=4, targets=["query"], seed=3)
+    return Sources(base, peft, peft_all, finetune, root / "native", other_peft, other)
 
 
 @pytest.fixture(scope="module")
@@ -471,7 +473,7 @@ def _peft_rank_mismatch(s: Sources, tmp: Path) -> Bad:
 
 @case("peft-hidden-size-of-another-model")
 def _peft_other_model(s: Sources, tmp: Path) -> Bad:
-    return Bad(s.minilm_peft, (Q0, "do not fit the base linear", "(2, 384)", "(out 72, in 72)"))
+    return Bad(s.other_peft, (Q0, "do not fit the base linear", "(2, 96)", "(out 72, in 72)"))
 
 
 @case("peft-head-of-another-model")
@@ -556,8 +558,8 @@ def _ft_weight_changed(s: Sources, tmp: Path) -> Bad:
 
 
 @case("finetune-hidden-size-of-another-model")
-def _ft_minilm(s: Sources, tmp: Path) -> Bad:
-    return Bad(MINILM, ("hidden_size is 384", "the base has 72", str(MINILM)))
+def _ft_other_model(s: Sources, tmp: Path) -> Bad:
+    return Bad(s.other_base, ("hidden_size is 96", "the base has 72", str(s.other_base)))
 
 
 @case("finetune-config-of-another-size")
