@@ -6,6 +6,7 @@ Build with `pip install --no-build-isolation -e .` (the build needs the installe
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 
 import torch
@@ -24,7 +25,8 @@ def _sources(pattern: str) -> list[str]:
 def _extension() -> Extension:
     # A CPU-only torch has CUDA_HOME None even with nvcc on PATH, and CUDAExtension then fails: decide by
     # both, never by torch.cuda.is_available() (a build machine need not have a GPU).
-    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    # PETS_NO_CUDA=1 builds the CPU kernels only, even where CUDA is available.
+    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not os.environ.get("PETS_NO_CUDA")
     if not with_cuda:
         return CppExtension(
             "pets_compiler._C",
