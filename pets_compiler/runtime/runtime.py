@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 from torch.export import ExportedProgram
 from tqdm import tqdm
-from transformers import BertConfig
 
 from pets_compiler.errors import DuplicateTaskError, InputError, UnknownTaskError
 from pets_compiler.frontend.base import BaseModel, Pooling
@@ -131,11 +130,9 @@ class Runtime:
         return logits, embedding
 
     def prepare(self, requests: Sequence[Any]) -> list[Prepared]:
-        cfg = BertConfig.from_dict(self.info.config)
-        prepared = [
-            prepare(i, r, self.tokenizer, int(cfg.vocab_size), int(cfg.max_position_embeddings))
-            for i, r in enumerate(requests)
-        ]
+        """Check and tokenize requests (every one before any runs); unknown tasks are refused here."""
+        vocab, positions = int(self.base.config.vocab_size), int(self.base.config.max_position_embeddings)
+        prepared = [prepare(i, r, self.tokenizer, vocab, positions) for i, r in enumerate(requests)]
         for p in prepared:
             self._entry(p.task)
         return prepared
