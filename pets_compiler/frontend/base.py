@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from transformers import BertConfig, BertModel
+from transformers.models.bert.modeling_bert import BertOutput, BertSelfOutput
 
 from pets_compiler.errors import BaseModelError, PetsError
 from pets_compiler.frontend.weights_io import find_weights_file, read_weights
@@ -41,10 +42,14 @@ class Pooling:
 
 @dataclass(frozen=True)
 class SiteShapes:
-    """Shapes of the task sites of a BertModel config: linears (out, in) and LayerNorms (hidden,)."""
+    """The task sites of a BertModel config and their shapes: linears (out, in), LayerNorms (hidden),
+    embeddings (num, dim), and sublayer ends (hidden) where AdapterHub puts adapters (`...attention.output`,
+    `...output`: dense, dropout, residual add, LayerNorm)."""
 
     linear: dict[str, tuple[int, int]]
     layer_norm: dict[str, int]
+    embedding: dict[str, tuple[int, int]]
+    sublayer: dict[str, int]
 
 
 @dataclass
@@ -76,12 +81,18 @@ def site_shapes(config: BertConfig) -> SiteShapes:
         model = BertModel(config, add_pooling_layer=True)
     linear: dict[str, tuple[int, int]] = {}
     layer_norm: dict[str, int] = {}
+    embedding: dict[str, tuple[int, int]] = {}
+    sublayer: dict[str, int] = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             linear[name] = (module.out_features, module.in_features)
         elif isinstance(module, torch.nn.LayerNorm):
             layer_norm[name] = int(module.normalized_shape[0])
-    return SiteShapes(linear, layer_norm)
+        elif isinstance(module, torch.nn.Embedding):
+            embedding[name] = (module.num_embeddings, module.embedding_dim)
+        elif isinstance(module, BertSelfOutput | BertOutput):
+            sublayer[name] = int(module.LayerNorm.normalized_shape[0])
+    return SiteShapes(linear, layer_norm, embedding, sublayer)
 
 
 def build_bert(config: BertConfig, state: dict[str, Tensor]) -> BertModel:
