@@ -59,7 +59,7 @@ def peft_model(base: BaseModel, adapter_dir: str | Path) -> torch.nn.Module:
     from peft import PeftModel
     from transformers import BertForSequenceClassification
 
-    from pets_compiler.frontend.peft_lora import ADAPTER_FILES
+    from pets_compiler.frontend.peft_dir import ADAPTER_FILES
     from pets_compiler.frontend.weights_io import find_weights_file, read_weights
 
     adapter_dir = Path(adapter_dir)

@@ -9,7 +9,7 @@ from pets_compiler.frontend.base import BaseModel
 from pets_compiler.frontend.finetune import is_finetune_dir, load_finetune
 from pets_compiler.frontend.names import check_task_name
 from pets_compiler.frontend.native import is_native_dir, read_task
-from pets_compiler.frontend.peft_lora import is_peft_dir, load_peft_lora
+from pets_compiler.frontend.peft_dir import is_peft_dir, load_peft_dir
 from pets_compiler.frontend.taskset import TaskSpec
 from pets_compiler.frontend.validate import validate_task
 
@@ -27,9 +27,9 @@ def load_task_source(name: str, source: str | Path | TaskSpec, base: BaseModel) 
     if not path.is_dir():
         raise TaskSourceError(f"task {name!r}: source {path} is not a directory")
     if is_native_dir(path):
-        spec = read_task(path, name, base.fingerprint)
+        spec = read_task(path, name, base)
     elif is_peft_dir(path):
-        spec = load_peft_lora(path, name, base)
+        spec = load_peft_dir(path, name, base)
     elif is_finetune_dir(path):
         spec = load_finetune(path, name, base)
     else:

@@ -169,6 +169,6 @@ def _load(directory: Path, manifest: dict[str, Any]) -> Runtime:
     runtime.program_sha256 = digest
     for name, entry in manifest["tasks"].items():
         check_task_name(name)
-        spec = read_task(directory / "tasks" / name, name, meta["fingerprint"])
+        spec = read_task(directory / "tasks" / name, name, base)
         runtime.add_task(name, spec, slot=int(entry["slot"]))
     return runtime

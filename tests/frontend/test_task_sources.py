@@ -538,7 +538,7 @@ def _peft_option(case_id: str, fragment: str, **changes: Any) -> None:
         return Bad(d, (fragment, str(d)))
 
 
-_peft_option("peft-type-ia3", "peft_type 'IA3'", peft_type="IA3")
+_peft_option("peft-type-loha", "peft_type 'LOHA'", peft_type="LOHA")
 _peft_option("peft-type-prefix-tuning", "peft_type 'PREFIX_TUNING'", peft_type="PREFIX_TUNING")
 _peft_option("peft-use-dora", "use_dora=True", use_dora=True)
 _peft_option("peft-fan-in-fan-out", "fan_in_fan_out=True", fan_in_fan_out=True)
@@ -554,7 +554,7 @@ def _ft_weight_changed(s: Sources, tmp: Path) -> Bad:
     d = _copy(s.finetune, tmp)
     key = "bert.encoder.layer.1.attention.self.key.weight"
     _edit_tensors(d / "model.safetensors", lambda t: t[key][:9].add_(0.01))  # 9 of 72 rows: 12.5%
-    return Bad(d, ("encoder.layer.1.attention.self.key.weight changed", "(12.5% of its entries)"))
+    return Bad(d, ("encoder.layer.1.attention.self.key.weight changed in 12.5% of its entries", "not a PET task"))
 
 
 @case("finetune-hidden-size-of-another-model")

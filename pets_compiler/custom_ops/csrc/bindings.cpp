@@ -8,10 +8,13 @@
 
 #include <torch/library.h>
 
+#include "adapter/adapter.h"
 #include "bias/bias.h"
 #include "head/head.h"
 #include "layer_norm/layer_norm.h"
 #include "lora/lora.h"
+#include "scale/scale.h"
+#include "sparse/sparse.h"
 
 // `import pets_compiler._C` loads this library, which runs the registrations below; it has no Python API.
 extern "C" {
@@ -42,6 +45,23 @@ TORCH_LIBRARY(pets, m) {
       tags);
   // out[i] = x[i] @ weight[t].T + bias[t], t = task_ids[i] (per-task heads, labels zero-padded to L)
   m.def("segmented_linear(Tensor x, Tensor task_ids, Tensor weight, Tensor bias) -> Tensor", tags);
+  // out[i] = y[i] * (1 + delta[t]) (every token of row i), t = task_ids[i]; IA3 scale l stored as l - 1
+  m.def("scale(Tensor y, Tensor task_ids, Tensor delta) -> Tensor", tags);
+  // out[i, n, o] = y[i, n, o] + sum_{k in [row_ptr[t, o], row_ptr[t, o + 1])} val[k] * x[i, n, col[k]], t = task_ids[i]
+  m.def(
+      "sparse_delta(Tensor y, Tensor x, Tensor task_ids, Tensor row_ptr, Tensor col, Tensor val) -> Tensor",
+      tags);
+  // out[i, s] = y[i, s] + D_t[ids[i, s]], D_t [V, H] = CSR (row_ptr[t], col, val) as in sparse_delta, t = task_ids[i]
+  m.def(
+      "embedding_delta(Tensor y, Tensor ids, Tensor task_ids, Tensor row_ptr, Tensor col, Tensor val) -> Tensor",
+      tags);
+  // out[i] = LN_t(h[i] + residual[i]) with slot t's bottleneck adapter (AdapterHub), config[t] = (enabled,
+  // original_ln_before, residual_before_ln, original_ln_after, activation, bottleneck), t = task_ids[i]
+  m.def(
+      "adapter(Tensor h, Tensor residual, Tensor task_ids, Tensor ln_weight, Tensor ln_bias, "
+      "Tensor ln_weight_delta, Tensor ln_bias_delta, float eps, Tensor down_w, Tensor down_b, Tensor up_w, "
+      "Tensor up_b, Tensor scaling, Tensor config) -> Tensor",
+      tags);
 }
 
 TORCH_LIBRARY_IMPL(pets, CPU, m) {
@@ -50,4 +70,8 @@ TORCH_LIBRARY_IMPL(pets, CPU, m) {
   m.impl("linear_delta", &pets::linear_delta_cpu);
   m.impl("layer_norm", &pets::layer_norm_cpu);
   m.impl("segmented_linear", &pets::segmented_linear_cpu);
+  m.impl("scale", &pets::scale_cpu);
+  m.impl("sparse_delta", &pets::sparse_delta_cpu);
+  m.impl("embedding_delta", &pets::embedding_delta_cpu);
+  m.impl("adapter", &pets::adapter_cpu);
 }

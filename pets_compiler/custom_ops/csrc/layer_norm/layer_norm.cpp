@@ -4,33 +4,28 @@
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 
+#include "../common/acc_type.h"
 #include "../common/checks.h"
 #include "../common/task_groups.h"
 
 namespace pets {
 namespace {
 
-void check_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(-1), op, ": ", name, " must be [H] with H = x.size(-1) = ",
+void check_vector(const char* op, const char* name, const at::Tensor& t, const char* x_name,
+                  const at::Tensor& x) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(-1), op, ": ", name, " must be [H] with H = ", x_name,
+              ".size(-1) = ", x.size(-1), ", got shape ", t.sizes());
+  check_dtype(op, name, t, x_name, x);
+  check_device(op, name, t, x_name, x);
+}
+
+void check_delta_table(const char* op, const char* name, const at::Tensor& t, const char* x_name,
+                       const at::Tensor& x) {
+  check_table(op, name, t, 2, x_name, x);
+  TORCH_CHECK(t.size(1) == x.size(-1), op, ": ", name, " must be [T, H] with H = ", x_name, ".size(-1) = ",
               x.size(-1), ", got shape ", t.sizes());
-  check_dtype(op, name, t, "x", x);
-  check_device(op, name, t, "x", x);
 }
-
-void check_delta_table(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  check_table(op, name, t, 2, "x", x);
-  TORCH_CHECK(t.size(1) == x.size(-1), op, ": ", name, " must be [T, H] with H = x.size(-1) = ", x.size(-1),
-              ", got shape ", t.sizes());
-}
-
-// Mean and variance are taken in double for float and double inputs (exact to rounding even when
-// |mean| >> std, where torch's fp32 kernel loses digits) and in float for half types, like torch's kernel.
-template <typename scalar_t>
-using acc_type_t =
-    std::conditional_t<std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>, float,
-                       double>;
 
 // sum_j f(v[j]) over independent lanes: a single accumulator would make each add wait for the previous one.
 template <typename acc_t, typename scalar_t, typename F>
@@ -47,6 +42,8 @@ acc_t lane_sum(const scalar_t* v, int64_t n, const F& f) {
   return total;
 }
 
+// Mean and variance are taken in double for float and double inputs (exact to rounding even when
+// |mean| >> std, where torch's fp32 kernel loses digits) and in float for half types, like torch's kernel.
 template <typename scalar_t>
 void layer_norm_rows(const scalar_t* x, const int64_t* task_ids, const scalar_t* weight, const scalar_t* bias,
                      const scalar_t* weight_delta, const scalar_t* bias_delta, scalar_t* out, int64_t rows,
@@ -76,21 +73,21 @@ void layer_norm_rows(const scalar_t* x, const int64_t* task_ids, const scalar_t*
 
 }  // namespace
 
-at::Tensor layer_norm_cpu(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
-                          const at::Tensor& bias, const at::Tensor& weight_delta,
-                          const at::Tensor& bias_delta, double eps) {
-  constexpr const char* op = "pets::layer_norm";
-  check_batch_tensor(op, "x", x);
-  check_task_ids(op, task_ids, "x", x);
-  check_vector(op, "weight", weight, x);
-  check_vector(op, "bias", bias, x);
-  check_delta_table(op, "weight_delta", weight_delta, x);
-  check_delta_table(op, "bias_delta", bias_delta, x);
-  TORCH_CHECK(weight_delta.size(0) == bias_delta.size(0), op,
-              ": weight_delta and bias_delta must have one slot count T, got weight_delta ",
-              weight_delta.sizes(), ", bias_delta ", bias_delta.sizes());
-  check_task_id_range(op, task_ids, weight_delta.size(0), "weight_delta");
+void check_layer_norm_params(const char* op, const char* x_name, const at::Tensor& x,
+                             const LayerNormNames& names, const at::Tensor& weight, const at::Tensor& bias,
+                             const at::Tensor& weight_delta, const at::Tensor& bias_delta) {
+  check_vector(op, names.weight, weight, x_name, x);
+  check_vector(op, names.bias, bias, x_name, x);
+  check_delta_table(op, names.weight_delta, weight_delta, x_name, x);
+  check_delta_table(op, names.bias_delta, bias_delta, x_name, x);
+  TORCH_CHECK(weight_delta.size(0) == bias_delta.size(0), op, ": ", names.weight_delta, " and ",
+              names.bias_delta, " must have one slot count T, got ", names.weight_delta, " ",
+              weight_delta.sizes(), ", ", names.bias_delta, " ", bias_delta.sizes());
+}
 
+at::Tensor layer_norm_unchecked_cpu(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
+                                    const at::Tensor& bias, const at::Tensor& weight_delta,
+                                    const at::Tensor& bias_delta, double eps) {
   const at::Tensor xc = x.contiguous();
   const at::Tensor ids = task_ids.contiguous();
   const at::Tensor w = weight.contiguous(), b = bias.contiguous();
@@ -105,6 +102,18 @@ at::Tensor layer_norm_cpu(const at::Tensor& x, const at::Tensor& task_ids, const
                               out.mutable_data_ptr<scalar_t>(), rows, tokens, xc.size(-1), eps);
   });
   return out;
+}
+
+at::Tensor layer_norm_cpu(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
+                          const at::Tensor& bias, const at::Tensor& weight_delta,
+                          const at::Tensor& bias_delta, double eps) {
+  constexpr const char* op = "pets::layer_norm";
+  check_batch_tensor(op, "x", x);
+  check_task_ids(op, task_ids, "x", x);
+  check_layer_norm_params(op, "x", x, {"weight", "bias", "weight_delta", "bias_delta"}, weight, bias,
+                          weight_delta, bias_delta);
+  check_task_id_range(op, task_ids, weight_delta.size(0), "weight_delta");
+  return layer_norm_unchecked_cpu(x, task_ids, weight, bias, weight_delta, bias_delta, eps);
 }
 
 }  // namespace pets

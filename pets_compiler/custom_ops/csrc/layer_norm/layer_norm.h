@@ -5,6 +5,26 @@
 
 namespace pets {
 
+// The argument names a caller gives the four LayerNorm parameters, for its error messages.
+struct LayerNormNames {
+  const char* weight;
+  const char* bias;
+  const char* weight_delta;
+  const char* bias_delta;
+};
+
+// weight and bias [H], weight_delta and bias_delta [T, H] (one T), in the dtype and on the device of x
+// [B, ..., H] (called `x_name` in messages). Does not check task_ids.
+void check_layer_norm_params(const char* op, const char* x_name, const at::Tensor& x,
+                             const LayerNormNames& names, const at::Tensor& weight, const at::Tensor& bias,
+                             const at::Tensor& weight_delta, const at::Tensor& bias_delta);
+
+// pets::layer_norm without its checks (callers check): a new contiguous tensor. Each row's result depends on
+// that row, its slot and eps only, so every caller gets bitwise the same numbers for the same row.
+at::Tensor layer_norm_unchecked_cpu(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
+                                    const at::Tensor& bias, const at::Tensor& weight_delta,
+                                    const at::Tensor& bias_delta, double eps);
+
 at::Tensor layer_norm_cpu(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
                           const at::Tensor& bias, const at::Tensor& weight_delta,
                           const at::Tensor& bias_delta, double eps);

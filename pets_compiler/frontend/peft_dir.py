@@ -1,4 +1,9 @@
-"""Import a peft LoRA adapter directory (as `PeftModel.save_pretrained` writes it) into a TaskSpec."""
+"""Import a peft adapter directory (as `PeftModel.save_pretrained` writes it) into a TaskSpec: LoRA or IA3.
+
+LoRA: factors per site with peft's scaling (alpha / r, or alpha / sqrt(r) with use_rslora; rank_pattern and
+alpha_pattern), bias deltas (bias="all" / "lora_only") and a `modules_to_save` classifier head.
+IA3: `ia3_l` per site; shape (1, in) scales the input (peft's feedforward modules), (out, 1) the output.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from torch import Tensor
 
 from pets_compiler.errors import TaskSourceError
 from pets_compiler.frontend.base import BaseModel
-from pets_compiler.frontend.taskset import Head, LayerNormDelta, LoRA, TaskSpec
+from pets_compiler.frontend.taskset import IA3, Head, LayerNormDelta, LoRA, TaskSpec
 from pets_compiler.frontend.weights_io import find_weights_file, read_weights
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -31,6 +36,7 @@ _REFUSED_OPTIONS = {
     "alora_invocation_tokens": None,
 }
 _HEAD_MODULES = ("classifier", "score")
+SUPPORTED_TYPES = ("LORA", "IA3")
 
 
 def is_peft_dir(path: Path) -> bool:
@@ -58,12 +64,16 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 def _check_options(cfg: dict[str, Any], where: Path) -> None:
     peft_type = cfg.get("peft_type")
-    if peft_type != "LORA":
-        raise TaskSourceError(f"{where}: peft_type {peft_type!r} is not supported here (supported: 'LORA')")
+    if peft_type not in SUPPORTED_TYPES:
+        raise TaskSourceError(
+            f"{where}: peft_type {peft_type!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})"
+        )
     for option, default in _REFUSED_OPTIONS.items():
         value = cfg.get(option, default)
         if value not in (default, False, None, [], {}):
             raise TaskSourceError(f"{where}: peft option {option}={value!r} is not supported")
+    if peft_type == "IA3":
+        return
     if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
         raise TaskSourceError(f"{where}: peft bias={cfg.get('bias')!r} is not one of none, all, lora_only")
     for key in ("r", "lora_alpha"):
@@ -77,16 +87,16 @@ def _split_key(key: str, where: Path) -> tuple[str, str, str]:
     if not key.startswith(_PREFIX):
         raise TaskSourceError(f"{where}: tensor {key!r} does not start with 'base_model.model.'")
     key = key[len(_PREFIX) :]
-    for suffix in ("lora_A.weight", "lora_B.weight", "bias", "weight"):
+    for suffix in ("lora_A.weight", "lora_B.weight", "ia3_l", "bias", "weight"):
         if key.endswith("." + suffix):
             # peft keeps a LoRA-wrapped linear's own bias under `base_layer` (bias="all" / "lora_only").
             peft_module = key[: -len(suffix) - 1].removesuffix(".base_layer")
             return peft_module.removeprefix("bert."), suffix, peft_module
-    raise TaskSourceError(f"{where}: tensor {key!r} is not a LoRA factor, bias or saved module weight")
+    raise TaskSourceError(f"{where}: tensor {key!r} is not a LoRA factor, IA3 vector, bias or saved module weight")
 
 
-def load_peft_lora(path: Path, name: str, base: BaseModel) -> TaskSpec:
-    """LoRA factors per site with peft's scaling, bias deltas (bias='all'/'lora_only') and a saved head."""
+def load_peft_dir(path: Path, name: str, base: BaseModel) -> TaskSpec:
+    """The adapter's PET per site (LoRA or IA3), bias deltas and a saved classifier head."""
     cfg = read_adapter_config(path)
     _check_options(cfg, path)
     tensors = read_weights(find_weights_file(path, ADAPTER_FILES))
@@ -121,6 +131,8 @@ def load_peft_lora(path: Path, name: str, base: BaseModel) -> TaskSpec:
         out_f, in_f = shapes[module]
         if "lora_A.weight" in parts or "lora_B.weight" in parts:
             spec.site(module).lora = _lora(parts, module, peft_names[module], cfg, (out_f, in_f), path)
+        if "ia3_l" in parts:
+            spec.site(module).ia3 = _ia3(parts["ia3_l"], module, (out_f, in_f), path)
         if "bias" in parts:
             spec.site(module).bias = parts["bias"] - base.state_dict[f"{module}.bias"].to(parts["bias"].dtype)
         if "weight" in parts:
@@ -149,6 +161,19 @@ def _lora(
     alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, peft_module, cfg["lora_alpha"]))
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     return LoRA(a=a, b=b, scale=scale)
+
+
+def _ia3(vector: Tensor, module: str, shape: tuple[int, int], where: Path) -> IA3:
+    """peft stores a feedforward module's vector as (1, in) (it scales the input), any other as (out, 1)."""
+    out_f, in_f = shape
+    if vector.dim() == 2 and tuple(vector.shape) == (1, in_f):
+        return IA3(input=vector.reshape(in_f))
+    if vector.dim() == 2 and tuple(vector.shape) == (out_f, 1):
+        return IA3(output=vector.reshape(out_f))
+    raise TaskSourceError(
+        f"{where}: {module} ia3_l has shape {tuple(vector.shape)}; the base linear (out {out_f}, in {in_f}) takes "
+        f"(1, {in_f}) for a feedforward module or ({out_f}, 1) otherwise"
+    )
 
 
 def _head(parts: dict[str, Tensor], module: str, where: Path, base: BaseModel) -> Head:

@@ -1,0 +1,31 @@
+// Per-task sparse weight deltas (diff-pruning, MaskBERT) as one CSR matrix D_t per slot whose nonzeros all live
+// in one pool: the entries of row o of D_t are pool[row_ptr[t, o] .. row_ptr[t, o + 1]), each a column col[k]
+// and a value val[k]. Offsets are absolute, so tasks can be added to (or compacted out of) the pool without
+// touching the others; a slot with no nonzeros has row_ptr[t, :] all equal (any value in [0, P]).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace pets {
+
+// What a pool's rows and columns index, for messages: `rows` is the number of CSR rows (row_ptr is
+// [T, rows + 1]) and `cols` the number of columns, each with the expression it comes from.
+struct PoolExtent {
+  int64_t rows;
+  const char* rows_name;  // e.g. "out = y.size(-1)"
+  int64_t cols;
+  const char* cols_name;  // e.g. "in = x.size(-1)"
+};
+
+// row_ptr int64 [T, rows + 1], col int64 [P] and val [P] (dtype and device of `ref`); task_ids in [0, T); and for
+// every slot some row uses: offsets within [0, P] and non-decreasing, the columns of its entries in [0, cols).
+void check_pool(const char* op, const at::Tensor& task_ids, const at::Tensor& row_ptr, const at::Tensor& col,
+                const at::Tensor& val, const PoolExtent& extent, const char* ref_name, const at::Tensor& ref);
+
+at::Tensor sparse_delta_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids,
+                            const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& val);
+
+at::Tensor embedding_delta_cpu(const at::Tensor& y, const at::Tensor& ids, const at::Tensor& task_ids,
+                               const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& val);
+
+}  // namespace pets
