@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from pets_compiler.frontend.sources import load_task_source
 from pets_compiler.frontend.taskset import TaskSpec
 from pets_compiler.passes import CompileContext, PassResult, SitePlan, run_pipeline
 from pets_compiler.runtime.runtime import ProgramInfo, Runtime
-from pets_compiler.runtime.tables import SLOTS, TableSpec
+from pets_compiler.runtime.tables import SLOTS, TableSpec, table_kinds
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -24,19 +25,28 @@ SITE_MODES = ("used", "all")
 
 
 def plan_sites(base: BaseModel, tasks: Sequence[TaskSpec], sites: str) -> SitePlan:
-    """`used`: the sites the given tasks touch; `all`: every linear and LayerNorm, so any later task fits."""
+    """`used`: the sites and kinds the given tasks touch; `all`: every kind at every site it applies to, so that
+    any later task can be added without recompiling (at the cost of a task op everywhere)."""
+    shapes = base.sites
+    linear, norms, embeddings, sublayers = (
+        tuple(shapes.linear),
+        tuple(shapes.layer_norm),
+        tuple(shapes.embedding),
+        tuple(shapes.sublayer),
+    )
     if sites == "all":
-        linear, norms = tuple(base.sites.linear), tuple(base.sites.layer_norm)
-        return SitePlan(lora=linear, bias=linear, layer_norm=norms)
+        return SitePlan(linear, linear, norms, linear, linear, linear + embeddings, sublayers, ("head",))
     if sites != "used":
         raise ValueError(f"sites must be one of {SITE_MODES}, got {sites!r}")
-    order = list(base.sites.linear) + list(base.sites.layer_norm)
+    order = [*linear, *norms, *embeddings, *sublayers]
 
     def used(kind: str) -> tuple[str, ...]:
-        wanted = {s for t in tasks for s, p in t.sites.items() if kind in p.kinds()}
+        wanted = {s for t in tasks for s, p in t.sites.items() if kind in table_kinds(p)}
         return tuple(s for s in order if s in wanted)
 
-    return SitePlan(lora=used("lora"), bias=used("bias"), layer_norm=used("layer_norm"))
+    dense_heads = any(t.head is not None and t.head.dense_w is not None for t in tasks)
+    plan = {f.name: used(f.name) for f in fields(SitePlan) if f.name != "head_dense"}
+    return SitePlan(**plan, head_dense=("head",) if dense_heads else ())
 
 
 def _example(spec: TableSpec, sizes: dict[str, int], dtype: torch.dtype) -> torch.Tensor:

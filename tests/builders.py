@@ -118,3 +118,42 @@ def own_output(model: torch.nn.Module, row: list[int]) -> tuple[torch.Tensor | N
     ids = torch.tensor([row])
     logits, emb = model(ids, torch.ones_like(ids))
     return (None if logits is None else logits[0]), emb[0]
+
+
+def make_peft_ia3(base: Path, out: Path, *, targets: list[str], feedforward: list[str], seed: int = 0) -> Path:
+    """An IA3 adapter saved by peft, with random scales around 1 (peft initialises them to exactly 1)."""
+    from peft import IA3Config, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        BertModel.from_pretrained(base), IA3Config(target_modules=targets, feedforward_modules=feedforward)
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    model.save_pretrained(out)
+    return out
+
+
+def make_sparse_finetune(
+    base: Path, out: Path, *, density: float, mask: bool, num_labels: int | None = None, seed: int = 0
+) -> Path:
+    """A full fine-tune that changed `density` of every weight matrix (embeddings included): new values (diff
+    pruning) or zeros (MaskBERT); with mask=False it also changes a few biases."""
+    torch.manual_seed(seed)
+    if num_labels is None:
+        model: torch.nn.Module = BertModel.from_pretrained(base)
+    else:
+        model = BertForSequenceClassification.from_pretrained(base, num_labels=num_labels)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("classifier"):
+                p.normal_(0, 0.2)
+            elif p.dim() == 2:
+                chosen = torch.rand_like(p) < density
+                p[chosen] = 0.0 if mask else p[chosen] + 0.1 * torch.randn(int(chosen.sum()))
+            elif not mask and name.endswith("output.dense.bias"):
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(out)
+    return out

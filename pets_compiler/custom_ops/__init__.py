@@ -12,6 +12,15 @@ that uses the ops. The ops, their schemas and semantics:
 - `pets::layer_norm(x, task_ids, weight, bias, weight_delta, bias_delta, eps)`: LayerNorm with per-task
   affine deltas
 - `pets::segmented_linear(x, task_ids, weight, bias)`: x @ weight[t].T + bias[t] (per-task heads)
+- `pets::scale(y, task_ids, delta)`: y * (1 + delta[t]) (IA3; a scale l is stored as l - 1, so a zero slot is the
+  identity, bitwise)
+- `pets::sparse_delta(y, x, task_ids, row_ptr, col, val)`: y + x @ D_t.T, D_t [out, in] the CSR matrix
+  (row_ptr[t], col, val) of slot t, all slots' nonzeros in one pool (diff-pruning, MaskBERT)
+- `pets::embedding_delta(y, ids, task_ids, row_ptr, col, val)`: y + D_t[ids], D_t [V, H] in the same pooled CSR
+  form (sparse deltas of embedding tables)
+- `pets::adapter(h, residual, task_ids, ln_weight, ln_bias, ln_weight_delta, ln_bias_delta, eps, down_w, down_b,
+  up_w, up_b, scaling, config)`: a sublayer end LN_t(h + residual) with slot t's bottleneck adapter placed as
+  AdapterHub does; config [T, 6] per ADAPTER_CONFIG_COLUMNS, activation codes per ADAPTER_ACTIVATIONS
 
 with t = task_ids[row]; the `*_ref` functions are their plain-torch references (`reference.py`).
 """
@@ -33,17 +42,29 @@ except ImportError as e:
 
 from pets_compiler.custom_ops import fake as fake  # registers the fake kernels
 from pets_compiler.custom_ops.reference import (
+    ADAPTER_ACTIVATIONS,
+    ADAPTER_CONFIG_COLUMNS,
+    adapter_ref,
     bias_delta_ref,
+    embedding_delta_ref,
     layer_norm_ref,
     linear_delta_ref,
     lora_delta_ref,
+    scale_ref,
     segmented_linear_ref,
+    sparse_delta_ref,
 )
 
 __all__ = [
+    "ADAPTER_ACTIVATIONS",
+    "ADAPTER_CONFIG_COLUMNS",
+    "adapter_ref",
     "bias_delta_ref",
+    "embedding_delta_ref",
     "layer_norm_ref",
     "linear_delta_ref",
     "lora_delta_ref",
+    "scale_ref",
     "segmented_linear_ref",
+    "sparse_delta_ref",
 ]

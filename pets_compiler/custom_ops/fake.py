@@ -57,3 +57,40 @@ def _layer_norm_fake(
 @torch.library.register_fake("pets::segmented_linear", lib=_lib)
 def _segmented_linear_fake(x: Tensor, task_ids: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[1]))
+
+
+@torch.library.register_fake("pets::scale", lib=_lib)
+def _scale_fake(y: Tensor, task_ids: Tensor, delta: Tensor) -> Tensor:
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("pets::sparse_delta", lib=_lib)
+def _sparse_delta_fake(y: Tensor, x: Tensor, task_ids: Tensor, row_ptr: Tensor, col: Tensor, val: Tensor) -> Tensor:
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("pets::embedding_delta", lib=_lib)
+def _embedding_delta_fake(
+    y: Tensor, ids: Tensor, task_ids: Tensor, row_ptr: Tensor, col: Tensor, val: Tensor
+) -> Tensor:
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("pets::adapter", lib=_lib)
+def _adapter_fake(
+    h: Tensor,
+    residual: Tensor,
+    task_ids: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    ln_weight_delta: Tensor,
+    ln_bias_delta: Tensor,
+    eps: float,
+    down_w: Tensor,
+    down_b: Tensor,
+    up_w: Tensor,
+    up_b: Tensor,
+    scaling: Tensor,
+    config: Tensor,
+) -> Tensor:
+    return torch.empty_like(h, memory_format=torch.contiguous_format)

@@ -8,6 +8,7 @@ the dims between batch and features ("tokens") are flattened to N and restored o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -99,3 +100,152 @@ def segmented_linear_ref(x: Tensor, task_ids: Tensor, weight: Tensor, bias: Tens
     """
     out = torch.matmul(_as_rows(x), weight[task_ids].transpose(1, 2)) + bias[task_ids].unsqueeze(1)
     return out.reshape(*x.shape[:-1], weight.shape[1])
+
+
+def scale_ref(y: Tensor, task_ids: Tensor, delta: Tensor) -> Tensor:
+    """Per-task feature scale (IA3), stored as l - 1 so that an all-zero slot is the identity.
+
+    Semantics: out[i] = y[i] * (1 + delta[t])  where t = task_ids[i], the same for every token of row i
+    Shapes: y [B, ..., F], task_ids int64 [B], delta [T, F] -> [B, ..., F].
+    """
+    return (_as_rows(y) * (1 + delta[task_ids]).unsqueeze(1)).reshape(y.shape)
+
+
+def _pool_rows(row_ptr: Tensor, task_ids: Tensor, pool: int) -> tuple[Tensor, Tensor]:
+    """For every batch row i and pool entry k: the row o of D_t (t = task_ids[i]) that k belongs to, and whether
+    it belongs to D_t at all (row_ptr[t, 0] <= k < row_ptr[t, -1]). Both [B, P]."""
+    offsets = row_ptr[task_ids]  # [B, rows + 1]
+    k = torch.arange(pool, device=row_ptr.device).expand(offsets.shape[0], pool).contiguous()
+    row = torch.searchsorted(offsets, k, right=True) - 1  # the last o with row_ptr[t, o] <= k
+    inside = (k >= offsets[:, :1]) & (k < offsets[:, -1:])
+    return row.clamp(0, offsets.shape[1] - 2), inside
+
+
+def _dense_deltas(row_ptr: Tensor, col: Tensor, val: Tensor, task_ids: Tensor, cols: int) -> Tensor:
+    """D_t of every batch row, dense: [B, rows, cols], from the pooled CSR tables (repeated entries add up)."""
+    batch, rows = task_ids.shape[0], row_ptr.shape[1] - 1
+    row, inside = _pool_rows(row_ptr, task_ids, col.shape[0])
+    dense = val.new_zeros(batch, rows, cols)
+    i = torch.arange(batch, device=val.device).unsqueeze(1).expand_as(row)
+    values = torch.where(inside, val.expand_as(row), torch.zeros_like(val))
+    return dense.index_put_((i, row, col.expand_as(row)), values, accumulate=True)
+
+
+def sparse_delta_ref(y: Tensor, x: Tensor, task_ids: Tensor, row_ptr: Tensor, col: Tensor, val: Tensor) -> Tensor:
+    """Sparse weight delta of a linear site (diff-pruning, MaskBERT): one CSR matrix D_t [out, in] per slot, all
+    slots' nonzeros in one pool (offsets absolute; a slot without nonzeros has row_ptr[t, :] all equal).
+
+    Semantics: out[i, n, o] = y[i, n, o] + sum_{k = row_ptr[t, o]}^{row_ptr[t, o + 1] - 1} val[k] * x[i, n, col[k]]
+               where t = task_ids[i]
+    Shapes: y [B, ..., out], x [B, ..., in], task_ids int64 [B], row_ptr int64 [T, out + 1], col int64 [P],
+    val [P] -> [B, ..., out].
+    """
+    dense = _dense_deltas(row_ptr, col, val, task_ids, x.shape[-1])  # [B, out, in]
+    return y + torch.matmul(_as_rows(x), dense.transpose(1, 2)).reshape(y.shape)
+
+
+def embedding_delta_ref(y: Tensor, ids: Tensor, task_ids: Tensor, row_ptr: Tensor, col: Tensor, val: Tensor) -> Tensor:
+    """Sparse delta of an embedding table (word, position or token type): D_t [V, H] in sparse_delta's pooled CSR
+    form, rows = the embedding index, columns = the hidden index.
+
+    Semantics: out[i, s, :] = y[i, s, :] + D_t[ids[i, s], :]  where t = task_ids[i]
+    Shapes: y [B, S, H] (any [B, ..., H]), ids int64 [B, S] (y's shape without H, values in [0, V)),
+    task_ids int64 [B], row_ptr int64 [T, V + 1], col int64 [P], val [P] -> [B, S, H].
+    """
+    dense = _dense_deltas(row_ptr, col, val, task_ids, y.shape[-1])  # [B, V, H]
+    flat_ids = ids.reshape(ids.shape[0], -1, 1).expand(-1, -1, y.shape[-1])  # [B, N, H]
+    return y + torch.gather(dense, 1, flat_ids).reshape(y.shape)
+
+
+# AdapterHub's non_linearity names -> the activation codes of pets::adapter's config (csrc/adapter/adapter.h).
+ADAPTER_ACTIVATIONS: dict[str, int] = {
+    "identity": 0,
+    "linear": 0,
+    "relu": 1,
+    "swish": 2,
+    "silu": 2,
+    "gelu": 3,
+    "gelu_new": 4,
+    "gelu_pytorch_tanh": 4,
+    "tanh": 5,
+    "sigmoid": 6,
+    "leakyrelu": 7,
+    "leaky_relu": 7,
+}
+# The columns of pets::adapter's int64 config [T, 6]; the first four are 0/1 flags.
+ADAPTER_CONFIG_COLUMNS = (
+    "enabled",
+    "original_ln_before",
+    "residual_before_ln",
+    "original_ln_after",
+    "activation",
+    "bottleneck",
+)
+
+# Activation code -> function, in code order.
+_ADAPTER_ACTIVATION_FNS: tuple[Callable[[Tensor], Tensor], ...] = (
+    lambda v: v,
+    F.relu,
+    F.silu,
+    F.gelu,
+    lambda v: F.gelu(v, approximate="tanh"),
+    torch.tanh,
+    torch.sigmoid,
+    lambda v: F.leaky_relu(v, 0.01),
+)
+
+
+def _activate(v: Tensor, codes: Tensor) -> Tensor:
+    """act_{codes[i]}(v[i]) for v [B, ...] and int64 codes [B]: every activation, then a gather by code."""
+    if bool(((codes < 0) | (codes >= len(_ADAPTER_ACTIVATION_FNS))).any()):
+        raise ValueError(f"adapter_ref: unknown activation code in {codes.tolist()}")
+    candidates = torch.stack([f(v) for f in _ADAPTER_ACTIVATION_FNS])  # [codes, B, ...]
+    return candidates[codes, torch.arange(v.shape[0], device=v.device)]
+
+
+def adapter_ref(
+    h: Tensor,
+    residual: Tensor,
+    task_ids: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    ln_weight_delta: Tensor,
+    ln_bias_delta: Tensor,
+    eps: float,
+    down_w: Tensor,
+    down_b: Tensor,
+    up_w: Tensor,
+    up_b: Tensor,
+    scaling: Tensor,
+    config: Tensor,
+) -> Tensor:
+    """The end of a BERT sublayer (residual add + LayerNorm, after dense + dropout) with a per-task bottleneck
+    adapter placed as AdapterHub places it (Pfeiffer `seq_bn` = (1, 1, 1, 1, relu), Houlsby `double_seq_bn` =
+    (1, 0, 1, 1, swish) at each of its two sites). Only the first r = config[t, 5] bottleneck units take part.
+
+    Semantics: LN_t(z) = layer_norm(z, eps) * (ln_weight + ln_weight_delta[t]) + (ln_bias + ln_bias_delta[t]);
+               with t = task_ids[i], (enabled, ln_before, res_before_ln, ln_after, act, r) = config[t]:
+               out[i] = LN_t(h[i] + residual[i])                                              if not enabled
+               a_in = LN_t(h[i] + residual[i]) if ln_before else h[i];  res = h[i] if res_before_ln else a_in
+               z = (act(a_in @ down_w[t, :r].T + down_b[t, :r]) @ up_w[t, :, :r].T + up_b[t]) * scaling[t] + res
+               out[i] = LN_t(z + residual[i]) if ln_after else z                             if enabled
+    Shapes: h and residual [B, ..., H], task_ids int64 [B], ln_weight and ln_bias [H], ln_weight_delta and
+    ln_bias_delta [T, H], down_w [T, R, H], down_b [T, R], up_w [T, H, R], up_b [T, H], scaling [T],
+    config int64 [T, 6] (ADAPTER_CONFIG_COLUMNS; activation codes ADAPTER_ACTIVATIONS) -> [B, ..., H].
+    """
+
+    def ln(v: Tensor) -> Tensor:
+        return layer_norm_ref(v, task_ids, ln_weight, ln_bias, ln_weight_delta, ln_bias_delta, eps)
+
+    h3, residual3 = _as_rows(h), _as_rows(residual)
+    enabled, ln_before, res_before_ln, ln_after, act, rank = (c.view(-1, 1, 1) for c in config[task_ids].unbind(1))
+    sublayer = ln(h3 + residual3)
+    a_in = torch.where(ln_before == 1, sublayer, h3)
+    res = torch.where(res_before_ln == 1, h3, a_in)
+    keep = (torch.arange(down_w.shape[1], device=rank.device) < rank.view(-1, 1)).to(h.dtype)  # [B, R]
+    down = torch.matmul(a_in, down_w[task_ids].transpose(1, 2)) + down_b[task_ids].unsqueeze(1)  # [B, N, R]
+    down = _activate(down, act.view(-1)) * keep.unsqueeze(1)
+    up = torch.matmul(down, up_w[task_ids].transpose(1, 2)) + up_b[task_ids].unsqueeze(1)  # [B, N, H]
+    z = up * scaling[task_ids].view(-1, 1, 1) + res
+    adapted = torch.where(ln_after == 1, ln(z + residual3), z)
+    return torch.where(enabled == 1, adapted, sublayer).reshape(h.shape)

@@ -77,7 +77,10 @@ def write_task(spec: TaskSpec, path: Path, base_fingerprint: str) -> None:
     }
     if spec.head is not None:
         tensors["head.weight"], tensors["head.bias"] = spec.head.weight, spec.head.bias
-        meta["head"] = {"labels": list(spec.head.labels)}
+        meta["head"] = {"labels": list(spec.head.labels), "use_cls": spec.head.use_cls}
+        if spec.head.dense_w is not None and spec.head.dense_b is not None:
+            tensors["head.dense_w"], tensors["head.dense_b"] = spec.head.dense_w, spec.head.dense_b
+            meta["head"]["dense"] = True
     write_safetensors(tensors, path / WEIGHTS_FILE)
     tmp = path / (META_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1))
@@ -201,8 +204,14 @@ def read_task(path: Path, name: str, base: BaseModel | None = None) -> TaskSpec:
         labels = head.get("labels") if isinstance(head, dict) else None
         if not isinstance(labels, list):
             raise reader.fail("'head' must carry a 'labels' list")
+        dense = bool(head.get("dense"))
         spec.head = Head(
-            weight=reader.take("head.weight"), bias=reader.take("head.bias"), labels=tuple(map(str, labels))
+            weight=reader.take("head.weight"),
+            bias=reader.take("head.bias"),
+            labels=tuple(map(str, labels)),
+            dense_w=reader.take("head.dense_w") if dense else None,
+            dense_b=reader.take("head.dense_b") if dense else None,
+            use_cls=bool(head.get("use_cls", False)),
         )
     if reader.tensors:
         raise TaskSourceError(f"{path / WEIGHTS_FILE}: tensors not named by {META_FILE}: {sorted(reader.tensors)[:3]}")

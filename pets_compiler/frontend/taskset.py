@@ -107,9 +107,15 @@ class Adapter:
 
 @dataclass(frozen=True)
 class Head:
+    """logits = weight @ act(dense_w @ c + dense_b) + bias (the dense layer optional, act = tanh), with c the BERT
+    pooler output (HF BertForSequenceClassification) or, with use_cls, the [CLS] hidden state (AdapterHub)."""
+
     weight: Tensor  # [num_labels, hidden]
     bias: Tensor  # [num_labels]
     labels: tuple[str, ...]
+    dense_w: Tensor | None = None  # [hidden, hidden]
+    dense_b: Tensor | None = None  # [hidden]
+    use_cls: bool = False
 
     @property
     def num_labels(self) -> int:

@@ -119,6 +119,12 @@ class _Checker:
         self.tensor(spec.head.bias, "head bias", (labels,))
         if len(spec.head.labels) != labels:
             raise self.fail(f"head has {labels} outputs but {len(spec.head.labels)} label names")
+        hidden = self.base.config.hidden_size
+        if (spec.head.dense_w is None) != (spec.head.dense_b is None):
+            raise self.fail("head dense layer needs both its weight and its bias")
+        if spec.head.dense_w is not None:
+            self.tensor(spec.head.dense_w, "head dense weight", (hidden, hidden))
+            self.tensor(spec.head.dense_b, "head dense bias", (hidden,))
 
 
 def validate_task(spec: TaskSpec, base: BaseModel) -> TaskSpec:

@@ -8,10 +8,13 @@ from torch.fx import GraphModule
 
 from pets_compiler.errors import CompileError
 from pets_compiler.passes.add_task_ids import add_task_ids
+from pets_compiler.passes.attach_adapters import attach_adapters
 from pets_compiler.passes.attach_bias_delta import attach_bias_delta
 from pets_compiler.passes.attach_heads import attach_heads
+from pets_compiler.passes.attach_ia3 import attach_ia3
 from pets_compiler.passes.attach_layer_norm_delta import attach_layer_norm_delta
 from pets_compiler.passes.attach_lora import attach_lora
+from pets_compiler.passes.attach_sparse_delta import attach_sparse_delta
 from pets_compiler.passes.check_graph import check_graph
 from pets_compiler.passes.context import CompileContext, PassResult, SitePlan
 from pets_compiler.passes.drop_training_nodes import drop_training_nodes
@@ -26,8 +29,11 @@ PIPELINE: tuple[Pass, ...] = (
     add_task_ids,
     attach_lora,
     attach_bias_delta,
-    attach_layer_norm_delta,
     fuse_site_ops,
+    attach_sparse_delta,
+    attach_ia3,
+    attach_adapters,
+    attach_layer_norm_delta,
     attach_heads,
     check_graph,
 )

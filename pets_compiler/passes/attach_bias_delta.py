@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
-from pets_compiler.passes.context import CompileContext, PassResult, cleanup, insert_after, op_target
+from pets_compiler.passes.context import CompileContext, PassResult, cleanup, insert_after, op_target, site_output
 from pets_compiler.runtime.tables import SLOTS, TableSpec
-
-
-def site_output(linear: Node) -> Node:
-    """The last task op already attached to a linear (or the linear itself): where the next one goes."""
-    node = linear
-    while True:
-        users = [u for u in node.users if str(u.target).startswith("pets.") and u.args[0] is node]
-        if not users:
-            return node
-        node = users[0]
 
 
 def attach_bias_delta(gm: GraphModule, ctx: CompileContext) -> PassResult:

@@ -11,7 +11,8 @@ from pets_compiler.runtime.tables import SLOTS, TableSpec
 def attach_layer_norm_delta(gm: GraphModule, ctx: CompileContext) -> PassResult:
     """layer_norm(x, shape, w, b, eps) -> pets.layer_norm(x, task_ids, w, b, dw, db, eps)."""
     task_ids = ctx.require_task_ids()
-    for site in ctx.plan.layer_norm:
+    planned = [s for s in ctx.plan.layer_norm if s not in ctx.adapted_layer_norms]  # adapters serve their own LN
+    for site in planned:
         node = ctx.layer_norm_nodes[site]
         x, _, weight, bias = node.args[:4]
         eps = node.args[4] if len(node.args) > 4 else 1e-5
@@ -19,11 +20,11 @@ def attach_layer_norm_delta(gm: GraphModule, ctx: CompileContext) -> PassResult:
         dw = ctx.add_table(gm, TableSpec(f"{site}.ln_weight", "layer_norm", site, "weight", (SLOTS, hidden)))
         db = ctx.add_table(gm, TableSpec(f"{site}.ln_bias", "layer_norm", site, "bias", (SLOTS, hidden)))
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(op_target("layer_norm"), (x, task_ids, weight, bias, dw, db, eps))  # type: ignore[arg-type]
+            new = gm.graph.call_function(op_target("layer_norm"), (x, task_ids, weight, bias, dw, db, eps))
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         ctx.layer_norm_nodes[site] = new
-    if ctx.plan.layer_norm:
+    if planned:
         cleanup(gm)
-    n = len(ctx.plan.layer_norm)
+    n = len(planned)
     return PassResult("attach_layer_norm_delta", n, f"replaced {n} LayerNorms with per-task LayerNorm")

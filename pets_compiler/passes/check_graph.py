@@ -25,8 +25,16 @@ def check_graph(gm: GraphModule, ctx: CompileContext) -> PassResult:
     expected = len(set(ctx.plan.lora) | set(ctx.plan.bias))
     if linear_ops != expected:
         raise RuntimeError(f"{linear_ops} linear task ops in the graph, the plan has {expected} linear sites")
-    if ops["pets.layer_norm.default"] != len(ctx.plan.layer_norm):
-        raise RuntimeError("per-task LayerNorm count differs from the plan")
+    counts = {
+        "layer_norm": len(set(ctx.plan.layer_norm) - ctx.adapted_layer_norms),
+        "scale": len(ctx.plan.ia3_in) + len(ctx.plan.ia3_out),
+        "adapter": len(ctx.plan.adapter),
+    }
+    counts["sparse_delta"] = sum(s in ctx.linear_nodes for s in ctx.plan.sparse)
+    counts["embedding_delta"] = len(ctx.plan.sparse) - counts["sparse_delta"]
+    for op, n in counts.items():
+        if ops[f"pets.{op}.default"] != n:
+            raise RuntimeError(f"{ops[f'pets.{op}.default']} pets.{op} ops in the graph, the plan asks for {n}")
     out = next(n for n in gm.graph.nodes if n.op == "output")
     if len(out.args[0]) != 2:
         raise RuntimeError("the program must return (logits, embedding)")

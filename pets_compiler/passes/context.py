@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, cast
 
 import torch
 from torch.fx import GraphModule, Node
@@ -13,18 +15,23 @@ from pets_compiler.runtime.tables import TableSpec
 
 @dataclass(frozen=True)
 class SitePlan:
-    """Which sites get which task op. Fixed at compile time: add_task can fill slots, not add sites."""
+    """Which sites get which task op (by table kind). Fixed at compile time: add_task fills slots, not sites."""
 
     lora: tuple[str, ...] = ()
     bias: tuple[str, ...] = ()
     layer_norm: tuple[str, ...] = ()
+    ia3_in: tuple[str, ...] = ()
+    ia3_out: tuple[str, ...] = ()
+    sparse: tuple[str, ...] = ()  # linear and embedding sites (diff-pruning and MaskBERT)
+    adapter: tuple[str, ...] = ()  # sublayer ends
+    head_dense: tuple[str, ...] = ()  # ("head",) when heads with a dense layer (AdapterHub's 2-layer) are served
 
     def to_json(self) -> dict[str, list[str]]:
-        return {"lora": list(self.lora), "bias": list(self.bias), "layer_norm": list(self.layer_norm)}
+        return {f.name: list(getattr(self, f.name)) for f in fields(self)}
 
     @staticmethod
     def from_json(d: dict[str, list[str]]) -> SitePlan:
-        return SitePlan(tuple(d.get("lora", ())), tuple(d.get("bias", ())), tuple(d.get("layer_norm", ())))
+        return SitePlan(**{f.name: tuple(d.get(f.name, ())) for f in fields(SitePlan)})
 
 
 @dataclass
@@ -35,6 +42,8 @@ class CompileContext:
     tables: list[TableSpec] = field(default_factory=list)
     linear_nodes: dict[str, Node] = field(default_factory=dict)
     layer_norm_nodes: dict[str, Node] = field(default_factory=dict)
+    embedding_nodes: dict[str, Node] = field(default_factory=dict)
+    adapted_layer_norms: set[str] = field(default_factory=set)  # LayerNorm sites an adapter op took over
     task_ids: Node | None = None
 
     def add_table(self, gm: GraphModule, spec: TableSpec) -> Node:
@@ -68,14 +77,24 @@ def cleanup(gm: GraphModule) -> None:
     gm.recompile()
 
 
-def insert_after(gm: GraphModule, node: Node, target: object, args: tuple[object, ...]) -> Node:
+def insert_after(gm: GraphModule, node: Node, target: Callable[..., Any], args: tuple[Any, ...]) -> Node:
     """Insert `target(*args)` right after `node` and route node's other users to it."""
     with gm.graph.inserting_before(node.next):
-        new = gm.graph.call_function(target, args)  # type: ignore[arg-type]
+        new = gm.graph.call_function(target, args)
     node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
     return new
 
 
-def op_target(name: str) -> object:
+def site_output(linear: Node) -> Node:
+    """The last task op already attached after a linear (or the linear itself): where the next one goes."""
+    node = linear
+    while True:
+        users = [u for u in node.users if str(u.target).startswith("pets.") and u.args[0] is node]
+        if not users:
+            return node
+        node = users[0]
+
+
+def op_target(name: str) -> Callable[..., Any]:
     """`torch.ops.pets.<name>.default`, looked up late so importing passes does not need the library."""
-    return getattr(torch.ops.pets, name).default
+    return cast(Callable[..., Any], getattr(torch.ops.pets, name).default)

@@ -19,7 +19,7 @@ def fuse_site_ops(gm: GraphModule, ctx: CompileContext) -> PassResult:
             continue
         y, x, task_ids, a, b, scale, rank = inner.args
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(fused_op, (y, x, task_ids, a, b, scale, rank, node.args[2]))  # type: ignore[arg-type]
+            new = gm.graph.call_function(fused_op, (y, x, task_ids, a, b, scale, rank, node.args[2]))
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         gm.graph.erase_node(inner)

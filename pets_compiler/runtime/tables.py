@@ -1,9 +1,12 @@
 """Task tables: per site and kind, the tasks' PET tensors stacked along a slot dimension.
 
-Slot 0 is never given to a task and stays zero, so a row with slot 0 computes the base model. A task owns one slot
-in every table; adding or removing a task writes or zeroes that slot, and a table grows (zero padded) when it needs
-more slots, a larger rank or more labels. The program takes the tables as inputs with dynamic sizes, so none of
-this retraces or recompiles it.
+Slot 0 is never given to a task and stays zero, so a row with slot 0 computes the base model (every table stores
+what a task adds: deltas, `l - 1` for IA3 scales, zero config for adapters). A task owns one slot in every table;
+adding or removing a task writes or zeroes that slot, and a table grows (zero padded) when it needs more slots, a
+larger rank or bottleneck, or more labels. Sparse deltas live in one pool per site (CSR: `row_ptr` per slot into
+shared `col` / `val` arrays); a removed task's entries are reclaimed by compaction, which moves other tasks'
+entries but never changes their values or order. The program takes all tables as inputs with dynamic sizes, so
+none of this retraces or recompiles it.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pets_compiler.custom_ops.reference import ADAPTER_ACTIVATIONS
 from pets_compiler.errors import SiteNotServedError
-from pets_compiler.frontend.taskset import TaskSpec
+from pets_compiler.frontend.taskset import SitePET, SparseDelta, TaskSpec
 
 SLOTS = "slots"
 LABELS = "labels"
@@ -26,20 +30,36 @@ def rank_dim(site: str) -> str:
     return f"rank@{site}"
 
 
+def bottleneck_dim(site: str) -> str:
+    return f"bottleneck@{site}"
+
+
+def pool_dim(site: str) -> str:
+    return f"pool@{site}"
+
+
 @dataclass(frozen=True)
 class TableSpec:
-    """One table: `key` names it, `dims` are ints or symbolic names (SLOTS, LABELS, rank_dim(site))."""
+    """One table: `key` names it, `dims` are ints or symbolic names (SLOTS, LABELS, rank_dim(site), ...).
+
+    kind / field: lora (A, B, scale, rank), ia3_in / ia3_out (scale), bias (bias), layer_norm (weight, bias),
+    sparse (row_ptr, col, val), adapter (down_w, down_b, up_w, up_b, scaling, config), head (weight, bias).
+    """
 
     key: str
-    kind: str  # lora | bias | layer_norm | head
+    kind: str
     site: str
-    field: str  # lora: A, B, scale, rank; bias: bias; layer_norm: weight, bias; head: weight, bias
+    field: str
     dims: tuple[int | str, ...]
     integer: bool = False
 
     @property
     def arg_name(self) -> str:
         return "t_" + re.sub(r"\W", "_", self.key)
+
+    @property
+    def per_slot(self) -> bool:
+        return self.dims[0] == SLOTS
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -56,34 +76,67 @@ class TableSpec:
         return TableSpec(d["key"], d["kind"], d["site"], d["field"], tuple(d["dims"]), bool(d.get("integer")))
 
 
-def _values(spec: TaskSpec, table: TableSpec) -> Tensor | float | int | None:
-    """The value a task puts into its slot of `table`, or None if the task leaves it zero."""
-    if table.kind == "head":
-        return None if spec.head is None else (spec.head.weight if table.field == "weight" else spec.head.bias)
+def table_kinds(pet: SitePET) -> list[str]:
+    """The table kinds a site's PET needs."""
+    kinds = [k for k in ("lora", "bias", "layer_norm", "adapter") if getattr(pet, k) is not None]
+    if pet.ia3 is not None:
+        kinds += [k for k, v in (("ia3_in", pet.ia3.input), ("ia3_out", pet.ia3.output)) if v is not None]
+    if pet.sparse is not None:
+        kinds.append("sparse")
+    return kinds
+
+
+def unserved(spec: TaskSpec, tables: list[TableSpec]) -> list[str]:
+    """(kind at site) pairs the task needs that no table serves."""
+    served = {(t.site, t.kind) for t in tables}
+    needed = [(site, kind) for site, pet in spec.sites.items() for kind in table_kinds(pet)]
+    if spec.head is not None and spec.head.dense_w is not None:
+        needed.append(("head", "head_dense"))
+    return [f"{kind} at {site}" for site, kind in needed if (site, kind) not in served]
+
+
+def _slot_value(spec: TaskSpec, table: TableSpec) -> Tensor | float | int | None:
+    """The value a task puts into its slot of a per-slot table, or None if it leaves the slot zero."""
+    if table.kind in ("head", "head_dense"):
+        head = spec.head
+        if head is None:
+            return None
+        fields: dict[str, Tensor | int | None] = {
+            "weight": head.weight,
+            "bias": head.bias,
+            "use_cls": int(head.use_cls),
+            "has_dense": int(head.dense_w is not None),
+            "dense_w": head.dense_w,
+            "dense_b": head.dense_b,
+        }
+        return fields[table.field]
     pet = spec.sites.get(table.site)
     if pet is None:
         return None
     if table.kind == "lora" and pet.lora is not None:
-        fields: dict[str, Tensor | float | int] = {
-            "A": pet.lora.a,
-            "B": pet.lora.b,
-            "scale": pet.lora.scale,
-            "rank": pet.lora.rank,
-        }
-        return fields[table.field]
+        lora: dict[str, Tensor | float | int] = {"A": pet.lora.a, "B": pet.lora.b, "scale": pet.lora.scale}
+        return lora.get(table.field, pet.lora.rank)
+    if table.kind in ("ia3_in", "ia3_out") and pet.ia3 is not None:
+        scale = pet.ia3.input if table.kind == "ia3_in" else pet.ia3.output
+        return None if scale is None else scale - 1
     if table.kind == "bias":
         return pet.bias
     if table.kind == "layer_norm" and pet.layer_norm is not None:
         return pet.layer_norm.weight if table.field == "weight" else pet.layer_norm.bias
+    if table.kind == "adapter" and pet.adapter is not None:
+        a = pet.adapter
+        if table.field == "config":
+            flags = (1, a.original_ln_before, a.residual_before_ln, a.original_ln_after)
+            return torch.tensor([*map(int, flags), ADAPTER_ACTIVATIONS[a.activation], a.bottleneck])
+        adapter: dict[str, Tensor | float] = {"down_w": a.down_w, "down_b": a.down_b, "up_w": a.up_w, "up_b": a.up_b}
+        return adapter.get(table.field, a.scaling)
     return None
 
 
-def unserved(spec: TaskSpec, tables: list[TableSpec]) -> list[str]:
-    """(site kind) pairs the task needs that no table serves."""
-    served = {(t.site, t.kind) for t in tables}
-    return [
-        f"{kind} at {site}" for site, pet in spec.sites.items() for kind in pet.kinds() if (site, kind) not in served
-    ]
+def _csr(delta: SparseDelta) -> tuple[Tensor, Tensor, Tensor]:
+    """(row counts [rows], col [nnz], val [nnz]) of a row-major sorted sparse delta."""
+    counts = torch.bincount(delta.index[0], minlength=delta.shape[0])
+    return counts, delta.index[1], delta.values
 
 
 class TaskTables:
@@ -97,6 +150,7 @@ class TaskTables:
                 if isinstance(d, str):
                     self.sizes.setdefault(d, 0)
         self.tensors: dict[str, Tensor] = {t.key: self._zeros(t) for t in self.specs}
+        self._pool_used: dict[str, int] = {t.site: 0 for t in self.specs if t.kind == "sparse"}
 
     def _shape(self, t: TableSpec) -> tuple[int, ...]:
         return tuple(self.sizes[d] if isinstance(d, str) else d for d in t.dims)
@@ -109,7 +163,7 @@ class TaskTables:
         return [self.tensors[t.key] for t in self.specs]
 
     def _grow(self, wanted: dict[str, int]) -> None:
-        grow = {d: n for d, n in wanted.items() if n > self.sizes[d]}
+        grow = {d: n for d, n in wanted.items() if d in self.sizes and n > self.sizes[d]}
         if not grow:
             return
         self.sizes.update(grow)
@@ -131,16 +185,18 @@ class TaskTables:
     def write(self, slot: int, spec: TaskSpec) -> None:
         """Put the task's tensors into `slot` of every table (growing tables as needed)."""
         self.check_fits(spec)
+        self.clear(slot)
         wanted = {SLOTS: slot + 1}
         if spec.head is not None:
             wanted[LABELS] = spec.head.num_labels
         for site, pet in spec.sites.items():
             if pet.lora is not None:
                 wanted[rank_dim(site)] = pet.lora.rank
-        self._grow({d: n for d, n in wanted.items() if d in self.sizes})
-        self.clear(slot)
+            if pet.adapter is not None:
+                wanted[bottleneck_dim(site)] = pet.adapter.bottleneck
+        self._grow(wanted)
         for t in self.specs:
-            value = _values(spec, t)
+            value = _slot_value(spec, t) if t.per_slot else None
             if value is None:
                 continue
             row = self.tensors[t.key][slot]
@@ -148,11 +204,55 @@ class TaskTables:
                 row[tuple(slice(0, n) for n in value.shape)] = value.to(row.dtype)
             else:
                 row.fill_(value)
+        for site, pet in spec.sites.items():
+            if pet.sparse is not None:
+                self._write_sparse(slot, site, pet.sparse)
+
+    def _write_sparse(self, slot: int, site: str, delta: SparseDelta) -> None:
+        counts, col, val = _csr(delta)
+        start = self._pool_used[site]
+        self._grow({pool_dim(site): start + delta.nnz})
+        self.tensors[f"{site}.sparse_col"][start : start + delta.nnz] = col
+        self.tensors[f"{site}.sparse_val"][start : start + delta.nnz] = val.to(self.dtype)
+        row_ptr = self.tensors[f"{site}.sparse_row_ptr"][slot]
+        row_ptr[0] = start
+        row_ptr[1:] = start + torch.cumsum(counts, 0)
+        self._pool_used[site] = start + delta.nnz
 
     def clear(self, slot: int) -> None:
-        for tensor in self.tensors.values():
-            if slot < tensor.shape[0]:
+        """Zero the slot in every table; free its sparse entries (compacting a pool that is mostly free)."""
+        for t in self.specs:
+            tensor = self.tensors[t.key]
+            if t.per_slot and slot < tensor.shape[0]:
                 tensor[slot].zero_()
+        for site, used in self._pool_used.items():
+            live = self._live_entries(site)
+            if used > 2 * live + 4096:
+                self._compact(site)
+
+    def _live_entries(self, site: str) -> int:
+        row_ptr = self.tensors[f"{site}.sparse_row_ptr"]
+        return int((row_ptr[:, -1] - row_ptr[:, 0]).sum())
+
+    def _compact(self, site: str) -> None:
+        """Move every slot's entries to the front of the pool, in slot order; values and their order unchanged."""
+        row_ptr, col, val = (self.tensors[f"{site}.sparse_{f}"] for f in ("row_ptr", "col", "val"))
+        new_col, new_val = torch.zeros_like(col), torch.zeros_like(val)
+        cursor = 0
+        for slot in range(row_ptr.shape[0]):
+            begin, end = int(row_ptr[slot, 0]), int(row_ptr[slot, -1])
+            if end == begin:
+                row_ptr[slot].zero_()
+                continue
+            new_col[cursor : cursor + end - begin] = col[begin:end]
+            new_val[cursor : cursor + end - begin] = val[begin:end]
+            row_ptr[slot] += cursor - begin
+            cursor += end - begin
+        self.tensors[f"{site}.sparse_col"], self.tensors[f"{site}.sparse_val"] = new_col, new_val
+        self._pool_used[site] = cursor
 
     def nbytes_per_slot(self) -> int:
-        return sum(t[0].numel() * t.element_size() for t in self.tensors.values() if t.shape[0])
+        """Bytes one slot takes in the per-slot tables (sparse pools grow with each task's nnz on top)."""
+        return sum(
+            self.tensors[t.key][0].numel() * self.tensors[t.key].element_size() for t in self.specs if t.per_slot
+        )
