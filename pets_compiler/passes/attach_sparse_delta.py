@@ -25,8 +25,8 @@ def _batched_embedding(gm: GraphModule, ctx: CompileContext, node: Node) -> tupl
     with gm.graph.inserting_before(node.next):
         shape = gm.graph.call_function(torch.ops.aten.sym_size.int, (batch_ids, 0))
         seq = gm.graph.call_function(torch.ops.aten.sym_size.int, (batch_ids, 1))
-        out = gm.graph.call_function(torch.ops.aten.expand.default, (node, [shape, seq, -1]))
         ids_b = gm.graph.call_function(torch.ops.aten.expand.default, (ids, [shape, seq]))
+        out = gm.graph.call_function(torch.ops.aten.expand.default, (node, [shape, seq, -1]))  # last: ops go after it
     node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
     return out, ids_b
 

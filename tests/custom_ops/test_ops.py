@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -111,8 +112,10 @@ def sparse_pool(
 def csr_matrix(row_ptr: Tensor, col: Tensor, val: Tensor, slot: int, cols: int) -> Tensor:
     """D_t of one slot as a dense matrix, by torch's own CSR tensor."""
     lo, hi = int(row_ptr[slot, 0]), int(row_ptr[slot, -1])
-    crow = row_ptr[slot] - lo
-    return torch.sparse_csr_tensor(crow, col[lo:hi], val[lo:hi], (row_ptr.shape[1] - 1, cols)).to_dense()
+    crow, size = row_ptr[slot] - lo, (row_ptr.shape[1] - 1, cols)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col[lo:hi], val[lo:hi], size, check_invariants=True).to_dense()
 
 
 def ln_params(dtype: torch.dtype, slots: int = SLOTS, hidden: int = IN) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -143,9 +146,10 @@ def adapter_tables(
     config[:, 4] = torch.arange(slots) % 8
     config[:, 5] = torch.randint(0, bottleneck + 1, (slots,), generator=g)
     config[0] = 0
-    config[6, 0] = 0
-    config[5, 5] = 0
     config[3] = torch.tensor([1, 1, 1, 1, ADAPTER_ACTIVATIONS["relu"], bottleneck])
+    if slots > 6:
+        config[5, 5] = 0
+        config[6, 0] = 0
     return down_w, down_b, up_w, up_b, scaling, config
 
 
@@ -284,6 +288,290 @@ def test_lora_rows_of_zero_scale_slots_are_exactly_y() -> None:
     skipped = scale[ids] == 0
     assert torch.equal(out[skipped], y[skipped])
     assert not torch.equal(out[~skipped], y[~skipped])
+
+
+@pytest.mark.parametrize("tokens", TOKENS, ids=["2d", "3d"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mix", MIXES)
+def test_scale_matches_reference(mix: str, dtype: torch.dtype, tokens: tuple[int, ...]) -> None:
+    ids = task_ids_for(mix)
+    y = randn(BATCH, *tokens, OUT, dtype=dtype, seed=5)
+    delta = randn(SLOTS, OUT, dtype=dtype, seed=6, std=0.3)
+    assert_matches(ops.scale(y, ids, delta), scale_ref(*f64(y, ids, delta)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_rows_of_zero_slots_are_bitwise_y(dtype: torch.dtype) -> None:
+    ids = task_ids_for("uniform")
+    y = randn(BATCH, 5, OUT, dtype=dtype, seed=5)
+    y[:, 0, :3] = torch.tensor([-0.0, float("nan"), float("inf")], dtype=dtype)
+    delta = randn(SLOTS, OUT, dtype=dtype, seed=6)
+    delta[ids[::2]] = 0
+    out = ops.scale(y, ids, delta)
+    zero = (delta[ids] == 0).all(1)
+    assert torch.equal(bits(out[zero]), bits(y[zero]))
+    assert not torch.equal(out[~zero], y[~zero])
+    torch.testing.assert_close(scale_ref(y, ids, delta)[zero], y[zero], equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tokens", TOKENS, ids=["2d", "3d"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mix", MIXES)
+def test_sparse_delta_matches_reference(mix: str, dtype: torch.dtype, tokens: tuple[int, ...]) -> None:
+    ids = task_ids_for(mix)
+    x = randn(BATCH, *tokens, IN, dtype=dtype, seed=4)
+    y = randn(BATCH, *tokens, OUT, dtype=dtype, seed=5)
+    row_ptr, col, val = sparse_pool(SLOTS, OUT, IN, dtype)
+    out = ops.sparse_delta(y, x, ids, row_ptr, col, val)
+    assert_matches(out, sparse_delta_ref(*f64(y, x, ids, row_ptr, col, val)), dtype)
+
+
+@pytest.mark.parametrize("tokens", TOKENS, ids=["2d", "3d"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mix", MIXES)
+def test_embedding_delta_matches_reference(mix: str, dtype: torch.dtype, tokens: tuple[int, ...]) -> None:
+    ids = task_ids_for(mix)
+    y = randn(BATCH, *tokens, IN, dtype=dtype, seed=5)
+    vocab_ids = torch.randint(0, VOCAB, (BATCH, *tokens), generator=_gen(14))
+    row_ptr, col, val = sparse_pool(SLOTS, VOCAB, IN, dtype)
+    out = ops.embedding_delta(y, vocab_ids, ids, row_ptr, col, val)
+    assert_matches(out, embedding_delta_ref(*f64(y, vocab_ids, ids, row_ptr, col, val)), dtype)
+
+
+def test_sparse_deltas_match_dense_csr_matrices() -> None:
+    """Kernels and references against D_t materialised by torch.sparse_csr_tensor, one row at a time."""
+    ids = task_ids_for("uniform")
+    x, y = randn(BATCH, 5, IN, dtype=torch.float64, seed=4), randn(BATCH, 5, OUT, dtype=torch.float64, seed=5)
+    row_ptr, col, val = sparse_pool(SLOTS, OUT, IN, torch.float64)
+    dense = [csr_matrix(row_ptr, col, val, t, IN) for t in range(SLOTS)]
+    expected = torch.stack([y[i] + x[i] @ dense[t].T for i, t in enumerate(ids.tolist())])
+    torch.testing.assert_close(ops.sparse_delta(y, x, ids, row_ptr, col, val), expected)
+    torch.testing.assert_close(sparse_delta_ref(y, x, ids, row_ptr, col, val), expected)
+
+    e = randn(BATCH, 5, IN, dtype=torch.float64, seed=6)
+    vocab_ids = torch.randint(0, VOCAB, (BATCH, 5), generator=_gen(14))
+    e_ptr, e_col, e_val = sparse_pool(SLOTS, VOCAB, IN, torch.float64, seed=40)
+    tables = [csr_matrix(e_ptr, e_col, e_val, t, IN) for t in range(SLOTS)]
+    expected = torch.stack([e[i] + tables[t][vocab_ids[i]] for i, t in enumerate(ids.tolist())])
+    torch.testing.assert_close(ops.embedding_delta(e, vocab_ids, ids, e_ptr, e_col, e_val), expected)
+    torch.testing.assert_close(embedding_delta_ref(e, vocab_ids, ids, e_ptr, e_col, e_val), expected)
+    delta = randn(SLOTS, IN, dtype=torch.float64, seed=6)
+    expected = torch.stack([x[i] * (1 + delta[t]) for i, t in enumerate(ids.tolist())])
+    torch.testing.assert_close(scale_ref(x, ids, delta), expected)
+
+
+def test_sparse_deltas_add_up_repeated_columns() -> None:
+    """Not canonical CSR: one row lists column 2 three times; the entries add up, like the Semantics sum."""
+    x, y = randn(2, 3, 4, dtype=torch.float64), randn(2, 3, 2, dtype=torch.float64, seed=1)
+    row_ptr = torch.tensor([[0, 3, 4]])
+    col, val = torch.tensor([2, 2, 2, 0]), torch.tensor([0.5, 0.25, 1.0, 2.0], dtype=torch.float64)
+    ids = torch.zeros(2, dtype=torch.long)
+    expected = y + torch.stack([1.75 * x[..., 2], 2.0 * x[..., 0]], -1)
+    torch.testing.assert_close(ops.sparse_delta(y, x, ids, row_ptr, col, val), expected)
+    torch.testing.assert_close(sparse_delta_ref(y, x, ids, row_ptr, col, val), expected)
+    e_ptr = torch.tensor([[0, 3, 4, 4, 4, 4]])  # V = 5, H = 4
+    e, vocab_ids = randn(2, 3, 4, dtype=torch.float64, seed=2), torch.tensor([[0, 1, 2], [4, 0, 0]])
+    dense = torch.tensor([[0, 0, 1.75, 0], [2.0, 0, 0, 0], [0] * 4, [0] * 4, [0] * 4], dtype=torch.float64)
+    expected = e + dense[vocab_ids]
+    torch.testing.assert_close(ops.embedding_delta(e, vocab_ids, ids, e_ptr, col, val), expected)
+    torch.testing.assert_close(embedding_delta_ref(e, vocab_ids, ids, e_ptr, col, val), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_deltas_leave_what_has_no_nonzeros_bitwise_y(dtype: torch.dtype) -> None:
+    """Rows of slots without nonzeros, and features whose row of D_t is empty, are y bit for bit (-0.0 too)."""
+    ids = torch.tensor([0, 7, 3, 0, 5, 7, 1, 2, 3])  # slots 0 and 7 have no nonzeros
+    empty = (ids == 0) | (ids == 7)
+    x, y = randn(BATCH, 5, IN, dtype=dtype, seed=4), randn(BATCH, 5, OUT, dtype=dtype, seed=5)
+    y[..., ::4] = -0.0
+    row_ptr, col, val = sparse_pool(SLOTS, OUT, IN, dtype)
+    out = ops.sparse_delta(y, x, ids, row_ptr, col, val)
+    assert torch.equal(bits(out[empty]), bits(y[empty]))
+    assert torch.equal(bits(out[..., ::4]), bits(y[..., ::4]))  # every 4th row of each D_t is empty
+    assert not torch.equal(out[~empty], y[~empty])
+
+    vocab_ids = torch.randint(0, VOCAB, (BATCH, 5), generator=_gen(14))
+    e_ptr, e_col, e_val = sparse_pool(SLOTS, VOCAB, OUT, dtype, seed=40)
+    out = ops.embedding_delta(y, vocab_ids, ids, e_ptr, e_col, e_val)
+    untouched = empty.unsqueeze(1) | (vocab_ids % 4 == 0)
+    assert torch.equal(bits(out[untouched]), bits(y[untouched]))
+    assert not torch.equal(out[~untouched], y[~untouched])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_deltas_with_an_empty_pool_are_y(dtype: torch.dtype) -> None:
+    ids = task_ids_for("uniform")
+    x, y = randn(BATCH, 5, IN, dtype=dtype, seed=4), randn(BATCH, 5, OUT, dtype=dtype, seed=5)
+    col, val = torch.empty(0, dtype=torch.long), torch.empty(0, dtype=dtype)
+    row_ptr = torch.zeros(SLOTS, OUT + 1, dtype=torch.long)
+    assert torch.equal(ops.sparse_delta(y, x, ids, row_ptr, col, val), y)
+    assert torch.equal(sparse_delta_ref(y, x, ids, row_ptr, col, val), y)
+    vocab_ids = torch.randint(0, VOCAB, (BATCH, 5), generator=_gen(14))
+    e_ptr = torch.zeros(SLOTS, VOCAB + 1, dtype=torch.long)
+    assert torch.equal(ops.embedding_delta(y, vocab_ids, ids, e_ptr, col, val), y)
+    assert torch.equal(embedding_delta_ref(y, vocab_ids, ids, e_ptr, col, val), y)
+
+
+def test_sparse_delta_rows_do_not_depend_on_other_rows_or_slots() -> None:
+    """A row alone, with its task alone in a compacted pool (every other task removed), is bitwise the same."""
+    ids = task_ids_for("uniform")
+    x, y = randn(BATCH, 5, IN, seed=4), randn(BATCH, 5, OUT, seed=5)
+    row_ptr, col, val = sparse_pool(SLOTS, OUT, IN, torch.float32)
+    out = ops.sparse_delta(y, x, ids, row_ptr, col, val)
+    vocab_ids = torch.randint(0, VOCAB, (BATCH, 5), generator=_gen(14))
+    e_ptr, e_col, e_val = sparse_pool(SLOTS, VOCAB, OUT, torch.float32, seed=40)
+    e_out = ops.embedding_delta(y, vocab_ids, ids, e_ptr, e_col, e_val)
+    for i, t in enumerate(ids.tolist()):
+        lo, hi = int(row_ptr[t, 0]), int(row_ptr[t, -1])
+        alone = ops.sparse_delta(
+            y[i : i + 1], x[i : i + 1], torch.tensor([0]), row_ptr[t : t + 1] - lo, col[lo:hi], val[lo:hi]
+        )
+        assert torch.equal(alone[0], out[i])
+        lo, hi = int(e_ptr[t, 0]), int(e_ptr[t, -1])
+        alone = ops.embedding_delta(
+            y[i : i + 1], vocab_ids[i : i + 1], torch.tensor([0]), e_ptr[t : t + 1] - lo, e_col[lo:hi], e_val[lo:hi]
+        )
+        assert torch.equal(alone[0], e_out[i])
+
+
+def _adapter_args(
+    dtype: torch.dtype, bottleneck: int, mix: str = "uniform", tokens: int = 5, eps: float = 1e-5
+) -> tuple[object, ...]:
+    ids = task_ids_for(mix)
+    h = randn(BATCH, tokens, IN, dtype=dtype, seed=4)
+    residual = randn(BATCH, tokens, IN, dtype=dtype, seed=5)
+    return (h, residual, ids, *ln_params(dtype), eps, *adapter_tables(bottleneck, dtype))
+
+
+# The adapter chains matmuls, an activation and two LayerNorms, each rounded to the dtype: half types get
+# twice the single-op tolerance.
+ADAPTER_TOLERANCE = {
+    **TOLERANCE,
+    torch.bfloat16: {"rtol": 4e-2, "atol": 4e-2},
+    torch.float16: {"rtol": 4e-3, "atol": 4e-3},
+}
+
+
+@pytest.mark.parametrize("bottleneck", BOTTLENECKS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mix", MIXES)
+def test_adapter_matches_reference(mix: str, dtype: torch.dtype, bottleneck: int) -> None:
+    args = _adapter_args(dtype, bottleneck, mix)
+    out = ops.adapter(*args)
+    expected = adapter_ref(*[f64(a)[0] if isinstance(a, Tensor) else a for a in args])
+    assert out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out, expected.to(dtype), **ADAPTER_TOLERANCE[dtype])
+
+
+def test_adapter_on_2d_rows_and_padded_bottleneck_0() -> None:
+    """[B, H] batches; tables of padded bottleneck R = 0 (no slot has any unit: a = up_b)."""
+    h, residual, ids, *rest = _adapter_args(torch.float64, 5)
+    args = (h[:, 0], residual[:, 0], ids, *rest)
+    torch.testing.assert_close(ops.adapter(*args), adapter_ref(*args))
+    w, b, wd, bd, eps, down_w, down_b, up_w, up_b, scaling, config = rest
+    config = config.clone()
+    config[:, 5] = 0
+    args = (h, residual, ids, w, b, wd, bd, eps, down_w[:, :0], down_b[:, :0], up_w[..., :0], up_b, scaling, config)
+    torch.testing.assert_close(ops.adapter(*args), adapter_ref(*args))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adapter_rows_without_adapter_are_pets_layer_norm_bitwise(dtype: torch.dtype) -> None:
+    h, residual, ids, w, b, wd, bd, eps, *tables = _adapter_args(dtype, 7)
+    ids[::2] = torch.tensor([0, 6, 0, 6, 0])  # slot 0: config all zero; slot 6: enabled = 0, the rest set
+    out = ops.adapter(h, residual, ids, w, b, wd, bd, eps, *tables)
+    plain = ops.layer_norm(h + residual, ids, w, b, wd, bd, eps)
+    off = tables[-1][ids, 0] == 0
+    assert torch.equal(bits(out[off]), bits(plain[off]))
+    assert not torch.equal(out[~off], plain[~off])
+
+
+def test_adapter_rows_do_not_depend_on_other_slots_or_the_padding() -> None:
+    """A slot's rows are bitwise the same alone, beside slots of larger bottlenecks, sorted or not, and with
+    the tables re-padded to a larger R (as when a task with a larger bottleneck is added)."""
+    h, residual, _, w, b, wd, bd, eps, down_w, down_b, up_w, up_b, scaling, config = _adapter_args(torch.float32, 7)
+    config[1, 1:] = torch.tensor([1, 1, 1, 1, 2])  # bottleneck 2; slots 2 and 4 use the full 7
+    config[2, 5] = config[4, 5] = 7
+    ids = torch.tensor([1, 2, 1, 4, 0, 2, 1, 4, 1])
+    full = ops.adapter(h, residual, ids, w, b, wd, bd, eps, down_w, down_b, up_w, up_b, scaling, config)
+    grow = 12 - 7
+    padded = (
+        torch.cat([down_w, randn(SLOTS, grow, IN, seed=50)], 1),
+        torch.cat([down_b, randn(SLOTS, grow, seed=51)], 1),
+        torch.cat([up_w, randn(SLOTS, IN, grow, seed=52)], 2),
+    )
+    for t in [1, 2]:
+        rows = ids == t
+        alone = ops.adapter(
+            h[rows], residual[rows], ids[rows], w, b, wd, bd, eps, down_w, down_b, up_w, up_b, scaling, config
+        )
+        assert torch.equal(alone, full[rows])
+        repadded = ops.adapter(h, residual, ids, w, b, wd, bd, eps, *padded[:2], padded[2], up_b, scaling, config)
+        assert torch.equal(repadded[rows], full[rows])
+
+
+def _adapterhub_sublayer(
+    h: Tensor, residual: Tensor, layer_norm: nn.LayerNorm, adapter: dict[str, object] | None
+) -> Tensor:
+    """One task's sublayer end written as AdapterHub's Adapter computes it (pre_forward, forward, post_forward)."""
+    if adapter is None:
+        return layer_norm(h + residual)
+    hidden_states, input_tensor = h, residual
+    if adapter["residual_before_ln"]:
+        res = hidden_states
+    if adapter["original_ln_before"]:
+        hidden_states = layer_norm(hidden_states + input_tensor)
+    if not adapter["residual_before_ln"]:
+        res = hidden_states
+    down, act, up = adapter["down"], adapter["act"], adapter["up"]
+    assert callable(down) and callable(act) and callable(up)
+    output = up(act(down(hidden_states))) * adapter["scaling"] + res
+    if adapter["original_ln_after"]:
+        output = layer_norm(output + input_tensor)
+    return output
+
+
+ADAPTERHUB_CONFIGS = {
+    "pfeiffer": {"original_ln_before": True, "residual_before_ln": True, "original_ln_after": True, "act": "relu"},
+    "houlsby": {"original_ln_before": False, "residual_before_ln": True, "original_ln_after": True, "act": "swish"},
+}
+HUB_CASES = [*ADAPTERHUB_CONFIGS, *(f"pfeiffer-{name}" for name in ADAPTER_ACTIVATIONS)]
+
+
+@pytest.mark.parametrize("case", HUB_CASES)
+def test_adapter_matches_adapterhub(case: str) -> None:
+    """AdapterHub's Pfeiffer (seq_bn) and Houlsby (double_seq_bn) configs, and every activation name, against
+    nn.Linear / nn.LayerNorm modules and transformers' activations wired as AdapterHub wires them."""
+    from transformers.activations import get_activation
+
+    kind, _, act_name = case.partition("-")
+    hub = {**ADAPTERHUB_CONFIGS[kind], **({"act": act_name} if act_name else {})}
+    slots, bottleneck, dtype = 4, 7, torch.float64
+    h, residual = randn(6, 5, IN, dtype=dtype, seed=4), randn(6, 5, IN, dtype=dtype, seed=5)
+    ids = torch.tensor([1, 0, 2, 3, 1, 2])
+    w, b, wd, bd = ln_params(dtype, slots)
+    down_w, down_b, up_w, up_b, scaling, _ = adapter_tables(bottleneck, dtype, slots)
+    flags = [int(hub[c]) for c in ADAPTER_CONFIG_COLUMNS[1:4]]
+    code = ADAPTER_ACTIVATIONS[str(hub["act"])]
+    config = torch.tensor([[0] * 6] + [[1, *flags, code, r] for r in (7, 3, 0)])  # slot 0: no adapter
+    out = ops.adapter(h, residual, ids, w, b, wd, bd, 1e-12, down_w, down_b, up_w, up_b, scaling, config)
+    ref = adapter_ref(h, residual, ids, w, b, wd, bd, 1e-12, down_w, down_b, up_w, up_b, scaling, config)
+
+    name = str(hub["act"])
+    act = F.leaky_relu if name == "leakyrelu" else nn.Identity() if name == "identity" else get_activation(name)
+    expected = []
+    for i, t in enumerate(ids.tolist()):
+        layer_norm = nn.LayerNorm(IN, eps=1e-12, dtype=dtype)
+        layer_norm.load_state_dict({"weight": w + wd[t], "bias": b + bd[t]})
+        r = int(config[t, 5])
+        down, up = nn.Linear(IN, r, dtype=dtype), nn.Linear(r, IN, dtype=dtype)
+        down.load_state_dict({"weight": down_w[t, :r], "bias": down_b[t, :r]})
+        up.load_state_dict({"weight": up_w[t, :, :r], "bias": up_b[t]})
+        adapter = None if t == 0 else {**hub, "down": down, "act": act, "up": up, "scaling": scaling[t]}
+        with torch.no_grad():
+            expected.append(_adapterhub_sublayer(h[i], residual[i], layer_norm, adapter))
+    torch.testing.assert_close(out, torch.stack(expected))
+    torch.testing.assert_close(ref, torch.stack(expected))
 
 
 def test_non_contiguous_inputs() -> None:
