@@ -47,7 +47,7 @@ TORCH_LIBRARY(pets, m) {
   m.def("segmented_linear(Tensor x, Tensor task_ids, Tensor weight, Tensor bias) -> Tensor", tags);
   // out[i] = y[i] * (1 + delta[t]) (every token of row i), t = task_ids[i]; IA3 scale l stored as l - 1
   m.def("scale(Tensor y, Tensor task_ids, Tensor delta) -> Tensor", tags);
-  // out[i, n, o] = y[i, n, o] + sum_{k in [row_ptr[t, o], row_ptr[t, o + 1])} val[k] * x[i, n, col[k]], t = task_ids[i]
+  // out[i, n, o] = y[i, n, o] + sum_{row_ptr[t, o] <= k < row_ptr[t, o + 1]} val[k] * x[i, n, col[k]], t = task_ids[i]
   m.def(
       "sparse_delta(Tensor y, Tensor x, Tensor task_ids, Tensor row_ptr, Tensor col, Tensor val) -> Tensor",
       tags);
@@ -55,8 +55,7 @@ TORCH_LIBRARY(pets, m) {
   m.def(
       "embedding_delta(Tensor y, Tensor ids, Tensor task_ids, Tensor row_ptr, Tensor col, Tensor val) -> Tensor",
       tags);
-  // out[i] = LN_t(h[i] + residual[i]) with slot t's bottleneck adapter (AdapterHub), config[t] = (enabled,
-  // original_ln_before, residual_before_ln, original_ln_after, activation, bottleneck), t = task_ids[i]
+  // out[i] = LN_t(h[i] + residual[i]) with slot t's AdapterHub bottleneck adapter per config[t], t = task_ids[i]
   m.def(
       "adapter(Tensor h, Tensor residual, Tensor task_ids, Tensor ln_weight, Tensor ln_bias, "
       "Tensor ln_weight_delta, Tensor ln_bias_delta, float eps, Tensor down_w, Tensor down_b, Tensor up_w, "

@@ -67,7 +67,8 @@ at::Tensor embedding_delta_cpu(const at::Tensor& y, const at::Tensor& ids, const
   TORCH_CHECK(row_ptr.dim() == 2 && row_ptr.size(1) >= 1, op,
               ": row_ptr must be an int64 [T, V + 1] table (V = the embedding's rows), got shape ", row_ptr.sizes());
   const int64_t vocab = row_ptr.size(1) - 1;
-  check_pool(op, task_ids, row_ptr, col, val, {vocab, "V", y.size(-1), "H = y.size(-1)"}, "y", y);
+  check_pool(op, task_ids, row_ptr, col, val, {vocab, "V", "row_ptr.size(1) - 1", y.size(-1), "H", "y.size(-1)"},
+             "y", y);
 
   const at::Tensor idc = ids.contiguous();
   const int64_t* idp = idc.const_data_ptr<int64_t>();

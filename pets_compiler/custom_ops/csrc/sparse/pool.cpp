@@ -10,7 +10,7 @@ void check_pool(const char* op, const at::Tensor& task_ids, const at::Tensor& ro
                 const at::Tensor& val, const PoolExtent& extent, const char* ref_name, const at::Tensor& ref) {
   TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 2 && row_ptr.size(1) == extent.rows + 1, op,
               ": row_ptr must be an int64 [T, ", extent.rows_name, " + 1] table with ", extent.rows_name, " = ",
-              extent.rows, ", got ", row_ptr.scalar_type(), " ", row_ptr.sizes());
+              extent.rows_source, " = ", extent.rows, ", got ", row_ptr.scalar_type(), " ", row_ptr.sizes());
   TORCH_CHECK(col.scalar_type() == at::kLong && col.dim() == 1, op, ": col must be an int64 [P] pool, got ",
               col.scalar_type(), " ", col.sizes());
   TORCH_CHECK(val.dim() == 1 && val.size(0) == col.size(0), op, ": val must be [P] with P = col.size(0) = ",
@@ -37,8 +37,8 @@ void check_pool(const char* op, const at::Tensor& task_ids, const at::Tensor& ro
     if (seen[t]) continue;
     seen[t] = 1;
     const int64_t* p = rpp + t * (rows + 1);
-    TORCH_CHECK(p[0] >= 0 && p[0] <= pool, op, ": row_ptr[", t, ", 0] = ", p[0], " is outside the pool [0, P] with P = ",
-                pool, " (slot ", t, " is used by batch row ", i, ")");
+    TORCH_CHECK(p[0] >= 0 && p[0] <= pool, op, ": row_ptr[", t, ", 0] = ", p[0],
+                " is outside the pool [0, P] with P = ", pool, " (slot ", t, " is used by batch row ", i, ")");
     for (int64_t o = 0; o < rows; ++o) {
       TORCH_CHECK(p[o + 1] >= p[o], op, ": row_ptr[", t, ", ", o + 1, "] = ", p[o + 1], " is less than row_ptr[", t,
                   ", ", o, "] = ", p[o], "; the offsets of slot ", t, " must be non-decreasing");
@@ -46,7 +46,8 @@ void check_pool(const char* op, const at::Tensor& task_ids, const at::Tensor& ro
                   " is outside the pool [0, P] with P = ", pool, " (slot ", t, ")");
       for (int64_t k = p[o]; k < p[o + 1]; ++k) {
         TORCH_CHECK(cp[k] >= 0 && cp[k] < extent.cols, op, ": col[", k, "] = ", cp[k], " (slot ", t, ", row ", o,
-                    ") is outside [0, ", extent.cols, ") with ", extent.cols_name, " = ", extent.cols);
+                    ") is outside [0, ", extent.cols_name, ") with ", extent.cols_name, " = ", extent.cols_source,
+                    " = ", extent.cols);
       }
     }
   }

@@ -8,13 +8,15 @@
 
 namespace pets {
 
-// What a pool's rows and columns index, for messages: `rows` is the number of CSR rows (row_ptr is
-// [T, rows + 1]) and `cols` the number of columns, each with the expression it comes from.
+// What a pool's rows and columns are, for messages: row_ptr is [T, rows + 1] and the columns are in [0, cols);
+// each has a name and the expression its size comes from ("out", "y.size(-1)").
 struct PoolExtent {
   int64_t rows;
-  const char* rows_name;  // e.g. "out = y.size(-1)"
+  const char* rows_name;
+  const char* rows_source;
   int64_t cols;
-  const char* cols_name;  // e.g. "in = x.size(-1)"
+  const char* cols_name;
+  const char* cols_source;
 };
 
 // row_ptr int64 [T, rows + 1], col int64 [P] and val [P] (dtype and device of `ref`); task_ids in [0, T); and for

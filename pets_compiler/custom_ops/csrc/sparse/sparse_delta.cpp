@@ -52,8 +52,8 @@ at::Tensor sparse_delta_cpu(const at::Tensor& y, const at::Tensor& x, const at::
                             const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& val) {
   constexpr const char* op = "pets::sparse_delta";
   check_site_inputs(op, y, x, task_ids);
-  check_pool(op, task_ids, row_ptr, col, val, {y.size(-1), "out = y.size(-1)", x.size(-1), "in = x.size(-1)"},
-             "x", x);
+  check_pool(op, task_ids, row_ptr, col, val, {y.size(-1), "out", "y.size(-1)", x.size(-1), "in", "x.size(-1)"}, "x",
+             x);
 
   const at::Tensor y3 = as_rows(y).contiguous();
   const at::Tensor x3 = as_rows(x).contiguous();
