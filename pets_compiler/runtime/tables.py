@@ -151,6 +151,8 @@ class TaskTables:
                     self.sizes.setdefault(d, 0)
         self.tensors: dict[str, Tensor] = {t.key: self._zeros(t) for t in self.specs}
         self._pool_used: dict[str, int] = {t.site: 0 for t in self.specs if t.kind == "sparse"}
+        # Free pool entries tolerated before a removal compacts a pool; None: as many as are live (or 4096).
+        self.compact_threshold: int | None = None
 
     def _shape(self, t: TableSpec) -> tuple[int, ...]:
         return tuple(self.sizes[d] if isinstance(d, str) else d for d in t.dims)
@@ -227,7 +229,8 @@ class TaskTables:
                 tensor[slot].zero_()
         for site, used in self._pool_used.items():
             live = self._live_entries(site)
-            if used > 2 * live + 4096:
+            limit = max(4096, live) if self.compact_threshold is None else self.compact_threshold
+            if used - live > limit:
                 self._compact(site)
 
     def _live_entries(self, site: str) -> int:

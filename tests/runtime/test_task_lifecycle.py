@@ -13,7 +13,7 @@ from pets_compiler.frontend.base import load_base
 from pets_compiler.oracle import peft_model
 from pets_compiler.runtime.requests import pad
 
-from builders import make_bitfit, make_peft_lora, mixed_rows, own_output, rel_err
+from builders import make_bitfit, make_peft_ia3, make_peft_lora, make_sparse_finetune, mixed_rows, own_output, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +119,32 @@ def test_save_updates_an_artifact_in_place(
     assert again.task_names() == ["a", "b", "big"]
     rows, names = mixed_rows(1000, ["a", "b", "big"], 8, seed=4)
     assert_bitwise(outputs(loaded, names, rows), outputs(again, names, rows))
+
+
+def test_add_remove_every_kind_keeps_others_bitwise(tmp_path: Path) -> None:
+    """Adapters (bottleneck tables grow), sparse pools (appended, then compacted on removal), IA3."""
+    fixtures = Path(__file__).parents[1] / "fixtures" / "adapterhub" / "small"
+    base = fixtures / "base"
+    runtime = pets_compiler.compile(
+        base,
+        {
+            "pfeiffer": fixtures / "pfeiffer",
+            "diff": make_sparse_finetune(base, tmp_path / "diff", density=0.01, mask=False),
+        },
+        sites="all",
+    )
+    runtime.tables.compact_threshold = 0  # compact on every removal, to exercise it
+    rows, names = mixed_rows(1000, ["pfeiffer", "diff"], 8, seed=7)
+    before = outputs(runtime, names, rows)
+    runtime.add_task("houlsby", fixtures / "houlsby")  # bottleneck 12 > 9
+    runtime.add_task("mask", make_sparse_finetune(base, tmp_path / "mask", density=0.05, mask=True, seed=1))
+    runtime.add_task("ia3", make_peft_ia3(base, tmp_path / "ia3", targets=["value", "output.dense"], feedforward=[]))
+    assert_bitwise(before, outputs(runtime, names, rows))
+    rows2, names2 = mixed_rows(1000, ["pfeiffer", "mask", "ia3"], 10, seed=8)
+    before2 = outputs(runtime, names2, rows2)
+    runtime.remove_task("houlsby")
+    runtime.remove_task("diff")  # its pool entries sit before the mask task's: compaction moves those
+    query = "encoder.layer.0.attention.self.query"
+    assert runtime.tables._pool_used[query] == runtime.tables._live_entries(query) > 0  # compacted
+    runtime.add_task("diff", make_sparse_finetune(base, tmp_path / "diff2", density=0.01, mask=False))
+    assert_bitwise(before2, outputs(runtime, names2, rows2))
