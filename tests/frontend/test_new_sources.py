@@ -664,6 +664,7 @@ _native_index("native-diff-row-outside", "diff", _last_row(200), (f"diff {OUTSID
 _native_index("native-diff-negative", "diff", _last_col(-1), (f"diff {OUTSIDE}",))
 _native_index("native-mask-column-outside", "mask", _last_col(100), (INTER1, "outside", "(200, 72)"))
 _native_index("native-mask-row-outside", "mask", _last_row(250), (INTER1, "outside", "(200, 72)"))
+_native_index("native-mask-negative", "mask", _last_row(-1), (INTER1, "outside", "(200, 72)"))
 _native_index("native-diff-unsorted", "diff", _swap_first, (f"diff index at {INTER1} is not sorted row-major",))
 _native_index("native-mask-unsorted", "mask", _swap_first, (f"mask index at {INTER1} is not sorted row-major",))
 
