@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pets_compiler.errors import InputError, PetsError
+from pets_compiler.frontend.finetune import DEFAULT_MAX_DENSITY
 
 
 def _task_arg(value: str) -> tuple[str, str]:
@@ -33,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=["used", "all"],
         default="used",
         help="attach task ops at the sites these tasks use (fastest) or at every site (any later task fits)",
+    )
+    c.add_argument(
+        "--max-density",
+        type=float,
+        default=DEFAULT_MAX_DENSITY,
+        help="most a fine-tune may change of a weight matrix to be served as a sparse (diff / mask) task",
     )
     c.add_argument("--report", action="store_true", help="print what each graph pass changed")
 
@@ -75,7 +82,9 @@ def _read_jsonl(path: Path) -> list[Any]:
 def cmd_compile(args: argparse.Namespace) -> None:
     from pets_compiler.compiler import compile
 
-    runtime = compile(args.base, dict(args.task), dtype=args.dtype, sites=args.sites, progress=True)
+    runtime = compile(
+        args.base, dict(args.task), dtype=args.dtype, sites=args.sites, max_density=args.max_density, progress=True
+    )
     runtime.save(args.output)
     if args.report:
         print("\n".join(runtime.report))

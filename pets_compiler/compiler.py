@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from pets_compiler.capture import capture
 from pets_compiler.frontend.base import BaseModel, load_base
+from pets_compiler.frontend.finetune import DEFAULT_MAX_DENSITY
 from pets_compiler.frontend.sources import load_task_source
 from pets_compiler.frontend.taskset import TaskSpec
 from pets_compiler.passes import CompileContext, PassResult, SitePlan, run_pipeline
@@ -92,12 +93,14 @@ def compile(
     *,
     dtype: str | torch.dtype = "float32",
     sites: str = "used",
+    max_density: float = DEFAULT_MAX_DENSITY,
     progress: bool = False,
 ) -> Runtime:
     """Compile a base checkpoint and named task sources (paths or TaskSpecs) into a Runtime.
 
     Every source is read and validated before anything is built; `sites` is "used" (task ops only where these
-    tasks need them) or "all" (every linear and LayerNorm, so any later task can be added without recompiling).
+    tasks need them) or "all" (every kind at every site, so any later task can be added without recompiling);
+    `max_density` bounds how much of a weight matrix a fine-tune may change to be served as diff / mask.
     """
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -108,7 +111,7 @@ def compile(
         specs = []
         for name, source in tasks.items():
             steps.set_postfix_str(f"task {name}")
-            specs.append(load_task_source(name, source, base_model))
+            specs.append(load_task_source(name, source, base_model, max_density))
             steps.update()
         plan = plan_sites(base_model, specs, sites)
         steps.set_postfix_str("capture + passes + export")
