@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from pets_compiler.errors import DuplicateTaskError, InputError, UnknownTaskError
 from pets_compiler.frontend.base import BaseModel, Pooling
+from pets_compiler.frontend.finetune import DEFAULT_MAX_DENSITY
 from pets_compiler.frontend.names import check_task_name
 from pets_compiler.frontend.sources import load_task_source
 from pets_compiler.frontend.taskset import TaskSpec
@@ -86,13 +87,20 @@ class Runtime:
         used = {t.slot for t in self._tasks.values()}
         return next(s for s in range(1, len(used) + 2) if s not in used)
 
-    def add_task(self, name: str, source: str | Path | TaskSpec, *, slot: int | None = None) -> None:
+    def add_task(
+        self,
+        name: str,
+        source: str | Path | TaskSpec,
+        *,
+        slot: int | None = None,
+        max_density: float = DEFAULT_MAX_DENSITY,
+    ) -> None:
         """Load, validate and add a task; nothing changes if any check fails. No retrace, no recompile."""
         check_task_name(name)
         with self._lock:
             if name in self._tasks:
                 raise DuplicateTaskError(f"task {name!r} is already loaded; remove it first to replace it")
-        spec = load_task_source(name, source, self.base).to(self.info.dtype)
+        spec = load_task_source(name, source, self.base, max_density).to(self.info.dtype)
         with self._lock:
             if name in self._tasks:
                 raise DuplicateTaskError(f"task {name!r} is already loaded; remove it first to replace it")
