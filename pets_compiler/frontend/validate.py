@@ -7,14 +7,10 @@ import math
 import torch
 from torch import Tensor
 
+from pets_compiler.custom_ops.reference import ADAPTER_ACTIVATIONS
 from pets_compiler.errors import TaskSourceError
 from pets_compiler.frontend.base import BaseModel
 from pets_compiler.frontend.taskset import Adapter, SitePET, SparseDelta, TaskSpec
-
-ADAPTER_ACTIVATIONS: tuple[str, ...] = (
-    *("identity", "linear", "relu", "swish", "silu", "gelu", "gelu_new", "gelu_pytorch_tanh"),
-    *("tanh", "sigmoid", "leakyrelu", "leaky_relu"),
-)
 
 
 class _Checker:
@@ -105,9 +101,8 @@ class _Checker:
         self.tensor(adapter.up_b, f"{site} adapter up bias", (hidden,))
         self.scalar(adapter.scaling, f"adapter scaling at {site}")
         if adapter.activation not in ADAPTER_ACTIVATIONS:
-            raise self.fail(
-                f"adapter at {site} uses non_linearity {adapter.activation!r}, not one of {ADAPTER_ACTIVATIONS}"
-            )
+            names = ", ".join(sorted(ADAPTER_ACTIVATIONS))
+            raise self.fail(f"adapter at {site} uses non_linearity {adapter.activation!r}, not one of {names}")
 
     def head(self, spec: TaskSpec) -> None:
         if spec.head is None:

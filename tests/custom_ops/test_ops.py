@@ -485,19 +485,17 @@ def test_adapter_rows_do_not_depend_on_other_slots_or_the_padding() -> None:
     config[2, 5] = config[4, 5] = 7
     ids = torch.tensor([1, 2, 1, 4, 0, 2, 1, 4, 1])
     full = ops.adapter(h, residual, ids, w, b, wd, bd, eps, down_w, down_b, up_w, up_b, scaling, config)
-    grow = 12 - 7
-    padded = (
-        torch.cat([down_w, randn(SLOTS, grow, IN, seed=50)], 1),
-        torch.cat([down_b, randn(SLOTS, grow, seed=51)], 1),
-        torch.cat([up_w, randn(SLOTS, IN, grow, seed=52)], 2),
-    )
+    grow = 12 - 7  # the tables re-padded to R = 12 with other values
+    down_w12 = torch.cat([down_w, randn(SLOTS, grow, IN, seed=50)], 1)
+    down_b12 = torch.cat([down_b, randn(SLOTS, grow, seed=51)], 1)
+    up_w12 = torch.cat([up_w, randn(SLOTS, IN, grow, seed=52)], 2)
+    repadded = ops.adapter(h, residual, ids, w, b, wd, bd, eps, down_w12, down_b12, up_w12, up_b, scaling, config)
     for t in [1, 2]:
         rows = ids == t
         alone = ops.adapter(
             h[rows], residual[rows], ids[rows], w, b, wd, bd, eps, down_w, down_b, up_w, up_b, scaling, config
         )
         assert torch.equal(alone, full[rows])
-        repadded = ops.adapter(h, residual, ids, w, b, wd, bd, eps, *padded[:2], padded[2], up_b, scaling, config)
         assert torch.equal(repadded[rows], full[rows])
 
 
@@ -591,6 +589,31 @@ def test_non_contiguous_inputs() -> None:
     torch.testing.assert_close(
         ops.layer_norm(x, ids, gamma, beta, wd, bd, 1e-5), layer_norm_ref(x, ids, gamma, beta, wd, bd, 1e-5)
     )
+
+
+def test_non_contiguous_inputs_of_the_pet_ops() -> None:
+    ids = task_ids_for("uniform").repeat_interleave(2)[::2]  # strided task ids
+    x = randn(BATCH, IN, 5, seed=4).transpose(1, 2)  # [B, 5, in], strided
+    y = randn(BATCH, 5, 2 * OUT, seed=5)[..., ::2]
+    assert not (ids.is_contiguous() or x.is_contiguous() or y.is_contiguous())
+    tol = TOLERANCE[torch.float32]
+    delta = randn(OUT, SLOTS, seed=6).T
+    torch.testing.assert_close(ops.scale(y, ids, delta), scale_ref(y, ids, delta), **tol)
+    row_ptr, col, val = sparse_pool(SLOTS, OUT, IN, torch.float32)
+    row_ptr, col, val = row_ptr.T.contiguous().T, col.repeat_interleave(2)[::2], val.repeat_interleave(2)[::2]
+    assert not (row_ptr.is_contiguous() or col.is_contiguous() or val.is_contiguous())
+    expected = sparse_delta_ref(y, x, ids, row_ptr, col, val)
+    torch.testing.assert_close(ops.sparse_delta(y, x, ids, row_ptr, col, val), expected, **tol)
+    vocab_ids = torch.randint(0, VOCAB, (5, BATCH), generator=_gen(14)).T
+    e_ptr, e_col, e_val = sparse_pool(SLOTS, VOCAB, IN, torch.float32, seed=40)
+    expected = embedding_delta_ref(x, vocab_ids, ids, e_ptr, e_col, e_val)
+    torch.testing.assert_close(ops.embedding_delta(x, vocab_ids, ids, e_ptr, e_col, e_val), expected, **tol)
+    down_w, down_b, up_w, up_b, scaling, config = adapter_tables(7, torch.float32)
+    tables = (down_w.transpose(1, 2).contiguous().transpose(1, 2), down_b, up_w.mT.contiguous().mT, up_b)
+    tables += (scaling.repeat_interleave(2)[::2], config.T.contiguous().T)
+    residual = randn(BATCH, IN, 5, seed=6).transpose(1, 2)
+    args = (x, residual, ids, *ln_params(torch.float32), 1e-5, *tables)
+    torch.testing.assert_close(ops.adapter(*args), adapter_ref(*args), **tol)
 
 
 def test_empty_batch() -> None:

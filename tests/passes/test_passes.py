@@ -90,11 +90,9 @@ def test_attach_and_fuse(base: BaseModel) -> None:
     plan = SitePlan(lora=(q,), bias=(q, "pooler.dense"), layer_norm=("embeddings.LayerNorm",))
     gm = capture(base)
     ctx = CompileContext(base, plan, base.pooling)
-    run_until(gm, ctx, "attach_layer_norm_delta")
+    run_until(gm, ctx, "attach_bias_delta")
     counts = ops(gm)
     assert counts["pets.lora_delta.default"] == 1 and counts["pets.bias_delta.default"] == 2
-    assert counts["pets.layer_norm.default"] == 1
-    assert counts["aten.layer_norm.default"] == len(base.sites.layer_norm) - 1
     lora = next(n for n in gm.graph.nodes if n.target is torch.ops.pets.lora_delta.default)
     assert lora.args[0] is ctx.linear_nodes[q] and lora.args[1] is ctx.linear_nodes[q].args[0]
     assert [u.target for u in lora.users] == [torch.ops.pets.bias_delta.default]
@@ -102,9 +100,54 @@ def test_attach_and_fuse(base: BaseModel) -> None:
     counts = ops(gm)
     assert counts["pets.linear_delta.default"] == 1 and counts["pets.lora_delta.default"] == 0
     assert counts["pets.bias_delta.default"] == 1  # the pooler has no LoRA: nothing to fuse there
+    passes.attach_layer_norm_delta(gm, ctx)
+    counts = ops(gm)
+    assert counts["pets.layer_norm.default"] == 1
+    assert counts["aten.layer_norm.default"] == len(base.sites.layer_norm) - 1
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     assert placeholders[:3] == ["input_ids", "attention_mask", "task_ids"]
     assert len(placeholders) == 3 + len(ctx.tables)
+
+
+def test_attach_sparse_ia3_and_adapters(base: BaseModel) -> None:
+    q, ffn_out = "encoder.layer.0.attention.self.query", "encoder.layer.1.output.dense"
+    plan = SitePlan(
+        sparse=(q, "embeddings.word_embeddings", "embeddings.position_embeddings"),
+        ia3_in=(ffn_out,),
+        ia3_out=(q,),
+        adapter=("encoder.layer.1.output",),
+    )
+    gm = capture(base)
+    ctx = CompileContext(base, plan, base.pooling)
+    run_until(gm, ctx, "attach_layer_norm_delta")
+    counts = ops(gm)
+    assert counts["pets.sparse_delta.default"] == 1 and counts["pets.embedding_delta.default"] == 2
+    assert counts["pets.scale.default"] == 2 and counts["pets.adapter.default"] == 1
+    assert counts["aten.layer_norm.default"] == len(base.sites.layer_norm) - 1  # the adapter took one over
+    # IA3 input scale feeds only its linear; the output scale comes after the sparse delta of the same site.
+    scale_in = ctx.linear_nodes[ffn_out].args[0]
+    assert scale_in.target is torch.ops.pets.scale.default and list(scale_in.users) == [ctx.linear_nodes[ffn_out]]
+    sparse = next(iter(ctx.linear_nodes[q].users))
+    assert sparse.target is torch.ops.pets.sparse_delta.default
+    assert [u.target for u in sparse.users] == [torch.ops.pets.scale.default]
+    # Position embeddings are looked up once for [1, seq]: their delta runs on the batch-expanded lookup.
+    pos = ctx.embedding_nodes["embeddings.position_embeddings"]
+    (expanded,) = pos.users
+    assert expanded.target is torch.ops.aten.expand.default
+    assert [u.target for u in expanded.users] == [torch.ops.pets.embedding_delta.default]
+    adapter = ctx.layer_norm_nodes["encoder.layer.1.output.LayerNorm"]
+    assert adapter.target is torch.ops.pets.adapter.default
+    assert adapter.args[0] is ctx.linear_nodes["encoder.layer.1.output.dense"]
+
+
+def test_adapter_pattern_mismatch_is_named(base: BaseModel) -> None:
+    gm = capture(base)
+    ctx = CompileContext(base, SitePlan(adapter=("encoder.layer.0.output",)), base.pooling)
+    run_until(gm, ctx, "attach_ia3")
+    ln = ctx.layer_norm_nodes["encoder.layer.0.output.LayerNorm"]
+    ln.args = (ln.args[0].args[1], *ln.args[1:])  # LayerNorm(residual) alone: not the sublayer pattern
+    with pytest.raises(RuntimeError, match=r"encoder.layer.0.output: expected LayerNorm\(dense\(x\) \+ residual\)"):
+        passes.attach_adapters(gm, ctx)
 
 
 def test_full_pipeline_with_zero_tables_is_the_base_model(base: BaseModel) -> None:
