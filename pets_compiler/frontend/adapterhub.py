@@ -74,7 +74,7 @@ def _config(path: Path, base: BaseModel) -> tuple[dict[str, Any], str]:
     for option, allowed in _REFUSED.items():
         if cfg.get(option) not in allowed:
             raise TaskSourceError(f"{path}: AdapterHub option {option}={cfg[option]!r} is not supported")
-    if cfg.get("residual_before_ln", True) not in (True, False):
+    if not isinstance(cfg.get("residual_before_ln", True), bool):
         raise TaskSourceError(f"{path}: residual_before_ln={cfg['residual_before_ln']!r} is not supported")
     if not isinstance(cfg.get("scaling", 1.0), float | int) or isinstance(cfg.get("scaling"), bool):
         raise TaskSourceError(f"{path}: AdapterHub option scaling={cfg['scaling']!r} is not supported (only a number)")

@@ -151,7 +151,10 @@ class _Reader:
         shape = entry.get("shape") if isinstance(entry, dict) else None
         if kind not in ("diff", "mask") or not (isinstance(shape, list) and len(shape) == 2):
             raise self.fail(f"site {site!r} sparse entry needs kind 'diff' or 'mask' and a [rows, cols] shape")
-        index = self.take(f"{site}.{kind}_index").to(torch.long)
+        raw = self.take(f"{site}.{kind}_index")
+        if raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool:
+            raise self.fail(f"site {site!r} {kind}_index must hold integers, got {raw.dtype}")
+        index = raw.to(torch.long)
         if index.dim() != 2 or index.shape[0] != 2:
             raise self.fail(f"site {site!r} {kind}_index must be [2, nnz], got {tuple(index.shape)}")
         if kind == "diff":
