@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 import pets_compiler
@@ -34,6 +32,10 @@ from pets_compiler.runtime.requests import pad
 from pets_compiler.runtime.runtime import Runtime
 
 from builders import make_peft_ia3, make_sparse_finetune
+from source_edits import copy_source as _copy
+from source_edits import edit_json as _edit_json
+from source_edits import edit_tensors as _edit_tensors
+from source_edits import unchanged
 
 AH = Path(__file__).resolve().parents[1] / "fixtures" / "adapterhub" / "small"
 AH_BASE = AH / "base"  # hidden 72, 3 layers, intermediate 200: the base the AdapterHub fixtures were made for
@@ -97,50 +99,7 @@ def live(rt_all: Runtime) -> Iterator[Runtime]:
         rt_all.remove_task(name)
 
 
-def _batch(n: int) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return pad([torch.randint(5, 1000, (k,), generator=g).tolist() for k in (5, 11, 3, 8, 11, 2, 7)[:n]])
-
-
-def _outputs(rt: Runtime, names: list[str]) -> tuple[Tensor, Tensor]:
-    ids, mask = _batch(len(names))
-    logits, embedding = rt.forward(ids, mask, names)
-    return logits.clone(), embedding.clone()
-
-
-@contextmanager
-def unchanged(rt: Runtime) -> Iterator[None]:
-    """The block must leave the task set, the table sizes and a mixed batch's outputs bitwise unchanged."""
-    names_before = rt.task_names()
-    mix = [names_before[i % len(names_before)] for i in range(7)]
-    before = _outputs(rt, mix)
-    sizes = dict(rt.tables.sizes)
-    yield
-    assert rt.task_names() == names_before
-    assert rt.tables.sizes == sizes
-    after = _outputs(rt, mix)
-    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1]), "outputs changed"
-
-
 # --- helpers ------------------------------------------------------------------------------------------------
-
-
-def _copy(src: Path, tmp: Path, name: str = "bad") -> Path:
-    dst = tmp / name
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _edit_json(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
-
-
-def _edit_tensors(path: Path, edit: Callable[[dict[str, Tensor]], None]) -> None:
-    tensors = load_file(path)
-    edit(tensors)
-    save_file(tensors, path)
 
 
 def _bits(t: Tensor) -> Tensor:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,10 @@ from pets_compiler.runtime.requests import pad
 from pets_compiler.runtime.runtime import Runtime
 
 from builders import make_bitfit, make_peft_lora, make_small_base
+from source_edits import batch_outputs, unchanged
+from source_edits import copy_source as _copy
+from source_edits import edit_json as _edit_json
+from source_edits import edit_tensors as _edit_tensors
 
 LAYERS = 3  # the small base (builders.SMALL_CONFIG): 3 layers, hidden 72, intermediate 200
 Q0 = "encoder.layer.0.attention.self.query"
@@ -115,51 +117,7 @@ def live_used(rt_used: Runtime) -> Iterator[Runtime]:
     yield from _restore(rt_used)
 
 
-def _batch(names: list[str]) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(0)
-    rows = [torch.randint(1, 1000, (n,), generator=g).tolist() for n in (5, 11, 3, 8, 11, 2)[: len(names)]]
-    return pad(rows)
-
-
-def _outputs(rt: Runtime, names: list[str]) -> tuple[Tensor, Tensor]:
-    ids, mask = _batch(names)
-    logits, embedding = rt.forward(ids, mask, names)
-    return logits.clone(), embedding.clone()
-
-
-@contextmanager
-def unchanged(rt: Runtime) -> Iterator[None]:
-    """The block must leave the task set, the table sizes and a fixed mixed batch's outputs bitwise unchanged."""
-    names_before = rt.task_names()
-    mix = [names_before[i % len(names_before)] for i in range(6)]
-    before = _outputs(rt, mix)
-    sizes = dict(rt.tables.sizes)
-    yield
-    assert rt.task_names() == names_before
-    assert rt.tables.sizes == sizes
-    after = _outputs(rt, mix)
-    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1]), "outputs changed"
-
-
 # --- helpers to edit copies of good sources -----------------------------------------------------------------
-
-
-def _copy(src: Path, tmp: Path, name: str = "bad") -> Path:
-    dst = tmp / name
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _edit_json(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
-
-
-def _edit_tensors(path: Path, edit: Callable[[dict[str, Tensor]], None]) -> None:
-    tensors = load_file(path)
-    edit(tensors)
-    save_file(tensors, path)
 
 
 def _set_first(key: str, value: float) -> Callable[[dict[str, Tensor]], None]:
@@ -824,8 +782,7 @@ def test_legal_task_names(live: Runtime, live_used: Runtime, small_base: Path, s
     live.add_task(name, sources.finetune)
     try:
         assert name in live.task_names() and live.task(name).name == name
-        ids, mask = _batch([name, "bitfit2"])
-        logits, embedding = live.forward(ids, mask, [name, "bitfit2"])
+        logits, embedding = batch_outputs(live, [name, "bitfit2"])
         assert logits.shape[0] == 2 and bool(torch.isfinite(embedding).all())
     finally:
         live.remove_task(name)
