@@ -130,6 +130,10 @@ class Runtime:
                 f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
                 "must both be [batch, seq]"
             )
+        if input_ids.dtype != torch.long or attention_mask.dtype != torch.long:
+            raise InputError(
+                f"input_ids and attention_mask must be int64, got {input_ids.dtype} and {attention_mask.dtype}"
+            )
         if len(tasks) != input_ids.shape[0]:
             raise InputError(f"{len(tasks)} task names for a batch of {input_ids.shape[0]} rows")
         with self._lock, torch.inference_mode():
