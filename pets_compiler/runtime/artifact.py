@@ -81,7 +81,7 @@ def save_artifact(runtime: Runtime, directory: Path) -> None:
     program = directory / PROGRAM
     if old is None or not program.is_file() or old.get("program_sha256") != runtime.program_sha256:
         tmp = directory / ("tmp-" + PROGRAM)
-        torch.export.save(runtime.program, str(tmp))
+        torch.export.save(runtime.portable_program, str(tmp))
         os.replace(tmp, program)
         runtime.program_sha256 = _sha256(program)
     if runtime.base.tokenizer_dir is not None and runtime.base.tokenizer_dir != directory / "tokenizer":

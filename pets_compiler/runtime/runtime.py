@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.export import ExportedProgram
+from torch.export.passes import move_to_device_pass
 from tqdm import tqdm
 
 from pets_compiler.errors import DuplicateTaskError, InputError, UnknownTaskError
@@ -53,7 +54,8 @@ class Runtime:
     """Serves mixed batches: every row runs the shared program with its own task's slot in the tables."""
 
     def __init__(self, program: ExportedProgram, info: ProgramInfo, base: BaseModel) -> None:
-        self.program = program
+        self.program = program  # what serves, on self.device
+        self.portable_program = program  # the CPU program artifacts store, whatever device serves
         self.info = info
         self.base = base
         self.tables = TaskTables(list(info.tables), info.dtype)
@@ -61,6 +63,7 @@ class Runtime:
         self.report: list[str] = []
         self.program_sha256: str | None = None  # set once the program is saved or loaded
         self._module = program.module()
+        self.device = torch.device("cpu")
         self._tasks: dict[str, _Task] = {}
         self._lock = threading.RLock()
 
@@ -115,6 +118,15 @@ class Runtime:
                 raise
             self._tasks[name] = _Task(spec, target)
 
+    def to(self, device: torch.device | str) -> Runtime:
+        """Serve on `device` (e.g. "cuda"): the program's weights and constants and the task tables move there."""
+        with self._lock:
+            self.program = move_to_device_pass(self.program, str(device))
+            self._module = self.program.module()
+            self.tables.to(device)
+            self.device = torch.device(device)
+        return self
+
     def remove_task(self, name: str) -> None:
         """Free the task's slot; other tasks' outputs are unchanged."""
         with self._lock:
@@ -137,8 +149,9 @@ class Runtime:
         if len(tasks) != input_ids.shape[0]:
             raise InputError(f"{len(tasks)} task names for a batch of {input_ids.shape[0]} rows")
         with self._lock, torch.inference_mode():
-            slots = torch.tensor([self._entry(t).slot for t in tasks], dtype=torch.long)
-            logits, embedding = self._module(input_ids, attention_mask, slots, *self.tables.inputs())
+            slots = torch.tensor([self._entry(t).slot for t in tasks], dtype=torch.long, device=self.device)
+            ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
+            logits, embedding = self._module(ids, mask, slots, *self.tables.inputs())
         return logits, embedding
 
     def prepare(self, requests: Sequence[Any]) -> list[Prepared]:

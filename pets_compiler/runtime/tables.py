@@ -160,6 +160,11 @@ class TaskTables:
     def _zeros(self, t: TableSpec) -> Tensor:
         return torch.zeros(self._shape(t), dtype=torch.long if t.integer else self.dtype, device=self.device)
 
+    def to(self, device: torch.device | str) -> None:
+        """Move every table (and future growth) to `device`."""
+        self.device = torch.device(device)
+        self.tensors = {key: t.to(self.device) for key, t in self.tensors.items()}
+
     def inputs(self) -> list[Tensor]:
         """The tables in the order the program takes them."""
         return [self.tensors[t.key] for t in self.specs]

@@ -75,7 +75,7 @@ def test_forward_checks_shapes(runtime: pets_compiler.Runtime) -> None:
     ids = torch.ones(2, 3, dtype=torch.long)
     with pytest.raises(InputError, match=r"input_ids \(2, 3\) and attention_mask \(2, 4\)"):
         runtime.forward(ids, torch.ones(2, 4, dtype=torch.long), ["plain", "plain"])
-    with pytest.raises(InputError, match="must be int64, got torch.float32 and torch.int64"):
+    with pytest.raises(InputError, match=r"must be int64, got torch\.float32 and torch\.int64"):
         runtime.forward(ids.float(), torch.ones_like(ids), ["plain", "plain"])
     with pytest.raises(InputError, match="1 task names for a batch of 2 rows"):
         runtime.forward(ids, torch.ones_like(ids), ["plain"])
