@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pets_compiler.errors import InputError, PetsError
 from pets_compiler.frontend.finetune import DEFAULT_MAX_DENSITY
 
@@ -48,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--input", type=Path, required=True, help="JSONL: {'task': NAME, 'text'|'input_ids': ...}")
     r.add_argument("--output", type=Path, help="JSONL answers in input order (default: stdout)")
     r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--device", default="cpu", help="where to serve: cpu, cuda, cuda:1, ...")
 
     t = sub.add_parser("tasks", help="list, add or remove the tasks of an artifact")
     t.add_argument("artifact", type=Path)
@@ -96,6 +99,10 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     requests = _read_jsonl(args.input)
     runtime = load(args.artifact)
+    if args.device != "cpu":
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError(f"--device {args.device}: this torch build sees no CUDA device")
+        runtime.to(args.device)
     answers = runtime.run(requests, batch_size=args.batch_size, progress=True)
     text = "".join(json.dumps(a) + "\n" for a in answers)
     if args.output is None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pets_compiler.cli import main
 
@@ -90,6 +91,9 @@ def test_errors_are_one_line(
     error_line(capsys, ["tasks", str(artifact), "add", f"lora={sources['lora2']}"], "tasks", "already loaded")
     error_line(capsys, ["tasks", str(artifact), "add", f"../x={sources['lora2']}"], "tasks", "invalid task name")
     error_line(capsys, ["tasks", str(artifact), "remove", "ghost"], "tasks", "unknown task 'ghost'")
+    if not torch.cuda.is_available():
+        argv = ["run", str(artifact), "--input", str(tmp_path / "unknown.jsonl"), "--device", "cuda"]
+        error_line(capsys, argv, "run", "sees no CUDA device")
     error_line(capsys, ["tasks", str(artifact), "add", f"new={tmp_path / 'missing'}"], "tasks", "does not exist")
     out = tmp_path / "never"
     error_line(
