@@ -9,7 +9,6 @@ saved with its head, `head_config.json` + `model_head.safetensors` or `pytorch_m
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from torch import Tensor
 from pets_compiler.errors import TaskSourceError
 from pets_compiler.frontend.base import BaseModel
 from pets_compiler.frontend.taskset import Adapter, Head, TaskSpec
-from pets_compiler.frontend.weights_io import find_weights_file, read_weights
+from pets_compiler.frontend.weights_io import find_weights_file, read_json_object, read_weights
 
 ADAPTER_FILES = ("adapter.safetensors", "pytorch_adapter.bin")
 HEAD_FILES = ("model_head.safetensors", "pytorch_model_head.bin")
@@ -49,19 +48,9 @@ def is_adapterhub_dir(path: Path) -> bool:
     return (path / "adapter_config.json").is_file() and any((path / f).is_file() for f in ADAPTER_FILES)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TaskSourceError(f"{path}: cannot read: {e}") from None
-    if not isinstance(data, dict):
-        raise TaskSourceError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _config(path: Path, base: BaseModel) -> tuple[dict[str, Any], str]:
     """The bottleneck config (presets resolved) and the adapter's name, after the refusals."""
-    meta = _read_json(path / "adapter_config.json")
+    meta = read_json_object(path / "adapter_config.json")
     cfg = meta.get("config")
     if isinstance(cfg, str):
         if cfg not in _PRESETS:
@@ -128,7 +117,7 @@ def load_adapterhub(path: Path, name: str, base: BaseModel) -> TaskSpec:
 
 def _head(path: Path, base: BaseModel) -> Head:
     """A classification head: [dropout, Linear(H, H), act] * (layers - 1) then [dropout, Linear(H, labels)]."""
-    meta = _read_json(path / "head_config.json")
+    meta = read_json_object(path / "head_config.json")
     cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     assert isinstance(cfg, dict)
     if cfg.get("head_type") != "classification":

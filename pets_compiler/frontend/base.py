@@ -14,7 +14,7 @@ from transformers import BertConfig, BertModel
 from transformers.models.bert.modeling_bert import BertOutput, BertSelfOutput
 
 from pets_compiler.errors import BaseModelError, PetsError
-from pets_compiler.frontend.weights_io import find_weights_file, read_weights
+from pets_compiler.frontend.weights_io import find_weights_file, read_json_object, read_weights
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -110,12 +110,9 @@ def read_config(path: Path) -> BertConfig:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise BaseModelError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BaseModelError(f"{cfg_path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict) or raw.get("model_type") != "bert":
-        kind = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
+    raw = read_json_object(cfg_path, BaseModelError)
+    if raw.get("model_type") != "bert":
+        kind = raw.get("model_type")
         raise BaseModelError(f"{cfg_path}: model_type {kind!r} is not supported; only BERT (model_type 'bert') is")
     return BertConfig.from_dict(raw)
 
@@ -132,21 +129,19 @@ def fingerprint(config: BertConfig, state: dict[str, Tensor]) -> str:
     return h.hexdigest()[:32]
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BaseModelError(f"cannot read {path}: {e}") from None
-
-
 def read_pooling(path: Path, has_pooler: bool) -> Pooling:
     """The sentence-transformers pooling of the checkpoint, else its pooler, else [CLS]."""
     modules_file = path / "modules.json"
     if modules_file.is_file():
-        modules = _read_json(modules_file)
+        try:
+            modules = json.loads(modules_file.read_text())  # a list, unlike the other configs
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BaseModelError(f"{modules_file}: cannot read it as JSON: {e}") from None
+        if not isinstance(modules, list):
+            raise BaseModelError(f"{modules_file}: expected a list of sentence-transformers modules")
         types = {m.get("type", "").rsplit(".", 1)[-1]: m for m in modules if isinstance(m, dict)}
         if "Pooling" in types:
-            cfg = _read_json(path / types["Pooling"].get("path", "") / "config.json")
+            cfg = read_json_object(path / types["Pooling"].get("path", "") / "config.json", BaseModelError)
             for key, mode in (
                 ("pooling_mode_cls_token", "cls"),
                 ("pooling_mode_mean_tokens", "mean"),
@@ -163,7 +158,7 @@ def read_max_length(path: Path, config: BertConfig) -> int:
     st = path / "sentence_bert_config.json"
     limit = int(config.max_position_embeddings)
     if st.is_file():
-        value = _read_json(st).get("max_seq_length")
+        value = read_json_object(st, BaseModelError).get("max_seq_length")
         if isinstance(value, int) and 0 < value <= limit:
             return value
     return limit

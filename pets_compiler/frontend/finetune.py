@@ -9,7 +9,6 @@ Per parameter that differs from the base:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from torch import Tensor
 from pets_compiler.errors import TaskSourceError
 from pets_compiler.frontend.base import WEIGHT_FILES, BaseModel, strip_prefix
 from pets_compiler.frontend.taskset import Head, LayerNormDelta, SparseDelta, TaskSpec
-from pets_compiler.frontend.weights_io import find_weights_file, read_weights
+from pets_compiler.frontend.weights_io import find_weights_file, read_json_object, read_weights
 
 DEFAULT_MAX_DENSITY = 0.10
 _ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
@@ -30,12 +29,7 @@ def is_finetune_dir(path: Path) -> bool:
 
 
 def _check_config(path: Path, base: BaseModel) -> list[str]:
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TaskSourceError(f"{path}/config.json: {e}") from None
-    if not isinstance(cfg, dict):
-        raise TaskSourceError(f"{path}/config.json: holds JSON {type(cfg).__name__}, expected an object")
+    cfg = read_json_object(path / "config.json")
     if cfg.get("model_type") != "bert":
         raise TaskSourceError(f"{path}: model_type {cfg.get('model_type')!r} is not supported; only 'bert' is")
     for key in _ARCH_KEYS:

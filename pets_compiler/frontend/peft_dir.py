@@ -7,7 +7,6 @@ IA3: `ia3_l` per site; shape (1, in) scales the input (peft's feedforward module
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch import Tensor
 from pets_compiler.errors import TaskSourceError
 from pets_compiler.frontend.base import BaseModel
 from pets_compiler.frontend.taskset import IA3, Head, LayerNormDelta, LoRA, TaskSpec
-from pets_compiler.frontend.weights_io import find_weights_file, read_weights
+from pets_compiler.frontend.weights_io import find_weights_file, read_json_object, read_weights
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIX = "base_model.model."
@@ -41,17 +40,6 @@ SUPPORTED_TYPES = ("LORA", "IA3")
 
 def is_peft_dir(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
-
-
-def read_adapter_config(path: Path) -> dict[str, Any]:
-    cfg_path = path / "adapter_config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TaskSourceError(f"{cfg_path}: cannot read adapter config: {e}") from None
-    if not isinstance(cfg, dict):
-        raise TaskSourceError(f"{cfg_path}: adapter config is not a JSON object")
-    return cfg
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -97,7 +85,7 @@ def _split_key(key: str, where: Path) -> tuple[str, str, str]:
 
 def load_peft_dir(path: Path, name: str, base: BaseModel) -> TaskSpec:
     """The adapter's PET per site (LoRA or IA3), bias deltas and a saved classifier head."""
-    cfg = read_adapter_config(path)
+    cfg = read_json_object(path / "adapter_config.json")
     _check_options(cfg, path)
     tensors = read_weights(find_weights_file(path, ADAPTER_FILES))
     shapes = base.sites.linear

@@ -21,7 +21,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from pets_compiler.errors import CheckpointFormatError, TaskSourceError, UnsafeCheckpointError
+from pets_compiler.errors import CheckpointFormatError, PetsError, TaskSourceError, UnsafeCheckpointError
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -267,3 +267,14 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         pass
     finally:
         os.close(dir_fd)
+
+
+def read_json_object(path: Path, error: type[PetsError] = TaskSourceError) -> dict[str, Any]:
+    """A JSON file holding an object (config, manifest, metadata), or `error` naming the file and the problem."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read it as JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: holds a JSON {type(data).__name__}, not a JSON object (expected an object)")
+    return data
