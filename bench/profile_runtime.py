@@ -1,0 +1,66 @@
+"""Where a mixed-task forward spends its time (torch.profiler): the runtime vs the backbone alone.
+
+    python -m bench.profile_runtime [--tasks 32] [--batch 64] [--seq 128]
+
+Prints the top operators by self CUDA time and by self CPU time for both, and the wall time per forward.
+A first look for issue 4 (PetS Fig. 9's breakdown becomes bench.breakdown in issue 7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import pets_compiler
+from bench.throughput import Config, lora_task, make_base
+
+
+def wall(fn: object, iters: int = 20) -> float:
+    for _ in range(5):
+        fn()  # type: ignore[operator]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()  # type: ignore[operator]
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=128)
+    args = parser.parse_args()
+    cfg = Config()
+    base = make_base(cfg)
+    specs = {f"t{i}": lora_task(base, f"t{i}", cfg.rank, seed=i) for i in range(args.tasks)}
+    runtime = pets_compiler.compile(base, specs, dtype="float16").to("cuda")
+    backbone = base.build().to("cuda", torch.float16)
+    ids = torch.randint(1000, 30000, (args.batch, args.seq), device="cuda")
+    mask = torch.ones_like(ids)
+    names = [f"t{i % args.tasks}" for i in range(args.batch)]
+
+    def ours() -> object:
+        return runtime.forward(ids, mask, names)
+
+    def theirs() -> object:
+        with torch.inference_mode():
+            return backbone(input_ids=ids, attention_mask=mask)
+
+    for label, fn in (("backbone", theirs), ("pets", ours)):
+        print(f"== {label}: {wall(fn) * 1e3:.2f} ms per forward (wall, {torch.cuda.get_device_name()})")
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=40))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=40))
+
+
+if __name__ == "__main__":
+    main()
