@@ -1,0 +1,112 @@
+// CUDA implementations of the dense task ops built from ATen calls: each row gathers its slot's table rows and one
+// batched matmul serves the whole batch (BGMV style), with no host synchronisation and no loop over tasks. A
+// stopgap until the fused single-launch kernels of issue 4 (they replace these registrations). Task ids are not
+// range-checked on the host here, since reading them would synchronise: an id outside the tables trips a
+// device-side index assert. Shapes and dtypes are checked as on the CPU.
+#ifdef PETS_WITH_CUDA
+
+#include <torch/library.h>
+
+#include "../bias/bias.h"
+#include "../common/checks.h"
+#include "../common/task_groups.h"
+#include "../lora/lora.h"
+
+namespace pets {
+namespace {
+
+// scale[t] * (x @ A[t, :r].T) @ B[t, :, :r].T for every row, as [B, N, out].
+at::Tensor lora_term(const at::Tensor& x3, const at::Tensor& ids, const at::Tensor& a, const at::Tensor& b,
+                     const at::Tensor& scale, const at::Tensor& rank) {
+  const int64_t r = a.size(1);
+  at::Tensor h = at::bmm(x3, a.index_select(0, ids).transpose(1, 2));  // [B, N, R]
+  const at::Tensor keep = at::arange(r, rank.options()).unsqueeze(0) < rank.index_select(0, ids).unsqueeze(1);
+  const at::Tensor gain = keep.to(h.scalar_type()) * scale.index_select(0, ids).unsqueeze(1);  // [B, R]
+  h.mul_(gain.unsqueeze(1));
+  return at::bmm(h, b.index_select(0, ids).transpose(1, 2));  // [B, N, out]
+}
+
+at::Tensor lora_delta_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids,
+                           const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
+                           const at::Tensor& rank) {
+  constexpr const char* op = "pets::lora_delta";
+  check_site_inputs(op, y, x, task_ids);
+  check_lora_tables(op, y, x, lora_a, lora_b, scale, rank);
+  at::Tensor out = y.clone(at::MemoryFormat::Contiguous);
+  if (lora_a.size(1) > 0) as_rows(out).add_(lora_term(as_rows(x), task_ids, lora_a, lora_b, scale, rank));
+  return out;
+}
+
+at::Tensor linear_delta_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids,
+                             const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
+                             const std::optional<at::Tensor>& lora_scale, const std::optional<at::Tensor>& lora_rank,
+                             const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "pets::linear_delta";
+  const bool has_lora = lora_a.has_value();
+  TORCH_CHECK(lora_b.has_value() == has_lora && lora_scale.has_value() == has_lora &&
+                  lora_rank.has_value() == has_lora,
+              op, ": lora_a, lora_b, lora_scale and lora_rank must be given together or all be None");
+  check_site_inputs(op, y, x, task_ids);
+  at::Tensor out = y.clone(at::MemoryFormat::Contiguous);
+  at::Tensor out3 = as_rows(out);
+  if (has_lora) {
+    check_lora_tables(op, y, x, *lora_a, *lora_b, *lora_scale, *lora_rank);
+    if (lora_a->size(1) > 0) out3.add_(lora_term(as_rows(x), task_ids, *lora_a, *lora_b, *lora_scale, *lora_rank));
+  }
+  if (bias.has_value()) {
+    check_bias_table(op, y, *bias);
+    add_bias_cpu(out3, out3, task_ids, *bias);  // a gather and a broadcast add: device-agnostic ATen
+  }
+  return out;
+}
+
+at::Tensor bias_delta_cuda(const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& bias) {
+  constexpr const char* op = "pets::bias_delta";
+  check_batch_tensor(op, "y", y);
+  check_task_ids(op, task_ids, "y", y);
+  check_bias_table(op, y, bias);
+  at::Tensor out = at::empty(y.sizes(), y.options());
+  add_bias_cpu(as_rows(out), as_rows(y), task_ids, bias);
+  return out;
+}
+
+at::Tensor scale_cuda(const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& delta) {
+  constexpr const char* op = "pets::scale";
+  check_batch_tensor(op, "y", y);
+  check_task_ids(op, task_ids, "y", y);
+  check_table(op, "delta", delta, 2, "y", y);
+  TORCH_CHECK(delta.size(1) == y.size(-1), op, ": delta has ", delta.size(1), " features, y has ", y.size(-1));
+  // y * (1 + 0) is y exactly, so rows of slots without a scale are unchanged bit for bit.
+  return (as_rows(y) * (delta.index_select(0, task_ids) + 1).unsqueeze(1)).reshape(y.sizes());
+}
+
+at::Tensor segmented_linear_cuda(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
+                                 const at::Tensor& bias) {
+  constexpr const char* op = "pets::segmented_linear";
+  check_batch_tensor(op, "x", x);
+  check_task_ids(op, task_ids, "x", x);
+  check_table(op, "weight", weight, 3, "x", x);
+  check_table(op, "bias", bias, 2, "x", x);
+  TORCH_CHECK(weight.size(2) == x.size(-1), op, ": weight has in_features ", weight.size(2), ", x has ", x.size(-1));
+  TORCH_CHECK(bias.size(0) == weight.size(0) && bias.size(1) == weight.size(1), op,
+              ": bias must be [T, L] matching weight [T, L, in], got bias ", bias.sizes(), ", weight ", weight.sizes());
+  const at::Tensor x3 = as_rows(x);
+  at::Tensor out = at::baddbmm(bias.index_select(0, task_ids).unsqueeze(1), x3,
+                               weight.index_select(0, task_ids).transpose(1, 2));  // [B, N, L]
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = weight.size(1);
+  return out.reshape(sizes);
+}
+
+}  // namespace
+}  // namespace pets
+
+TORCH_LIBRARY_IMPL(pets, CUDA, m) {
+  m.impl("lora_delta", &pets::lora_delta_cuda);
+  m.impl("linear_delta", &pets::linear_delta_cuda);
+  m.impl("bias_delta", &pets::bias_delta_cuda);
+  m.impl("scale", &pets::scale_cuda);
+  m.impl("segmented_linear", &pets::segmented_linear_cuda);
+}
+
+#endif  // PETS_WITH_CUDA
