@@ -9,6 +9,7 @@ import torch
 import pets_compiler.custom_ops as custom_ops
 from pets_compiler.custom_ops import (
     bias_delta_ref,
+    layer_norm_ref,
     linear_delta_ref,
     lora_delta_ref,
     scale_ref,
@@ -18,7 +19,7 @@ from pets_compiler.custom_ops import (
 pytestmark = pytest.mark.gpu
 ops = torch.ops.pets
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-GATHER_OPS = ("lora_delta", "linear_delta", "bias_delta", "scale", "segmented_linear")
+GATHER_OPS = ("lora_delta", "linear_delta", "bias_delta", "scale", "segmented_linear", "layer_norm")
 
 
 def test_dense_ops_have_compiled_cuda_kernels() -> None:
@@ -51,10 +52,13 @@ def test_gather_ops_match_references(dtype: torch.dtype, mix: str) -> None:
         "bias_delta": (bias_delta_ref, (y, ids, bias)),
         "scale": (scale_ref, (y, ids, delta)),
         "segmented_linear": (segmented_linear_ref, (y, ids, hw, hb)),
+        "layer_norm": (layer_norm_ref, (y * 3 + 1, ids, rand(out_f), rand(out_f), bias, delta, 1e-12)),
     }
     for name, (ref, args) in cases.items():
-        want = ref(*[t.double() if t.is_floating_point() else t for t in args])
-        cuda = [t.to("cuda", dtype) if t.is_floating_point() else t.cuda() for t in args]
-        got = getattr(ops, name)(*cuda)
+        tensors = [t for t in args if isinstance(t, torch.Tensor)]
+        rest = [a for a in args if not isinstance(a, torch.Tensor)]  # eps
+        want = ref(*[t.double() if t.is_floating_point() else t for t in tensors], *rest)
+        cuda = [t.to("cuda", dtype) if t.is_floating_point() else t.cuda() for t in tensors]
+        got = getattr(ops, name)(*cuda, *rest)
         assert got.is_cuda and got.dtype == dtype
         torch.testing.assert_close(got.double().cpu(), want, rtol=TOL[dtype], atol=TOL[dtype], msg=name)

@@ -10,6 +10,7 @@
 #include "../bias/bias.h"
 #include "../common/checks.h"
 #include "../common/task_groups.h"
+#include "../layer_norm/layer_norm.h"
 #include "../lora/lora.h"
 
 namespace pets {
@@ -98,6 +99,21 @@ at::Tensor segmented_linear_cuda(const at::Tensor& x, const at::Tensor& task_ids
   return out.reshape(sizes);
 }
 
+at::Tensor layer_norm_cuda(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
+                           const at::Tensor& bias, const at::Tensor& weight_delta, const at::Tensor& bias_delta,
+                           double eps) {
+  constexpr const char* op = "pets::layer_norm";
+  check_batch_tensor(op, "x", x);
+  check_task_ids(op, task_ids, "x", x);
+  check_layer_norm_params(op, "x", x, {"weight", "bias", "weight_delta", "bias_delta"}, weight, bias,
+                          weight_delta, bias_delta);
+  const int64_t hidden = x.size(-1);
+  const at::Tensor normed = as_rows(at::layer_norm(x, {hidden}, std::nullopt, std::nullopt, eps));
+  const at::Tensor w = (weight_delta.index_select(0, task_ids) + weight).unsqueeze(1);  // [B, 1, H]
+  const at::Tensor b = (bias_delta.index_select(0, task_ids) + bias).unsqueeze(1);
+  return at::addcmul(b, normed, w).reshape(x.sizes());
+}
+
 }  // namespace
 }  // namespace pets
 
@@ -107,6 +123,7 @@ TORCH_LIBRARY_IMPL(pets, CUDA, m) {
   m.impl("bias_delta", &pets::bias_delta_cuda);
   m.impl("scale", &pets::scale_cuda);
   m.impl("segmented_linear", &pets::segmented_linear_cuda);
+  m.impl("layer_norm", &pets::layer_norm_cuda);
 }
 
 #endif  // PETS_WITH_CUDA
