@@ -16,11 +16,16 @@ void add_bias_cpu(at::Tensor out3, const at::Tensor& y3, const at::Tensor& task_
   at::add_out(out3, y3, bias.index_select(0, task_ids).unsqueeze(1));
 }
 
-at::Tensor bias_delta_cpu(const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& bias) {
+void check_bias_delta_inputs(const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& bias) {
   constexpr const char* op = "pets::bias_delta";
   check_batch_tensor(op, "y", y);
   check_task_ids(op, task_ids, "y", y);
   check_bias_table(op, y, bias);
+}
+
+at::Tensor bias_delta_cpu(const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& bias) {
+  constexpr const char* op = "pets::bias_delta";
+  check_bias_delta_inputs(y, task_ids, bias);
   check_task_id_range(op, task_ids, bias.size(0), "bias");
 
   at::Tensor out = at::empty(y.sizes(), y.options());

@@ -8,10 +8,12 @@
 #include <torch/library.h>
 
 #include "../bias/bias.h"
+#include "../head/head.h"
 #include "../common/checks.h"
 #include "../common/task_groups.h"
 #include "../layer_norm/layer_norm.h"
 #include "../lora/lora.h"
+#include "../scale/scale.h"
 
 namespace pets {
 namespace {
@@ -42,55 +44,32 @@ at::Tensor linear_delta_cuda(const at::Tensor& y, const at::Tensor& x, const at:
                              const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
                              const std::optional<at::Tensor>& lora_scale, const std::optional<at::Tensor>& lora_rank,
                              const std::optional<at::Tensor>& bias) {
-  constexpr const char* op = "pets::linear_delta";
-  const bool has_lora = lora_a.has_value();
-  TORCH_CHECK(lora_b.has_value() == has_lora && lora_scale.has_value() == has_lora &&
-                  lora_rank.has_value() == has_lora,
-              op, ": lora_a, lora_b, lora_scale and lora_rank must be given together or all be None");
-  check_site_inputs(op, y, x, task_ids);
+  check_linear_delta_inputs(y, x, task_ids, lora_a, lora_b, lora_scale, lora_rank, bias);
   at::Tensor out = y.clone(at::MemoryFormat::Contiguous);
   at::Tensor out3 = as_rows(out);
-  if (has_lora) {
-    check_lora_tables(op, y, x, *lora_a, *lora_b, *lora_scale, *lora_rank);
-    if (lora_a->size(1) > 0) out3.add_(lora_term(as_rows(x), task_ids, *lora_a, *lora_b, *lora_scale, *lora_rank));
+  if (lora_a.has_value() && lora_a->size(1) > 0) {
+    out3.add_(lora_term(as_rows(x), task_ids, *lora_a, *lora_b, *lora_scale, *lora_rank));
   }
-  if (bias.has_value()) {
-    check_bias_table(op, y, *bias);
-    add_bias_cpu(out3, out3, task_ids, *bias);  // a gather and a broadcast add: device-agnostic ATen
-  }
+  if (bias.has_value()) add_bias_cpu(out3, out3, task_ids, *bias);  // a gather and a broadcast add: any device
   return out;
 }
 
 at::Tensor bias_delta_cuda(const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& bias) {
-  constexpr const char* op = "pets::bias_delta";
-  check_batch_tensor(op, "y", y);
-  check_task_ids(op, task_ids, "y", y);
-  check_bias_table(op, y, bias);
+  check_bias_delta_inputs(y, task_ids, bias);
   at::Tensor out = at::empty(y.sizes(), y.options());
   add_bias_cpu(as_rows(out), as_rows(y), task_ids, bias);
   return out;
 }
 
 at::Tensor scale_cuda(const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& delta) {
-  constexpr const char* op = "pets::scale";
-  check_batch_tensor(op, "y", y);
-  check_task_ids(op, task_ids, "y", y);
-  check_table(op, "delta", delta, 2, "y", y);
-  TORCH_CHECK(delta.size(1) == y.size(-1), op, ": delta has ", delta.size(1), " features, y has ", y.size(-1));
+  check_scale_inputs(y, task_ids, delta);
   // y * (1 + 0) is y exactly, so rows of slots without a scale are unchanged bit for bit.
   return (as_rows(y) * (delta.index_select(0, task_ids) + 1).unsqueeze(1)).reshape(y.sizes());
 }
 
 at::Tensor segmented_linear_cuda(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
                                  const at::Tensor& bias) {
-  constexpr const char* op = "pets::segmented_linear";
-  check_batch_tensor(op, "x", x);
-  check_task_ids(op, task_ids, "x", x);
-  check_table(op, "weight", weight, 3, "x", x);
-  check_table(op, "bias", bias, 2, "x", x);
-  TORCH_CHECK(weight.size(2) == x.size(-1), op, ": weight has in_features ", weight.size(2), ", x has ", x.size(-1));
-  TORCH_CHECK(bias.size(0) == weight.size(0) && bias.size(1) == weight.size(1), op,
-              ": bias must be [T, L] matching weight [T, L, in], got bias ", bias.sizes(), ", weight ", weight.sizes());
+  check_segmented_linear_inputs(x, task_ids, weight, bias);
   const at::Tensor x3 = as_rows(x);
   at::Tensor out = at::baddbmm(bias.index_select(0, task_ids).unsqueeze(1), x3,
                                weight.index_select(0, task_ids).transpose(1, 2));  // [B, N, L]
@@ -102,11 +81,7 @@ at::Tensor segmented_linear_cuda(const at::Tensor& x, const at::Tensor& task_ids
 at::Tensor layer_norm_cuda(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
                            const at::Tensor& bias, const at::Tensor& weight_delta, const at::Tensor& bias_delta,
                            double eps) {
-  constexpr const char* op = "pets::layer_norm";
-  check_batch_tensor(op, "x", x);
-  check_task_ids(op, task_ids, "x", x);
-  check_layer_norm_params(op, "x", x, {"weight", "bias", "weight_delta", "bias_delta"}, weight, bias,
-                          weight_delta, bias_delta);
+  check_layer_norm_inputs(x, task_ids, weight, bias, weight_delta, bias_delta);
   const int64_t hidden = x.size(-1);
   const at::Tensor normed = as_rows(at::layer_norm(x, {hidden}, std::nullopt, std::nullopt, eps));
   const at::Tensor w = (weight_delta.index_select(0, task_ids) + weight).unsqueeze(1);  // [B, 1, H]

@@ -5,6 +5,9 @@
 
 namespace pets {
 
+// Every check of pets::segmented_linear but the task id range.
+void check_segmented_linear_inputs(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
+                                   const at::Tensor& bias);
 at::Tensor segmented_linear_cpu(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
                                 const at::Tensor& bias);
 

@@ -11,8 +11,8 @@
 
 namespace pets {
 
-at::Tensor segmented_linear_cpu(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
-                                const at::Tensor& bias) {
+void check_segmented_linear_inputs(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
+                                   const at::Tensor& bias) {
   constexpr const char* op = "pets::segmented_linear";
   check_batch_tensor(op, "x", x);
   check_task_ids(op, task_ids, "x", x);
@@ -23,6 +23,12 @@ at::Tensor segmented_linear_cpu(const at::Tensor& x, const at::Tensor& task_ids,
   TORCH_CHECK(bias.size(0) == weight.size(0) && bias.size(1) == weight.size(1), op,
               ": bias must be [T, L] matching weight [T, L, in], got bias ", bias.sizes(), ", weight ",
               weight.sizes());
+}
+
+at::Tensor segmented_linear_cpu(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
+                                const at::Tensor& bias) {
+  constexpr const char* op = "pets::segmented_linear";
+  check_segmented_linear_inputs(x, task_ids, weight, bias);
   check_task_id_range(op, task_ids, weight.size(0), "weight");
 
   const int64_t labels = weight.size(1);

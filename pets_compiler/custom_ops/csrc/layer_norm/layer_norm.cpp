@@ -104,14 +104,20 @@ at::Tensor layer_norm_unchecked_cpu(const at::Tensor& x, const at::Tensor& task_
   return out;
 }
 
-at::Tensor layer_norm_cpu(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
-                          const at::Tensor& bias, const at::Tensor& weight_delta,
-                          const at::Tensor& bias_delta, double eps) {
+void check_layer_norm_inputs(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
+                             const at::Tensor& bias, const at::Tensor& weight_delta, const at::Tensor& bias_delta) {
   constexpr const char* op = "pets::layer_norm";
   check_batch_tensor(op, "x", x);
   check_task_ids(op, task_ids, "x", x);
   check_layer_norm_params(op, "x", x, {"weight", "bias", "weight_delta", "bias_delta"}, weight, bias,
                           weight_delta, bias_delta);
+}
+
+at::Tensor layer_norm_cpu(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
+                          const at::Tensor& bias, const at::Tensor& weight_delta,
+                          const at::Tensor& bias_delta, double eps) {
+  constexpr const char* op = "pets::layer_norm";
+  check_layer_norm_inputs(x, task_ids, weight, bias, weight_delta, bias_delta);
   check_task_id_range(op, task_ids, weight_delta.size(0), "weight_delta");
   return layer_norm_unchecked_cpu(x, task_ids, weight, bias, weight_delta, bias_delta, eps);
 }

@@ -25,6 +25,10 @@ at::Tensor layer_norm_unchecked_cpu(const at::Tensor& x, const at::Tensor& task_
                                     const at::Tensor& bias, const at::Tensor& weight_delta,
                                     const at::Tensor& bias_delta, double eps);
 
+// Every check of pets::layer_norm but the task id range.
+void check_layer_norm_inputs(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
+                             const at::Tensor& bias, const at::Tensor& weight_delta, const at::Tensor& bias_delta);
+
 at::Tensor layer_norm_cpu(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
                           const at::Tensor& bias, const at::Tensor& weight_delta,
                           const at::Tensor& bias_delta, double eps);

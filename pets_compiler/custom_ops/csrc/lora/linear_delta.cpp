@@ -5,10 +5,10 @@
 
 namespace pets {
 
-at::Tensor linear_delta_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids,
-                            const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
-                            const std::optional<at::Tensor>& lora_scale,
-                            const std::optional<at::Tensor>& lora_rank, const std::optional<at::Tensor>& bias) {
+void check_linear_delta_inputs(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids,
+                               const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
+                               const std::optional<at::Tensor>& lora_scale,
+                               const std::optional<at::Tensor>& lora_rank, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "pets::linear_delta";
   const bool has_lora = lora_a.has_value();
   TORCH_CHECK(lora_b.has_value() == has_lora && lora_scale.has_value() == has_lora &&
@@ -18,14 +18,19 @@ at::Tensor linear_delta_cpu(const at::Tensor& y, const at::Tensor& x, const at::
               ", lora_scale ", lora_scale.has_value() ? "given" : "None", ", lora_rank ",
               lora_rank.has_value() ? "given" : "None");
   check_site_inputs(op, y, x, task_ids);
-  if (has_lora) {
-    check_lora_tables(op, y, x, *lora_a, *lora_b, *lora_scale, *lora_rank);
-    check_task_id_range(op, task_ids, lora_a->size(0), "lora_a");
-  }
-  if (bias.has_value()) {
-    check_bias_table(op, y, *bias);
-    check_task_id_range(op, task_ids, bias->size(0), "bias");
-  }
+  if (has_lora) check_lora_tables(op, y, x, *lora_a, *lora_b, *lora_scale, *lora_rank);
+  if (bias.has_value()) check_bias_table(op, y, *bias);
+}
+
+at::Tensor linear_delta_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids,
+                            const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
+                            const std::optional<at::Tensor>& lora_scale,
+                            const std::optional<at::Tensor>& lora_rank, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "pets::linear_delta";
+  const bool has_lora = lora_a.has_value();
+  check_linear_delta_inputs(y, x, task_ids, lora_a, lora_b, lora_scale, lora_rank, bias);
+  if (has_lora) check_task_id_range(op, task_ids, lora_a->size(0), "lora_a");
+  if (bias.has_value()) check_task_id_range(op, task_ids, bias->size(0), "bias");
 
   if (!has_lora && bias.has_value()) {  // y + bias in one pass, without first copying y
     at::Tensor out = at::empty(y.sizes(), y.options());

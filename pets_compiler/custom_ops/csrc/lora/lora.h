@@ -28,6 +28,12 @@ at::Tensor lora_delta_cpu(const at::Tensor& y, const at::Tensor& x, const at::Te
                           const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
                           const at::Tensor& rank);
 
+// Every check of pets::linear_delta but the task id range (which reads the ids, so it is the CPU kernel's).
+void check_linear_delta_inputs(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids,
+                               const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
+                               const std::optional<at::Tensor>& lora_scale,
+                               const std::optional<at::Tensor>& lora_rank, const std::optional<at::Tensor>& bias);
+
 at::Tensor linear_delta_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids,
                             const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
                             const std::optional<at::Tensor>& lora_scale,

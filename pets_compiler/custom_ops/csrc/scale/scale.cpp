@@ -11,13 +11,18 @@
 
 namespace pets {
 
-at::Tensor scale_cpu(const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& delta) {
+void check_scale_inputs(const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& delta) {
   constexpr const char* op = "pets::scale";
   check_batch_tensor(op, "y", y);
   check_task_ids(op, task_ids, "y", y);
   check_table(op, "delta", delta, 2, "y", y);
   TORCH_CHECK(delta.size(1) == y.size(-1), op, ": delta has features ", delta.size(1), ", y has ", y.size(-1),
               " (delta ", delta.sizes(), ", y ", y.sizes(), ")");
+}
+
+at::Tensor scale_cpu(const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& delta) {
+  constexpr const char* op = "pets::scale";
+  check_scale_inputs(y, task_ids, delta);
   check_task_id_range(op, task_ids, delta.size(0), "delta");
 
   const at::Tensor y3 = as_rows(y).contiguous();

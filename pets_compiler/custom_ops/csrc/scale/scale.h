@@ -6,6 +6,8 @@
 
 namespace pets {
 
+// Every check of pets::scale but the task id range.
+void check_scale_inputs(const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& delta);
 at::Tensor scale_cpu(const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& delta);
 
 }  // namespace pets
