@@ -38,7 +38,7 @@ def _extension() -> Extension:
         "pets_compiler._C",
         _sources("*.cpp") + _sources("*.cu"),
         define_macros=[("PETS_WITH_CUDA", None)],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},  # lineinfo: profilers, sanitizer
         py_limited_api=True,
     )
 

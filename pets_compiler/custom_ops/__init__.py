@@ -40,7 +40,6 @@ except ImportError as e:
         "after changing pets_compiler/custom_ops/csrc or upgrading torch."
     ) from e
 
-from pets_compiler.custom_ops import cuda_fallback as cuda_fallback  # CUDA: references until real kernels land
 from pets_compiler.custom_ops import fake as fake  # registers the fake kernels
 from pets_compiler.custom_ops.reference import (
     ADAPTER_ACTIVATIONS,

@@ -1,64 +1,198 @@
-"""The CUDA registrations of the dense task ops (csrc/gather, ATen gathers + batched matmuls) against their torch
-references, over task mixes, per-slot ranks with non-zero padding, odd sizes and dtypes."""
+"""The CUDA kernels of every pets op (csrc/cuda) against their float64 torch references: task mixes (one task, all
+distinct, uniform, Zipf-skewed, sorted), per-slot ranks up to 128 with non-zero table padding, sizes that are not
+tile multiples (token counts that leave partial tiles, 72/200 features), bert-base sizes (shared-memory opt-in
+above 48 KiB), fp32/fp16/bf16; then what must hold bitwise, batch independence and the input checks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
+from torch import Tensor
 
-import pets_compiler.custom_ops as custom_ops
 from pets_compiler.custom_ops import (
+    adapter_ref,
     bias_delta_ref,
+    embedding_delta_ref,
     layer_norm_ref,
     linear_delta_ref,
     lora_delta_ref,
     scale_ref,
     segmented_linear_ref,
+    sparse_delta_ref,
+)
+
+from op_cases import (
+    BATCH,
+    IN,
+    LABELS,
+    MIXES,
+    OUT,
+    SLOTS,
+    TOLERANCE,
+    VOCAB,
+    adapter_tables,
+    bits,
+    f64,
+    gen,
+    ln_params,
+    lora_tables,
+    randn,
+    sparse_pool,
+    task_ids_for,
 )
 
 pytestmark = pytest.mark.gpu
 ops = torch.ops.pets
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-GATHER_OPS = ("lora_delta", "linear_delta", "bias_delta", "scale", "segmented_linear", "layer_norm")
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GPU_TOKENS = [(), (5,), (37,)]  # [B, F]; [B, S, F] with one partial tile; several tiles and a partial one
 
 
-def test_dense_ops_have_compiled_cuda_kernels() -> None:
-    assert not set(GATHER_OPS) & set(custom_ops.cuda_fallback.FALLBACK_OPS)
+def cuda(*args: object) -> list[object]:
+    return [a.cuda() if isinstance(a, Tensor) else a for a in args]
 
 
-@pytest.mark.parametrize("dtype", list(TOL), ids=str)
-@pytest.mark.parametrize("mix", ["one", "uniform", "zipf"])
-def test_gather_ops_match_references(dtype: torch.dtype, mix: str) -> None:
-    g = torch.Generator().manual_seed(0)
-    slots, batch, tokens, in_f, out_f, rank, labels = 9, 7, 5, 72, 200, 7, 3
-    if mix == "one":
-        ids = torch.full((batch,), 4)
-    elif mix == "zipf":
-        ids = torch.multinomial(1 / torch.arange(1, slots + 1.0) ** 1.5, batch, replacement=True, generator=g)
-    else:
-        ids = torch.randint(0, slots, (batch,), generator=g)
+def check(op: str, ref: Callable[..., Tensor], args: tuple[object, ...], dtype: torch.dtype) -> Tensor:
+    """The op on CUDA against the float64 reference on the CPU; returns the CUDA output."""
+    got = getattr(ops, op)(*cuda(*args))
+    assert got.is_cuda and got.dtype == dtype and got.is_contiguous()
+    want = ref(*f64(*args))
+    torch.testing.assert_close(got.cpu(), want.to(dtype), **TOLERANCE[dtype], msg=lambda m: f"{op}: {m}")
+    return got
 
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=g) * 0.3
 
-    x, y = rand(batch, tokens, in_f), rand(batch, tokens, out_f)
-    a, b, s = rand(slots, rank, in_f), rand(slots, out_f, rank), rand(slots) + 1
-    r = torch.randint(0, rank + 1, (slots,), generator=g)  # padding beyond r[t] is not zero: it must be ignored
-    bias, delta = rand(slots, out_f), rand(slots, out_f)
-    hw, hb = rand(slots, labels, out_f), rand(slots, labels)
-    cases = {
-        "lora_delta": (lora_delta_ref, (y, x, ids, a, b, s, r)),
-        "linear_delta": (linear_delta_ref, (y, x, ids, a, b, s, r, bias)),
-        "bias_delta": (bias_delta_ref, (y, ids, bias)),
-        "scale": (scale_ref, (y, ids, delta)),
-        "segmented_linear": (segmented_linear_ref, (y, ids, hw, hb)),
-        "layer_norm": (layer_norm_ref, (y * 3 + 1, ids, rand(out_f), rand(out_f), bias, delta, 1e-12)),
-    }
-    for name, (ref, args) in cases.items():
-        tensors = [t for t in args if isinstance(t, torch.Tensor)]
-        rest = [a for a in args if not isinstance(a, torch.Tensor)]  # eps
-        want = ref(*[t.double() if t.is_floating_point() else t for t in tensors], *rest)
-        cuda = [t.to("cuda", dtype) if t.is_floating_point() else t.cuda() for t in tensors]
-        got = getattr(ops, name)(*cuda, *rest)
-        assert got.is_cuda and got.dtype == dtype
-        torch.testing.assert_close(got.double().cpu(), want, rtol=TOL[dtype], atol=TOL[dtype], msg=name)
+def site(dtype: torch.dtype, tokens: tuple[int, ...], in_f: int = IN, out_f: int = OUT) -> tuple[Tensor, Tensor]:
+    return randn(BATCH, *tokens, in_f, dtype=dtype, seed=4), randn(BATCH, *tokens, out_f, dtype=dtype, seed=5)
+
+
+@pytest.mark.parametrize("tokens", GPU_TOKENS, ids=["2d", "3d", "3d-long"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("rank", [0, 1, 7, 16, 33, 128])
+@pytest.mark.parametrize("mix", MIXES)
+def test_lora_delta(mix: str, rank: int, dtype: torch.dtype, tokens: tuple[int, ...]) -> None:
+    x, y = site(dtype, tokens)
+    check("lora_delta", lora_delta_ref, (y, x, task_ids_for(mix), *lora_tables(rank, dtype)), dtype)
+
+
+@pytest.mark.parametrize("terms", ["lora+bias", "lora", "bias", "none"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("mix", MIXES)
+def test_linear_delta(mix: str, dtype: torch.dtype, terms: str) -> None:
+    x, y = site(dtype, (37,))
+    lora = lora_tables(16, dtype) if "lora" in terms else (None,) * 4
+    bias = randn(SLOTS, OUT, dtype=dtype, seed=6) if "bias" in terms else None
+    check("linear_delta", linear_delta_ref, (y, x, task_ids_for(mix), *lora, bias), dtype)
+
+
+@pytest.mark.parametrize("tokens", GPU_TOKENS, ids=["2d", "3d", "3d-long"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("mix", MIXES)
+def test_row_ops_and_layer_norm(mix: str, dtype: torch.dtype, tokens: tuple[int, ...]) -> None:
+    ids = task_ids_for(mix)
+    x, y = site(dtype, tokens)
+    check("bias_delta", bias_delta_ref, (y, ids, randn(SLOTS, OUT, dtype=dtype, seed=6)), dtype)
+    check("scale", scale_ref, (y, ids, randn(SLOTS, OUT, dtype=dtype, seed=7, std=0.3)), dtype)
+    check("layer_norm", layer_norm_ref, (x * 3 + 1, ids, *ln_params(dtype), 1e-5), dtype)
+    head = (randn(SLOTS, LABELS, IN, dtype=dtype, seed=8), randn(SLOTS, LABELS, dtype=dtype, seed=9))
+    check("segmented_linear", segmented_linear_ref, (x, ids, *head), dtype)
+
+
+@pytest.mark.parametrize("tokens", GPU_TOKENS, ids=["2d", "3d", "3d-long"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("mix", MIXES)
+def test_sparse_ops(mix: str, dtype: torch.dtype, tokens: tuple[int, ...]) -> None:
+    ids = task_ids_for(mix)
+    x, y = site(dtype, tokens)
+    check("sparse_delta", sparse_delta_ref, (y, x, ids, *sparse_pool(SLOTS, OUT, IN, dtype)), dtype)
+    vocab_ids = torch.randint(0, VOCAB, (BATCH, *tokens), generator=gen(14))
+    emb = randn(BATCH, *tokens, IN, dtype=dtype, seed=5)
+    check("embedding_delta", embedding_delta_ref, (emb, vocab_ids, ids, *sparse_pool(SLOTS, VOCAB, IN, dtype)), dtype)
+
+
+@pytest.mark.parametrize("tokens", [(), (5,), (37,)], ids=["2d", "3d", "3d-long"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("bottleneck", [5, 64])
+@pytest.mark.parametrize("mix", MIXES)
+def test_adapter(mix: str, bottleneck: int, dtype: torch.dtype, tokens: tuple[int, ...]) -> None:
+    ids = task_ids_for(mix)
+    h, residual = randn(BATCH, *tokens, IN, dtype=dtype, seed=4), randn(BATCH, *tokens, IN, dtype=dtype, seed=5)
+    args = (h, residual, ids, *ln_params(dtype), 1e-5, *adapter_tables(bottleneck, dtype))
+    check("adapter", adapter_ref, args, dtype)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_bert_base_sizes(dtype: torch.dtype) -> None:
+    """Hidden 768 and intermediate 3072 over 32 slots, 128 tokens a row: the sizes the benchmark runs, and the
+    sparse kernel's staged activations above 48 KiB of shared memory (3072 inputs)."""
+    slots, batch, seq, hidden, inter = 32, 6, 128, 768, 3072
+    ids = torch.randint(0, slots, (batch,), generator=gen(1))
+    x, y = randn(batch, seq, inter, dtype=dtype, seed=2, std=0.5), randn(batch, seq, hidden, dtype=dtype, seed=3)
+    a, b, s, r = lora_tables(16, dtype, slots=slots, in_f=inter, out_f=hidden)
+    check("lora_delta", lora_delta_ref, (y, x, ids, a, b, s, r), dtype)
+    row_ptr, col, val = sparse_pool(slots, hidden, inter, dtype)
+    check("sparse_delta", sparse_delta_ref, (y, x, ids, row_ptr, col, val), dtype)
+    h = randn(batch, seq, hidden, dtype=dtype, seed=5)
+    ln = ln_params(dtype, slots=slots, hidden=hidden)
+    args = (h, y, ids, *ln, 1e-12, *adapter_tables(64, dtype, slots=slots, hidden=hidden))
+    check("adapter", adapter_ref, args, dtype)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_what_must_stay_bitwise(dtype: torch.dtype) -> None:
+    """Rows of slots without a term are y bit for bit; rows without an adapter are pets::layer_norm(h + residual)."""
+    ids = torch.arange(BATCH).cuda()
+    x, y = (t.cuda() for t in site(dtype, (5,)))
+    a, b, s, r = (t.cuda() for t in lora_tables(8, dtype))
+    s[::2] = 0
+    out = ops.lora_delta(y, x, ids, a, b, s, r)
+    zero = ((s == 0) | (r == 0))[ids]
+    assert torch.equal(bits(out[zero]), bits(y[zero])) and not torch.equal(out[~zero], y[~zero])
+    delta = randn(SLOTS, OUT, dtype=dtype, seed=7).cuda()
+    delta[::3] = 0
+    out = ops.scale(y, ids, delta)
+    assert torch.equal(bits(out[::3]), bits(y[::3]))
+    row_ptr, col, val = (t.cuda() for t in sparse_pool(SLOTS, OUT, IN, dtype))  # slots 0 and 7 have no nonzeros
+    out = ops.sparse_delta(y, x, ids, row_ptr, col, val)
+    assert torch.equal(bits(out[[0, 7]]), bits(y[[0, 7]]))
+    h, res = x, randn(BATCH, 5, IN, dtype=dtype, seed=6).cuda()
+    ln = [t.cuda() for t in ln_params(dtype)]
+    tables = [t.cuda() for t in adapter_tables(7, dtype)]
+    out = ops.adapter(h, res, ids, *ln, 1e-5, *tables)
+    plain = tables[-1][:, 0][ids] == 0  # slots 0 and 6
+    assert torch.equal(bits(out[plain]), bits(ops.layer_norm(h + res, ids, *ln, 1e-5)[plain]))
+
+
+def test_rows_do_not_depend_on_the_rest_of_the_batch() -> None:
+    """Each kernel works per row: changing the other rows and their slots leaves a row's output bitwise alone."""
+    dtype, tokens = torch.float16, (37,)
+    x, y = site(dtype, tokens)
+    x2, y2 = randn(BATCH, *tokens, IN, dtype=dtype, seed=40), randn(BATCH, *tokens, OUT, dtype=dtype, seed=41)
+    x2[0], y2[0] = x[0], y[0]
+    ids, ids2 = task_ids_for("uniform"), task_ids_for("distinct")
+    ids2[0] = ids[0]
+    lora = lora_tables(33, dtype)
+    pool = sparse_pool(SLOTS, OUT, IN, dtype)
+    adapter = (*ln_params(dtype, hidden=OUT), 1e-5, *adapter_tables(9, dtype, hidden=OUT))
+    for op, rest in {"lora_delta": lora, "sparse_delta": pool}.items():
+        one = getattr(ops, op)(*cuda(y, x, ids, *rest))
+        two = getattr(ops, op)(*cuda(y2, x2, ids2, *rest))
+        assert torch.equal(bits(one[0]), bits(two[0])), op
+    one = ops.adapter(*cuda(y, y, ids, *adapter))
+    two = ops.adapter(*cuda(y2, y2, ids2, *adapter))
+    assert torch.equal(bits(one[0]), bits(two[0]))
+
+
+def test_checks_name_the_wrong_input() -> None:
+    x, y = (t.cuda() for t in site(torch.float16, (5,)))
+    ids = task_ids_for("uniform").cuda()
+    a, b, s, r = (t.cuda() for t in lora_tables(8, torch.float16))
+    with pytest.raises(RuntimeError, match=r"lora_a has dtype Float, x has Half"):
+        ops.lora_delta(y, x, ids, a.float(), b, s, r)
+    with pytest.raises(RuntimeError, match=r"lora_b is on cpu, x is on cuda"):
+        ops.lora_delta(y, x, ids, a, b.cpu(), s, r)
+    with pytest.raises(RuntimeError, match=r"task_ids must be int64"):
+        ops.bias_delta(y, ids.int(), randn(SLOTS, OUT, dtype=torch.float16).cuda())
+    with pytest.raises(RuntimeError, match=r"row_ptr must be an int64 \[T, out \+ 1\]"):
+        row_ptr, col, val = (t.cuda() for t in sparse_pool(SLOTS, OUT, IN, torch.float16))
+        ops.sparse_delta(y, x, ids, row_ptr[:, :-1], col, val)

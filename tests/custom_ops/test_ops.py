@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import warnings
 from collections.abc import Callable
 
 import pytest
@@ -27,145 +26,33 @@ from pets_compiler.custom_ops import (
     sparse_delta_ref,
 )
 
+from op_cases import (
+    BATCH,
+    BOTTLENECKS,
+    DTYPES,
+    IN,
+    LABELS,
+    MIXES,
+    OUT,
+    RANKS,
+    SLOTS,
+    TOKENS,
+    TOLERANCE,
+    VOCAB,
+    adapter_tables,
+    assert_matches,
+    bits,
+    csr_matrix,
+    f64,
+    gen,
+    ln_params,
+    lora_tables,
+    randn,
+    sparse_pool,
+    task_ids_for,
+)
+
 ops = torch.ops.pets
-
-SLOTS = 12  # T: table slots
-BATCH = 9  # B <= SLOTS, so that "distinct" can give every row its own slot
-IN, OUT, LABELS = 72, 200, 5  # odd sizes, not multiples of any tile
-VOCAB = 40  # V: rows of an embedding delta
-BOTTLENECKS = [5, 7]  # R: padded adapter bottlenecks
-MIXES = ["one", "distinct", "uniform", "zipf", "sorted"]
-RANKS = [0, 1, 3, 7, 16]
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-TOKENS = [(), (5,)]  # x is [B, in] or [B, S, in]
-
-# Kernel in `dtype` against the reference in float64 on the same (rounded) inputs, cast to `dtype`.
-TOLERANCE = {
-    torch.float64: {"rtol": 1e-10, "atol": 1e-10},
-    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
-    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
-    torch.float16: {"rtol": 2e-3, "atol": 2e-3},
-}
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def task_ids_for(mix: str, batch: int = BATCH, slots: int = SLOTS, seed: int = 0) -> Tensor:
-    """A task mix: all rows one task, all distinct, uniform, Zipf-skewed, or uniform sorted by slot."""
-    g = _gen(seed)
-    if mix == "one":
-        return torch.full((batch,), 3, dtype=torch.long)
-    if mix == "distinct":
-        return torch.randperm(slots, generator=g)[:batch]
-    if mix == "zipf":
-        weights = 1.0 / torch.arange(1, slots + 1, dtype=torch.float64) ** 1.5
-        return torch.multinomial(weights, batch, replacement=True, generator=g)
-    ids = torch.randint(0, slots, (batch,), generator=g)
-    return ids.sort().values if mix == "sorted" else ids
-
-
-def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0, std: float = 1.0) -> Tensor:
-    return (torch.randn(shape, generator=_gen(seed), dtype=torch.float64) * std).to(dtype)
-
-
-def lora_tables(
-    rank: int, dtype: torch.dtype, slots: int = SLOTS, in_f: int = IN, out_f: int = OUT
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Tables of padded rank R = `rank`; each slot's own rank is drawn in [0, R] and the padding is NOT zero,
-    so a kernel that ignored the per-slot rank would differ from the reference."""
-    a = randn(slots, rank, in_f, dtype=dtype, seed=1, std=in_f**-0.5)
-    b = randn(slots, out_f, rank, dtype=dtype, seed=2, std=max(rank, 1) ** -0.5)
-    scale = (torch.rand(slots, generator=_gen(3), dtype=torch.float64) + 0.5).to(dtype)
-    ranks = torch.randint(0, rank + 1, (slots,), generator=_gen(13))
-    ranks[3] = rank  # the slot of the "one" mix uses the full rank
-    return a, b, scale, ranks
-
-
-def sparse_pool(
-    slots: int, rows: int, cols: int, dtype: torch.dtype, seed: int = 20, empty: tuple[int, ...] = (0, 7)
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Pooled CSR tables (row_ptr [slots, rows + 1], col [P], val [P]) of D_t [rows, cols] with about 6 nonzeros a
-    row (unique columns, row-major). The slots lie in the pool in shuffled order with dead entries (no slot's)
-    between them, as adding and removing tasks leaves it; every 4th row of every D_t is empty, and so is all of
-    D_t for the slots in `empty` (row_ptr[t, :] all equal, and not 0)."""
-    g = _gen(seed)
-    row_ptr = torch.zeros(slots, rows + 1, dtype=torch.long)
-    pieces, pos = [], 0
-    for t in torch.randperm(slots, generator=g).tolist():
-        dead = torch.randint(0, cols, (int(torch.randint(0, 4, (), generator=g)),), generator=g)
-        mask = torch.rand(rows, cols, generator=g) < min(1.0, 6 / cols)
-        mask[::4] = False
-        if t in empty:
-            mask[:] = False
-        r, c = mask.nonzero(as_tuple=True)
-        pos += dead.numel()
-        row_ptr[t, 1:] = torch.bincount(r, minlength=rows).cumsum(0)
-        row_ptr[t] += pos
-        pieces += [dead, c]
-        pos += c.numel()
-    col = torch.cat(pieces)
-    return row_ptr, col, randn(col.numel(), dtype=dtype, seed=seed + 1, std=6**-0.5)
-
-
-def csr_matrix(row_ptr: Tensor, col: Tensor, val: Tensor, slot: int, cols: int) -> Tensor:
-    """D_t of one slot as a dense matrix, by torch's own CSR tensor."""
-    lo, hi = int(row_ptr[slot, 0]), int(row_ptr[slot, -1])
-    crow, size = row_ptr[slot] - lo, (row_ptr.shape[1] - 1, cols)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, col[lo:hi], val[lo:hi], size, check_invariants=True).to_dense()
-
-
-def ln_params(dtype: torch.dtype, slots: int = SLOTS, hidden: int = IN) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """LayerNorm weight and bias [H] and per-slot deltas [T, H]."""
-    weight, bias = randn(hidden, dtype=dtype, seed=7, std=0.5) + 1, randn(hidden, dtype=dtype, seed=8, std=0.5)
-    wd = randn(slots, hidden, dtype=dtype, seed=9, std=0.1)
-    bd = randn(slots, hidden, dtype=dtype, seed=10, std=0.1)
-    return weight, bias, wd, bd
-
-
-def adapter_tables(
-    bottleneck: int, dtype: torch.dtype, slots: int = SLOTS, hidden: int = IN, seed: int = 30
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(down_w, down_b, up_w, up_b, scaling, config) of padded bottleneck R = `bottleneck`. Each slot draws its
-    flags and its own bottleneck in [0, R] and takes activation code slot % 8; the padding is NOT zero, so a kernel
-    that ignored the per-slot bottleneck would differ from the reference. Slot 0 has no adapter (config all
-    zero), slot 6 is disabled with its other columns set, slot 5 is enabled with bottleneck 0 and slot 3 (the
-    "one" mix) is Pfeiffer with the full R."""
-    g = _gen(seed)
-    down_w = randn(slots, bottleneck, hidden, dtype=dtype, seed=seed + 1, std=hidden**-0.5)
-    down_b = randn(slots, bottleneck, dtype=dtype, seed=seed + 2, std=0.5)
-    up_w = randn(slots, hidden, bottleneck, dtype=dtype, seed=seed + 3, std=max(bottleneck, 1) ** -0.5)
-    up_b = randn(slots, hidden, dtype=dtype, seed=seed + 4, std=0.5)
-    scaling = (torch.rand(slots, generator=g, dtype=torch.float64) + 0.5).to(dtype)
-    config = torch.zeros(slots, len(ADAPTER_CONFIG_COLUMNS), dtype=torch.long)
-    config[:, 0] = 1
-    config[:, 1:4] = torch.randint(0, 2, (slots, 3), generator=g)
-    config[:, 4] = torch.arange(slots) % 8
-    config[:, 5] = torch.randint(0, bottleneck + 1, (slots,), generator=g)
-    config[0] = 0
-    config[3] = torch.tensor([1, 1, 1, 1, ADAPTER_ACTIVATIONS["relu"], bottleneck])
-    if slots > 6:
-        config[5, 5] = 0
-        config[6, 0] = 0
-    return down_w, down_b, up_w, up_b, scaling, config
-
-
-def bits(t: Tensor) -> Tensor:
-    """The bit patterns of a float tensor, for bitwise comparisons (torch.equal says NaN != NaN, -0.0 == 0.0)."""
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def f64(*tensors: Tensor | None) -> list[Tensor | None]:
-    return [None if t is None else t.double() if t.is_floating_point() else t for t in tensors]
-
-
-def assert_matches(actual: Tensor, expected64: Tensor, dtype: torch.dtype) -> None:
-    assert actual.dtype == dtype
-    assert actual.is_contiguous()
-    torch.testing.assert_close(actual, expected64.to(dtype), **TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("tokens", TOKENS, ids=["2d", "3d"])
@@ -332,7 +219,7 @@ def test_sparse_delta_matches_reference(mix: str, dtype: torch.dtype, tokens: tu
 def test_embedding_delta_matches_reference(mix: str, dtype: torch.dtype, tokens: tuple[int, ...]) -> None:
     ids = task_ids_for(mix)
     y = randn(BATCH, *tokens, IN, dtype=dtype, seed=5)
-    vocab_ids = torch.randint(0, VOCAB, (BATCH, *tokens), generator=_gen(14))
+    vocab_ids = torch.randint(0, VOCAB, (BATCH, *tokens), generator=gen(14))
     row_ptr, col, val = sparse_pool(SLOTS, VOCAB, IN, dtype)
     out = ops.embedding_delta(y, vocab_ids, ids, row_ptr, col, val)
     assert_matches(out, embedding_delta_ref(*f64(y, vocab_ids, ids, row_ptr, col, val)), dtype)
@@ -349,7 +236,7 @@ def test_sparse_deltas_match_dense_csr_matrices() -> None:
     torch.testing.assert_close(sparse_delta_ref(y, x, ids, row_ptr, col, val), expected)
 
     e = randn(BATCH, 5, IN, dtype=torch.float64, seed=6)
-    vocab_ids = torch.randint(0, VOCAB, (BATCH, 5), generator=_gen(14))
+    vocab_ids = torch.randint(0, VOCAB, (BATCH, 5), generator=gen(14))
     e_ptr, e_col, e_val = sparse_pool(SLOTS, VOCAB, IN, torch.float64, seed=40)
     tables = [csr_matrix(e_ptr, e_col, e_val, t, IN) for t in range(SLOTS)]
     expected = torch.stack([e[i] + tables[t][vocab_ids[i]] for i, t in enumerate(ids.tolist())])
@@ -390,7 +277,7 @@ def test_sparse_deltas_leave_what_has_no_nonzeros_bitwise_y(dtype: torch.dtype) 
     assert torch.equal(bits(out[..., ::4]), bits(y[..., ::4]))  # every 4th row of each D_t is empty
     assert not torch.equal(out[~empty], y[~empty])
 
-    vocab_ids = torch.randint(0, VOCAB, (BATCH, 5), generator=_gen(14))
+    vocab_ids = torch.randint(0, VOCAB, (BATCH, 5), generator=gen(14))
     e_ptr, e_col, e_val = sparse_pool(SLOTS, VOCAB, OUT, dtype, seed=40)
     out = ops.embedding_delta(y, vocab_ids, ids, e_ptr, e_col, e_val)
     untouched = empty.unsqueeze(1) | (vocab_ids % 4 == 0)
@@ -406,7 +293,7 @@ def test_sparse_deltas_with_an_empty_pool_are_y(dtype: torch.dtype) -> None:
     row_ptr = torch.zeros(SLOTS, OUT + 1, dtype=torch.long)
     assert torch.equal(ops.sparse_delta(y, x, ids, row_ptr, col, val), y)
     assert torch.equal(sparse_delta_ref(y, x, ids, row_ptr, col, val), y)
-    vocab_ids = torch.randint(0, VOCAB, (BATCH, 5), generator=_gen(14))
+    vocab_ids = torch.randint(0, VOCAB, (BATCH, 5), generator=gen(14))
     e_ptr = torch.zeros(SLOTS, VOCAB + 1, dtype=torch.long)
     assert torch.equal(ops.embedding_delta(y, vocab_ids, ids, e_ptr, col, val), y)
     assert torch.equal(embedding_delta_ref(y, vocab_ids, ids, e_ptr, col, val), y)
@@ -418,7 +305,7 @@ def test_sparse_delta_rows_do_not_depend_on_other_rows_or_slots() -> None:
     x, y = randn(BATCH, 5, IN, seed=4), randn(BATCH, 5, OUT, seed=5)
     row_ptr, col, val = sparse_pool(SLOTS, OUT, IN, torch.float32)
     out = ops.sparse_delta(y, x, ids, row_ptr, col, val)
-    vocab_ids = torch.randint(0, VOCAB, (BATCH, 5), generator=_gen(14))
+    vocab_ids = torch.randint(0, VOCAB, (BATCH, 5), generator=gen(14))
     e_ptr, e_col, e_val = sparse_pool(SLOTS, VOCAB, OUT, torch.float32, seed=40)
     e_out = ops.embedding_delta(y, vocab_ids, ids, e_ptr, e_col, e_val)
     for i, t in enumerate(ids.tolist()):
@@ -604,7 +491,7 @@ def test_non_contiguous_inputs_of_the_pet_ops() -> None:
     assert not (row_ptr.is_contiguous() or col.is_contiguous() or val.is_contiguous())
     expected = sparse_delta_ref(y, x, ids, row_ptr, col, val)
     torch.testing.assert_close(ops.sparse_delta(y, x, ids, row_ptr, col, val), expected, **tol)
-    vocab_ids = torch.randint(0, VOCAB, (5, BATCH), generator=_gen(14)).T
+    vocab_ids = torch.randint(0, VOCAB, (5, BATCH), generator=gen(14)).T
     e_ptr, e_col, e_val = sparse_pool(SLOTS, VOCAB, IN, torch.float32, seed=40)
     expected = embedding_delta_ref(x, vocab_ids, ids, e_ptr, e_col, e_val)
     torch.testing.assert_close(ops.embedding_delta(x, vocab_ids, ids, e_ptr, e_col, e_val), expected, **tol)
@@ -646,7 +533,7 @@ def _samples() -> dict[str, tuple[Callable[..., Tensor], tuple[object, ...]]]:
     wd, bd = randn(4, 24, seed=9), randn(4, 24, seed=10)
     pool = sparse_pool(4, 40, 24, torch.float32, empty=(1,))
     no_pool = (torch.zeros(4, 41, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0))
-    vocab_ids = torch.randint(0, VOCAB, (5, 3), generator=_gen(14))
+    vocab_ids = torch.randint(0, VOCAB, (5, 3), generator=gen(14))
     e_pool = sparse_pool(4, VOCAB, 24, torch.float32, seed=40, empty=(1,))
     adapter = (*ln_params(torch.float32, 4, 24), 1e-5, *adapter_tables(3, torch.float32, slots=4, hidden=24))
     return {

@@ -103,11 +103,11 @@ void activate_(at::Tensor& t, int64_t code) {
 
 }  // namespace
 
-at::Tensor adapter_cpu(const at::Tensor& h, const at::Tensor& residual, const at::Tensor& task_ids,
-                       const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& ln_weight_delta,
-                       const at::Tensor& ln_bias_delta, double eps, const at::Tensor& down_w,
-                       const at::Tensor& down_b, const at::Tensor& up_w, const at::Tensor& up_b,
-                       const at::Tensor& scaling, const at::Tensor& config) {
+void check_adapter_inputs(const at::Tensor& h, const at::Tensor& residual, const at::Tensor& task_ids,
+                          const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& ln_weight_delta,
+                          const at::Tensor& ln_bias_delta, const at::Tensor& down_w, const at::Tensor& down_b,
+                          const at::Tensor& up_w, const at::Tensor& up_b, const at::Tensor& scaling,
+                          const at::Tensor& config) {
   check_batch_tensor(kOp, "h", h);
   TORCH_CHECK(residual.sizes() == h.sizes(), kOp, ": residual must have the shape of h, got residual ",
               residual.sizes(), " and h ", h.sizes());
@@ -117,6 +117,15 @@ at::Tensor adapter_cpu(const at::Tensor& h, const at::Tensor& residual, const at
   check_layer_norm_params(kOp, "h", h, {"ln_weight", "ln_bias", "ln_weight_delta", "ln_bias_delta"}, ln_weight,
                           ln_bias, ln_weight_delta, ln_bias_delta);
   check_adapter_tables(h, ln_weight_delta, down_w, down_b, up_w, up_b, scaling, config);
+}
+
+at::Tensor adapter_cpu(const at::Tensor& h, const at::Tensor& residual, const at::Tensor& task_ids,
+                       const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& ln_weight_delta,
+                       const at::Tensor& ln_bias_delta, double eps, const at::Tensor& down_w,
+                       const at::Tensor& down_b, const at::Tensor& up_w, const at::Tensor& up_b,
+                       const at::Tensor& scaling, const at::Tensor& config) {
+  check_adapter_inputs(h, residual, task_ids, ln_weight, ln_bias, ln_weight_delta, ln_bias_delta, down_w, down_b,
+                       up_w, up_b, scaling, config);
   check_task_id_range(kOp, task_ids, config.size(0), "config");
   const at::Tensor config_host = config.contiguous();
   const int64_t* cfg = config_host.const_data_ptr<int64_t>();

@@ -32,6 +32,13 @@ enum AdapterConfigColumn : int64_t {
 };
 constexpr int64_t kAdapterConfigColumns = 6;
 
+// Every check of pets::adapter that does not read task_ids or config (the CPU kernel also checks those).
+void check_adapter_inputs(const at::Tensor& h, const at::Tensor& residual, const at::Tensor& task_ids,
+                          const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& ln_weight_delta,
+                          const at::Tensor& ln_bias_delta, const at::Tensor& down_w, const at::Tensor& down_b,
+                          const at::Tensor& up_w, const at::Tensor& up_b, const at::Tensor& scaling,
+                          const at::Tensor& config);
+
 at::Tensor adapter_cpu(const at::Tensor& h, const at::Tensor& residual, const at::Tensor& task_ids,
                        const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& ln_weight_delta,
                        const at::Tensor& ln_bias_delta, double eps, const at::Tensor& down_w,

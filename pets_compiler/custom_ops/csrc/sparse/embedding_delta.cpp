@@ -53,10 +53,14 @@ void embedding_delta_rows(const scalar_t* y, const int64_t* ids, const int64_t* 
   });
 }
 
+PoolExtent embedding_extent(const at::Tensor& y, int64_t vocab) {
+  return {vocab, "V", "row_ptr.size(1) - 1", y.size(-1), "H", "y.size(-1)"};
+}
+
 }  // namespace
 
-at::Tensor embedding_delta_cpu(const at::Tensor& y, const at::Tensor& ids, const at::Tensor& task_ids,
-                               const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& val) {
+int64_t check_embedding_delta_inputs(const at::Tensor& y, const at::Tensor& ids, const at::Tensor& task_ids,
+                                     const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& val) {
   constexpr const char* op = "pets::embedding_delta";
   check_batch_tensor(op, "y", y);
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.sizes() == y.sizes().slice(0, y.dim() - 1), op,
@@ -67,9 +71,16 @@ at::Tensor embedding_delta_cpu(const at::Tensor& y, const at::Tensor& ids, const
   TORCH_CHECK(row_ptr.dim() == 2 && row_ptr.size(1) >= 1, op,
               ": row_ptr must be an int64 [T, V + 1] table (V = the embedding's rows), got shape ", row_ptr.sizes());
   const int64_t vocab = row_ptr.size(1) - 1;
-  check_pool(op, task_ids, row_ptr, col, val, {vocab, "V", "row_ptr.size(1) - 1", y.size(-1), "H", "y.size(-1)"},
-             "y", y);
+  check_pool_layout(op, row_ptr, col, val, embedding_extent(y, vocab), "y", y);
+  return vocab;
 
+}
+
+at::Tensor embedding_delta_cpu(const at::Tensor& y, const at::Tensor& ids, const at::Tensor& task_ids,
+                               const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& val) {
+  constexpr const char* op = "pets::embedding_delta";
+  const int64_t vocab = check_embedding_delta_inputs(y, ids, task_ids, row_ptr, col, val);
+  check_pool(op, task_ids, row_ptr, col, val, embedding_extent(y, vocab), "y", y);
   const at::Tensor idc = ids.contiguous();
   const int64_t* idp = idc.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < idc.numel(); ++i) {

@@ -6,8 +6,8 @@
 
 namespace pets {
 
-void check_pool(const char* op, const at::Tensor& task_ids, const at::Tensor& row_ptr, const at::Tensor& col,
-                const at::Tensor& val, const PoolExtent& extent, const char* ref_name, const at::Tensor& ref) {
+void check_pool_layout(const char* op, const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& val,
+                       const PoolExtent& extent, const char* ref_name, const at::Tensor& ref) {
   TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 2 && row_ptr.size(1) == extent.rows + 1, op,
               ": row_ptr must be an int64 [T, ", extent.rows_name, " + 1] table with ", extent.rows_name, " = ",
               extent.rows_source, " = ", extent.rows, ", got ", row_ptr.scalar_type(), " ", row_ptr.sizes());
@@ -19,6 +19,11 @@ void check_pool(const char* op, const at::Tensor& task_ids, const at::Tensor& ro
   check_device(op, "val", val, ref_name, ref);
   check_device(op, "col", col, ref_name, ref);
   check_device(op, "row_ptr", row_ptr, ref_name, ref);
+}
+
+void check_pool(const char* op, const at::Tensor& task_ids, const at::Tensor& row_ptr, const at::Tensor& col,
+                const at::Tensor& val, const PoolExtent& extent, const char* ref_name, const at::Tensor& ref) {
+  check_pool_layout(op, row_ptr, col, val, extent, ref_name, ref);
   const int64_t slots = row_ptr.size(0);
   check_task_id_range(op, task_ids, slots, "row_ptr");
 

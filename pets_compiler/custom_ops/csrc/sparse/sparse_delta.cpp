@@ -46,14 +46,23 @@ void sparse_delta_rows(const scalar_t* y, const scalar_t* x, const int64_t* task
   });
 }
 
+PoolExtent sparse_delta_extent(const at::Tensor& y, const at::Tensor& x) {
+  return {y.size(-1), "out", "y.size(-1)", x.size(-1), "in", "x.size(-1)"};
+}
+
 }  // namespace
+
+void check_sparse_delta_inputs(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids,
+                               const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& val) {
+  constexpr const char* op = "pets::sparse_delta";
+  check_site_inputs(op, y, x, task_ids);
+  check_pool_layout(op, row_ptr, col, val, sparse_delta_extent(y, x), "x", x);
+}
 
 at::Tensor sparse_delta_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids,
                             const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& val) {
-  constexpr const char* op = "pets::sparse_delta";
-  check_site_inputs(op, y, x, task_ids);
-  check_pool(op, task_ids, row_ptr, col, val, {y.size(-1), "out", "y.size(-1)", x.size(-1), "in", "x.size(-1)"}, "x",
-             x);
+  check_sparse_delta_inputs(y, x, task_ids, row_ptr, col, val);
+  check_pool("pets::sparse_delta", task_ids, row_ptr, col, val, sparse_delta_extent(y, x), "x", x);
 
   const at::Tensor y3 = as_rows(y).contiguous();
   const at::Tensor x3 = as_rows(x).contiguous();

@@ -1,0 +1,59 @@
+// Device helpers shared by the CUDA kernels: the slot of a batch row, warp sums, launch shapes. Every kernel reads
+// task_ids and the tables on the device (never on the host: reading them there would synchronise and break CUDA
+// graph capture), so each index it reads is checked where it is read: CUDA_KERNEL_ASSERT traps on a bad one (the
+// stream then reports the error), and the kernel skips the work instead of reading out of bounds.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+
+namespace pets::cuda {
+
+template <typename scalar_t>
+using acc_t = at::opmath_type<scalar_t>;  // float for half types and float, double for double
+
+constexpr int kWarp = 32;
+
+// task_ids[row] if it is a slot of a table with `slots` rows, else -1 (after a device-side assert).
+__device__ __forceinline__ int64_t slot_of(const int64_t* task_ids, int64_t row, int64_t slots) {
+  const int64_t t = task_ids[row];
+  CUDA_KERNEL_ASSERT(t >= 0 && t < slots && "pets: a task id is not a slot of the op's tables");
+  return (t >= 0 && t < slots) ? t : -1;
+}
+
+// The sum over a warp's 32 lanes, the same on every lane; a fixed butterfly order, so a result never depends on
+// anything but the 32 inputs.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a < b ? b : a; }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Dynamic shared memory above the default 48 KiB must be opted into per kernel; fails with the op's name when
+// the device cannot give `bytes` at all.
+template <typename Kernel>
+void allow_shared_memory(const char* op, Kernel kernel, size_t bytes, const char* what) {
+  int device = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const size_t limit = static_cast<size_t>(optin);
+  TORCH_CHECK(bytes <= limit, op, ": ", what, " needs ", bytes, " bytes of shared memory per block; this device ",
+              "allows ", limit);
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+}  // namespace pets::cuda

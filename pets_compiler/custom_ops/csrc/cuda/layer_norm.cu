@@ -1,0 +1,56 @@
+// pets::layer_norm: one warp per token, the slot's affine deltas applied in the same pass.
+#include "../common/task_groups.h"
+#include "../layer_norm/layer_norm.h"
+#include "layer_norm.cuh"
+#include "ops.h"
+
+namespace pets::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    layer_norm_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ task_ids,
+                      const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
+                      const scalar_t* __restrict__ weight_delta, const scalar_t* __restrict__ bias_delta,
+                      int64_t slots, scalar_t* __restrict__ out, int64_t rows, int64_t tokens, int64_t hidden,
+                      double eps) {
+  using acc = acc_t<scalar_t>;
+  const int64_t m = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  if (m >= rows) return;
+  const int64_t t = slot_of(task_ids, m / tokens, slots);
+  if (t < 0) return;
+  const scalar_t* xr = x + m * hidden;
+  scalar_t* outr = out + m * hidden;
+  warp_layer_norm<acc>([&](int64_t j) { return static_cast<acc>(xr[j]); },
+                       [&](int64_t j, acc v) { outr[j] = static_cast<scalar_t>(v); }, hidden, static_cast<acc>(eps),
+                       weight, bias, weight_delta + t * hidden, bias_delta + t * hidden);
+}
+
+}  // namespace
+
+at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
+                      const at::Tensor& bias, const at::Tensor& weight_delta, const at::Tensor& bias_delta,
+                      double eps) {
+  check_layer_norm_inputs(x, task_ids, weight, bias, weight_delta, bias_delta);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const at::Tensor x3 = as_rows(x).contiguous();
+  const at::Tensor ids = task_ids.contiguous();
+  const at::Tensor w = weight.contiguous(), b = bias.contiguous();
+  const at::Tensor wd = weight_delta.contiguous(), bd = bias_delta.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const int64_t rows = x3.size(0) * x3.size(1);
+  if (out.numel() == 0) return out;
+  const int64_t warps = kThreads / kWarp;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pets::layer_norm", [&] {
+    layer_norm_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(rows, warps)), kThreads, 0, stream()>>>(
+        x3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(), w.const_data_ptr<scalar_t>(),
+        b.const_data_ptr<scalar_t>(), wd.const_data_ptr<scalar_t>(), bd.const_data_ptr<scalar_t>(), wd.size(0),
+        out.mutable_data_ptr<scalar_t>(), rows, x3.size(1), x3.size(2), eps);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace pets::cuda

@@ -1,0 +1,165 @@
+// Segmented LoRA (SGMV style) and the fused linear_delta: one launch serves every task of a batch. A block takes
+// kTokens tokens of one batch row, so one slot: phase 1 computes h = x @ A[t, :r].T for them into shared memory
+// (fp32, one warp per token and rank chunk, lanes across in_features), phase 2 writes
+// out = y + scale[t] * h @ B[t, :, :r].T (+ bias[t]) with threads across out_features (coalesced y and out).
+// A slot's own rank r bounds both phases, so padding of the tables beyond r is never read.
+#include "../common/task_groups.h"
+#include "../lora/lora.h"
+#include "common.cuh"
+#include "ops.h"
+
+namespace pets::cuda {
+namespace {
+
+constexpr int kTokens = 16;     // tokens per block
+constexpr int kRankChunk = 16;  // rank components one warp accumulates at once
+constexpr int kThreads = 256;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    linear_delta_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ x,
+                        const int64_t* __restrict__ task_ids, const scalar_t* __restrict__ lora_a,
+                        const scalar_t* __restrict__ lora_b, const scalar_t* __restrict__ lora_scale,
+                        const int64_t* __restrict__ lora_rank, int64_t lora_slots, int64_t table_rank,
+                        const scalar_t* __restrict__ bias, int64_t bias_slots, scalar_t* __restrict__ out,
+                        int64_t tokens, int64_t in_features, int64_t out_features) {
+  using acc = acc_t<scalar_t>;
+  extern __shared__ unsigned char shared_raw[];
+  acc* h = reinterpret_cast<acc*>(shared_raw);  // [kTokens, table_rank]
+
+  const int64_t row = blockIdx.x;
+  const int64_t tok0 = static_cast<int64_t>(blockIdx.y) * kTokens;
+  const int count = static_cast<int>(min64(kTokens, tokens - tok0));
+  const int64_t m0 = row * tokens + tok0;  // the block's first token in the flattened [B * N] rows
+
+  int r = 0;
+  acc s = 0;
+  int64_t t_lora = -1;
+  if (lora_a != nullptr) {
+    t_lora = slot_of(task_ids, row, lora_slots);
+    if (t_lora >= 0) {
+      const int64_t rk = lora_rank[t_lora];
+      CUDA_KERNEL_ASSERT(rk >= 0 && rk <= table_rank && "pets: a LoRA rank is outside [0, R]");
+      r = static_cast<int>(max64(0, min64(rk, table_rank)));
+      s = static_cast<acc>(lora_scale[t_lora]);
+      if (s == acc(0)) r = 0;  // a slot without LoRA here: its rows are y (+ bias) exactly
+    }
+  }
+  const int64_t t_bias = bias != nullptr ? slot_of(task_ids, row, bias_slots) : -1;
+
+  if (r > 0) {
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+    const scalar_t* a = lora_a + t_lora * table_rank * in_features;
+    const int chunks = (r + kRankChunk - 1) / kRankChunk;
+    for (int job = warp; job < count * chunks; job += warps) {
+      const int tm = job / chunks, c0 = (job % chunks) * kRankChunk;
+      const int rc = min(kRankChunk, r - c0);
+      const scalar_t* xr = x + (m0 + tm) * in_features;
+      acc part[kRankChunk];
+#pragma unroll
+      for (int j = 0; j < kRankChunk; ++j) part[j] = 0;
+      for (int64_t k = lane; k < in_features; k += kWarp) {
+        const acc xv = static_cast<acc>(xr[k]);
+#pragma unroll
+        for (int j = 0; j < kRankChunk; ++j) {
+          if (j < rc) part[j] += xv * static_cast<acc>(a[(c0 + j) * in_features + k]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kRankChunk; ++j) {
+        if (j < rc) {
+          const acc v = warp_sum(part[j]);
+          if (lane == 0) h[tm * table_rank + c0 + j] = v;
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  const scalar_t* b = r > 0 ? lora_b + t_lora * out_features * table_rank : nullptr;
+  const scalar_t* bt = t_bias >= 0 ? bias + t_bias * out_features : nullptr;
+  for (int64_t o = threadIdx.x; o < out_features; o += blockDim.x) {
+    acc sum[kTokens];
+#pragma unroll
+    for (int tm = 0; tm < kTokens; ++tm) sum[tm] = 0;
+    for (int j = 0; j < r; ++j) {
+      const acc bv = static_cast<acc>(b[o * table_rank + j]);
+#pragma unroll
+      for (int tm = 0; tm < kTokens; ++tm) {
+        if (tm < count) sum[tm] += h[tm * table_rank + j] * bv;
+      }
+    }
+    const acc bias_o = bt != nullptr ? static_cast<acc>(bt[o]) : acc(0);
+#pragma unroll
+    for (int tm = 0; tm < kTokens; ++tm) {
+      if (tm < count) {
+        const int64_t i = (m0 + tm) * out_features + o;
+        if (r == 0 && bt == nullptr) {
+          out[i] = y[i];  // bitwise y
+        } else {
+          acc v = static_cast<acc>(y[i]);
+          if (r > 0) v += s * sum[tm];
+          if (bt != nullptr) v += bias_o;
+          out[i] = static_cast<scalar_t>(v);
+        }
+      }
+    }
+  }
+}
+
+at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor* lora_a,
+                  const at::Tensor* lora_b, const at::Tensor* lora_scale, const at::Tensor* lora_rank,
+                  const at::Tensor* bias) {
+  const c10::cuda::OptionalCUDAGuard guard(y.device());
+  const at::Tensor y3 = as_rows(y).contiguous();
+  const at::Tensor x3 = as_rows(x).contiguous();
+  const at::Tensor ids = task_ids.contiguous();
+  at::Tensor out = at::empty(y.sizes(), y.options());
+  const int64_t batch = y3.size(0), tokens = y3.size(1);
+  if (out.numel() == 0) return out;
+  const bool with_lora = lora_a != nullptr && lora_a->size(1) > 0;
+  const at::Tensor a = with_lora ? lora_a->contiguous() : at::Tensor();
+  const at::Tensor b = with_lora ? lora_b->contiguous() : at::Tensor();
+  const at::Tensor sc = with_lora ? lora_scale->contiguous() : at::Tensor();
+  const at::Tensor rk = with_lora ? lora_rank->contiguous() : at::Tensor();
+  const at::Tensor bs = bias != nullptr ? bias->contiguous() : at::Tensor();
+  const int64_t table_rank = with_lora ? a.size(1) : 0;
+  const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(ceil_div(tokens, kTokens)));
+  TORCH_CHECK(grid.y <= 65535, "pets::linear_delta: ", tokens, " tokens per row is more than the kernel's ",
+              65535 * kTokens);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "pets::linear_delta", [&] {
+    const size_t shared = static_cast<size_t>(kTokens) * table_rank * sizeof(acc_t<scalar_t>);
+    allow_shared_memory("pets::linear_delta", linear_delta_kernel<scalar_t>, shared, "the LoRA rank");
+    linear_delta_kernel<scalar_t><<<grid, kThreads, shared, stream()>>>(
+        y3.const_data_ptr<scalar_t>(), x3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
+        with_lora ? a.const_data_ptr<scalar_t>() : nullptr, with_lora ? b.const_data_ptr<scalar_t>() : nullptr,
+        with_lora ? sc.const_data_ptr<scalar_t>() : nullptr, with_lora ? rk.const_data_ptr<int64_t>() : nullptr,
+        with_lora ? a.size(0) : 0, table_rank, bias != nullptr ? bs.const_data_ptr<scalar_t>() : nullptr,
+        bias != nullptr ? bs.size(0) : 0, out.mutable_data_ptr<scalar_t>(), tokens, x3.size(2), y3.size(2));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor lora_delta(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& lora_a,
+                      const at::Tensor& lora_b, const at::Tensor& scale, const at::Tensor& rank) {
+  constexpr const char* op = "pets::lora_delta";
+  check_site_inputs(op, y, x, task_ids);
+  check_lora_tables(op, y, x, lora_a, lora_b, scale, rank);
+  return launch(y, x, task_ids, &lora_a, &lora_b, &scale, &rank, nullptr);
+}
+
+at::Tensor linear_delta(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids,
+                        const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
+                        const std::optional<at::Tensor>& lora_scale, const std::optional<at::Tensor>& lora_rank,
+                        const std::optional<at::Tensor>& bias) {
+  check_linear_delta_inputs(y, x, task_ids, lora_a, lora_b, lora_scale, lora_rank, bias);
+  const bool with_lora = lora_a.has_value();
+  return launch(y, x, task_ids, with_lora ? &*lora_a : nullptr, with_lora ? &*lora_b : nullptr,
+                with_lora ? &*lora_scale : nullptr, with_lora ? &*lora_rank : nullptr,
+                bias.has_value() ? &*bias : nullptr);
+}
+
+}  // namespace pets::cuda

@@ -1,0 +1,76 @@
+"""Times each pets CUDA op at bert-base sizes (bs64 s128, fp16, 32 slots, rows' slots uniform) against its
+memory floor (bytes it must move / a measured copy bandwidth). A development probe; bench/ has the full harness."""
+
+from __future__ import annotations
+
+import torch
+
+import pets_compiler  # noqa: F401
+
+ops = torch.ops.pets
+dev, dt = "cuda", torch.float16
+B, S, H, I, T = 64, 128, 768, 3072, 32
+g = torch.Generator(device=dev).manual_seed(0)
+
+
+def rn(*shape: int, std: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, device=dev, dtype=dt, generator=g) * std
+
+
+def ms(fn, iters: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+big = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
+bw = 2 * big.numel() / (ms(lambda: big.clone(), 20) / 1e3)  # read + write bytes per second
+print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+ids = torch.randint(0, T, (B,), device=dev, generator=g)
+x, y, xi = rn(B, S, H), rn(B, S, H), rn(B, S, I)
+act = B * S * H * 2
+
+
+def pool(rows: int, cols: int, density: float) -> tuple[torch.Tensor, ...]:
+    nnz_row = max(1, int(cols * density))
+    col = torch.randint(0, cols, (T * rows * nnz_row,), device=dev, generator=g)
+    row_ptr = (torch.arange(T * (rows + 1), device=dev).view(T, rows + 1) - torch.arange(T, device=dev).view(T, 1))
+    return row_ptr * nnz_row, col, rn(col.numel(), std=0.02)
+
+
+cases = {}
+for r in (8, 16, 64):
+    a, b = rn(T, r, H, std=H**-0.5), rn(T, H, r, std=0.1)
+    s, rk = torch.ones(T, device=dev, dtype=dt), torch.full((T,), r, device=dev)
+    cases[f"lora_delta r{r}"] = (lambda a=a, b=b, s=s, rk=rk: ops.lora_delta(y, x, ids, a, b, s, rk), 3 * act)
+bias = rn(T, H)
+cases["linear_delta bias"] = (lambda: ops.linear_delta(y, x, ids, None, None, None, None, bias), 2 * act)
+cases["bias_delta"] = (lambda: ops.bias_delta(y, ids, bias), 2 * act)
+cases["scale"] = (lambda: ops.scale(y, ids, rn(T, H, std=0.1)), 2 * act)
+w, bb = rn(H) + 1, rn(H)
+cases["layer_norm"] = (lambda: ops.layer_norm(x, ids, w, bb, rn(T, H, std=0.1), rn(T, H, std=0.1), 1e-12), 2 * act)
+cases["aten layer_norm"] = (lambda: torch.nn.functional.layer_norm(x, (H,), w, bb), 2 * act)
+for d in (0.01, 0.05):
+    rp, c, v = pool(H, H, d)
+    cases[f"sparse_delta {d:.0%} 768x768"] = (lambda rp=rp, c=c, v=v: ops.sparse_delta(y, x, ids, rp, c, v), 3 * act)
+    rp, c, v = pool(H, I, d)
+    cases[f"sparse_delta {d:.0%} 768x3072"] = (lambda rp=rp, c=c, v=v: ops.sparse_delta(y, xi, ids, rp, c, v), 6 * act)
+cfg = torch.tensor([[1, 1, 1, 1, 1, 64]] * T, device=dev)
+ad = (rn(T, 64, H, std=H**-0.5), rn(T, 64), rn(T, H, 64, std=0.1), rn(T, H), torch.ones(T, device=dev, dtype=dt), cfg)
+zero = torch.zeros(T, H, device=dev, dtype=dt)
+cases["adapter 64"] = (lambda: ops.adapter(x, y, ids, w, bb, zero, zero, 1e-12, *ad), 3 * act)
+cases["aten add+layer_norm"] = (lambda: torch.nn.functional.layer_norm(x + y, (H,), w, bb), 4 * act)
+pooled = x[:, 0]
+hw, hb = rn(T, 3, H), rn(T, 3)
+cases["segmented_linear"] = (lambda: ops.segmented_linear(pooled, ids, hw, hb), B * H * 2)
+wq = rn(H, H, std=H**-0.5)
+cases["aten linear 768x768"] = (lambda: torch.nn.functional.linear(x, wq), 2 * act)
+for name, (fn, nbytes) in cases.items():
+    t = ms(fn)
+    print(f"{name:28s} {t * 1e3:8.1f} us   floor {nbytes / bw * 1e6:7.1f} us   x{t / 1e3 / (nbytes / bw):5.1f}")
