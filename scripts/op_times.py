@@ -9,7 +9,7 @@ import pets_compiler  # noqa: F401
 
 ops = torch.ops.pets
 dev, dt = "cuda", torch.float16
-B, S, H, I, T = 64, 128, 768, 3072, 32
+B, S, H, FF, T = 64, 128, 768, 3072, 32
 g = torch.Generator(device=dev).manual_seed(0)
 
 
@@ -33,14 +33,14 @@ big = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
 bw = 2 * big.numel() / (ms(lambda: big.clone(), 20) / 1e3)  # read + write bytes per second
 print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
 ids = torch.randint(0, T, (B,), device=dev, generator=g)
-x, y, xi = rn(B, S, H), rn(B, S, H), rn(B, S, I)
+x, y, xi = rn(B, S, H), rn(B, S, H), rn(B, S, FF)
 act = B * S * H * 2
 
 
 def pool(rows: int, cols: int, density: float) -> tuple[torch.Tensor, ...]:
     nnz_row = max(1, int(cols * density))
     col = torch.randint(0, cols, (T * rows * nnz_row,), device=dev, generator=g)
-    row_ptr = (torch.arange(T * (rows + 1), device=dev).view(T, rows + 1) - torch.arange(T, device=dev).view(T, 1))
+    row_ptr = torch.arange(T * (rows + 1), device=dev).view(T, rows + 1) - torch.arange(T, device=dev).view(T, 1)
     return row_ptr * nnz_row, col, rn(col.numel(), std=0.02)
 
 
@@ -59,7 +59,7 @@ cases["aten layer_norm"] = (lambda: torch.nn.functional.layer_norm(x, (H,), w, b
 for d in (0.01, 0.05):
     rp, c, v = pool(H, H, d)
     cases[f"sparse_delta {d:.0%} 768x768"] = (lambda rp=rp, c=c, v=v: ops.sparse_delta(y, x, ids, rp, c, v), 3 * act)
-    rp, c, v = pool(H, I, d)
+    rp, c, v = pool(H, FF, d)
     cases[f"sparse_delta {d:.0%} 768x3072"] = (lambda rp=rp, c=c, v=v: ops.sparse_delta(y, xi, ids, rp, c, v), 6 * act)
 cfg = torch.tensor([[1, 1, 1, 1, 1, 64]] * T, device=dev)
 ad = (rn(T, 64, H, std=H**-0.5), rn(T, 64), rn(T, H, 64, std=0.1), rn(T, H), torch.ones(T, device=dev, dtype=dt), cfg)
