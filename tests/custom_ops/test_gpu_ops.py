@@ -57,7 +57,7 @@ def check(op: str, ref: Callable[..., Tensor], args: tuple[object, ...], dtype: 
     """The op on CUDA against the float64 reference on the CPU; returns the CUDA output."""
     got = getattr(ops, op)(*cuda(*args))
     assert got.is_cuda and got.dtype == dtype and got.is_contiguous()
-    want = ref(*f64(*args))
+    want = ref(*[f64(a)[0] if isinstance(a, Tensor) else a for a in args])
     torch.testing.assert_close(got.cpu(), want.to(dtype), **TOLERANCE[dtype], msg=lambda m: f"{op}: {m}")
     return got
 

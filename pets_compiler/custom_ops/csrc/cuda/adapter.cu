@@ -12,6 +12,7 @@ namespace pets::cuda {
 namespace {
 
 constexpr int kTokens = 8;
+constexpr int kChunk = 8;  // weights loaded together before use
 constexpr int kThreads = 256;  // kTokens warps: one per token in the LayerNorm phases
 
 template <typename acc>
@@ -101,11 +102,22 @@ __global__ void __launch_bounds__(kThreads)
     acc part[kTokens];
 #pragma unroll
     for (int tm = 0; tm < kTokens; ++tm) part[tm] = 0;
-    for (int64_t j = lane; j < hidden; j += kWarp) {
-      const acc wv = static_cast<acc>(w[j]);
+    for (int64_t j0 = lane; j0 < hidden; j0 += kWarp * kChunk) {
+      acc wv[kChunk];  // kChunk strided weights in flight together
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) {
+        const int64_t j = j0 + e * kWarp;
+        wv[e] = j < hidden ? static_cast<acc>(w[j]) : acc(0);
+      }
 #pragma unroll
       for (int tm = 0; tm < kTokens; ++tm) {
-        if (tm < count) part[tm] += s_a[tm * hidden + j] * wv;
+        if (tm < count) {
+#pragma unroll
+          for (int e = 0; e < kChunk; ++e) {
+            const int64_t j = j0 + e * kWarp;
+            if (j < hidden) part[tm] += s_a[tm * hidden + j] * wv[e];
+          }
+        }
       }
     }
     const acc bias_u = static_cast<acc>(down_b[t * padded + u]);
@@ -126,11 +138,21 @@ __global__ void __launch_bounds__(kThreads)
     acc sum[kTokens];
 #pragma unroll
     for (int tm = 0; tm < kTokens; ++tm) sum[tm] = 0;
-    for (int64_t u = 0; u < r; ++u) {
-      const acc wv = static_cast<acc>(w[u]);
+    for (int64_t u0 = 0; u0 < r; u0 += kChunk) {
+      // The chunk's weights first (independent loads in flight together), then the products.
+      const int64_t uc = min64(kChunk, r - u0);
+      acc wv[kChunk];
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) wv[e] = e < uc ? static_cast<acc>(w[u0 + e]) : acc(0);
 #pragma unroll
       for (int tm = 0; tm < kTokens; ++tm) {
-        if (tm < count) sum[tm] += s_d[tm * padded + u] * wv;
+        if (tm < count) {
+          const acc* d = s_d + tm * padded + u0;
+#pragma unroll
+          for (int e = 0; e < kChunk; ++e) {
+            if (e < uc) sum[tm] += d[e] * wv[e];
+          }
+        }
       }
     }
     const acc bias_j = static_cast<acc>(up_b[t * hidden + j]);

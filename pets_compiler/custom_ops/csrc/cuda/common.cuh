@@ -37,6 +37,26 @@ __device__ __forceinline__ T warp_sum(T v) {
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a < b ? b : a; }
 
+// 16-byte vectors of a row: loads of kVecBytes / sizeof(scalar_t) elements in one instruction.
+constexpr int kVecBytes = 16;
+template <typename scalar_t>
+struct alignas(kVecBytes) Vec {
+  scalar_t v[kVecBytes / sizeof(scalar_t)];
+};
+
+// The v-th vector of a row starting at `row` (16-byte aligned; see vectorizable).
+template <typename scalar_t>
+__device__ __forceinline__ Vec<scalar_t> load_vec(const scalar_t* row, int64_t v) {
+  return reinterpret_cast<const Vec<scalar_t>*>(row)[v];
+}
+
+// Whether rows of `features` elements of contiguous `t` can be read as 16-byte vectors.
+template <typename scalar_t>
+bool vectorizable(const at::Tensor& t, int64_t features) {
+  return (features * static_cast<int64_t>(sizeof(scalar_t))) % kVecBytes == 0 &&
+         reinterpret_cast<uintptr_t>(t.const_data_ptr()) % kVecBytes == 0;
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }

@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(kThreads)
                         const scalar_t* __restrict__ lora_b, const scalar_t* __restrict__ lora_scale,
                         const int64_t* __restrict__ lora_rank, int64_t lora_slots, int64_t table_rank,
                         const scalar_t* __restrict__ bias, int64_t bias_slots, scalar_t* __restrict__ out,
-                        int64_t tokens, int64_t in_features, int64_t out_features) {
+                        int64_t tokens, int64_t in_features, int64_t out_features, bool vectorized) {
   using acc = acc_t<scalar_t>;
   extern __shared__ unsigned char shared_raw[];
   acc* h = reinterpret_cast<acc*>(shared_raw);  // [kTokens, table_rank]
@@ -51,25 +51,55 @@ __global__ void __launch_bounds__(kThreads)
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
     const scalar_t* a = lora_a + t_lora * table_rank * in_features;
     const int chunks = (r + kRankChunk - 1) / kRankChunk;
-    for (int job = warp; job < count * chunks; job += warps) {
-      const int tm = job / chunks, c0 = (job % chunks) * kRankChunk;
+    const int pairs = (count + 1) / 2;
+    // A job: two tokens and one chunk of rank components, so each A element loaded serves two tokens.
+    for (int job = warp; job < pairs * chunks; job += warps) {
+      const int tm = (job / chunks) * 2, c0 = (job % chunks) * kRankChunk;
       const int rc = min(kRankChunk, r - c0);
-      const scalar_t* xr = x + (m0 + tm) * in_features;
-      acc part[kRankChunk];
+      const bool two = tm + 1 < count;
+      const scalar_t* x0 = x + (m0 + tm) * in_features;
+      const scalar_t* x1 = two ? x0 + in_features : x0;
+      acc p0[kRankChunk], p1[kRankChunk];
 #pragma unroll
-      for (int j = 0; j < kRankChunk; ++j) part[j] = 0;
-      for (int64_t k = lane; k < in_features; k += kWarp) {
-        const acc xv = static_cast<acc>(xr[k]);
+      for (int j = 0; j < kRankChunk; ++j) p0[j] = p1[j] = 0;
+      if (vectorized) {
+        constexpr int V = kVecBytes / sizeof(scalar_t);
+        for (int64_t v = lane; v < in_features / V; v += kWarp) {
+          const Vec<scalar_t> xa = load_vec<scalar_t>(x0, v), xb = load_vec<scalar_t>(x1, v);
 #pragma unroll
-        for (int j = 0; j < kRankChunk; ++j) {
-          if (j < rc) part[j] += xv * static_cast<acc>(a[(c0 + j) * in_features + k]);
+          for (int j = 0; j < kRankChunk; ++j) {
+            if (j < rc) {
+              const Vec<scalar_t> av = load_vec<scalar_t>(a + (c0 + j) * in_features, v);
+#pragma unroll
+              for (int e = 0; e < V; ++e) {
+                const acc w = static_cast<acc>(av.v[e]);
+                p0[j] += static_cast<acc>(xa.v[e]) * w;
+                p1[j] += static_cast<acc>(xb.v[e]) * w;
+              }
+            }
+          }
+        }
+      } else {
+        for (int64_t k = lane; k < in_features; k += kWarp) {
+          const acc xa = static_cast<acc>(x0[k]), xb = static_cast<acc>(x1[k]);
+#pragma unroll
+          for (int j = 0; j < kRankChunk; ++j) {
+            if (j < rc) {
+              const acc w = static_cast<acc>(a[(c0 + j) * in_features + k]);
+              p0[j] += xa * w;
+              p1[j] += xb * w;
+            }
+          }
         }
       }
 #pragma unroll
       for (int j = 0; j < kRankChunk; ++j) {
         if (j < rc) {
-          const acc v = warp_sum(part[j]);
-          if (lane == 0) h[tm * table_rank + c0 + j] = v;
+          const acc v0 = warp_sum(p0[j]), v1 = warp_sum(p1[j]);
+          if (lane == 0) {
+            h[tm * table_rank + c0 + j] = v0;
+            if (two) h[(tm + 1) * table_rank + c0 + j] = v1;
+          }
         }
       }
     }
@@ -82,11 +112,21 @@ __global__ void __launch_bounds__(kThreads)
     acc sum[kTokens];
 #pragma unroll
     for (int tm = 0; tm < kTokens; ++tm) sum[tm] = 0;
-    for (int j = 0; j < r; ++j) {
-      const acc bv = static_cast<acc>(b[o * table_rank + j]);
+    for (int c0 = 0; c0 < r; c0 += kRankChunk) {
+      // The chunk's B row entries first (independent loads in flight together), then the products.
+      const int rc = min(kRankChunk, r - c0);
+      acc bv[kRankChunk];
+#pragma unroll
+      for (int j = 0; j < kRankChunk; ++j) bv[j] = j < rc ? static_cast<acc>(b[o * table_rank + c0 + j]) : acc(0);
 #pragma unroll
       for (int tm = 0; tm < kTokens; ++tm) {
-        if (tm < count) sum[tm] += h[tm * table_rank + j] * bv;
+        if (tm < count) {
+          const acc* hr = h + tm * table_rank + c0;
+#pragma unroll
+          for (int j = 0; j < kRankChunk; ++j) {
+            if (j < rc) sum[tm] += hr[j] * bv[j];
+          }
+        }
       }
     }
     const acc bias_o = bt != nullptr ? static_cast<acc>(bt[o]) : acc(0);
@@ -135,7 +175,8 @@ at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& ta
         with_lora ? a.const_data_ptr<scalar_t>() : nullptr, with_lora ? b.const_data_ptr<scalar_t>() : nullptr,
         with_lora ? sc.const_data_ptr<scalar_t>() : nullptr, with_lora ? rk.const_data_ptr<int64_t>() : nullptr,
         with_lora ? a.size(0) : 0, table_rank, bias != nullptr ? bs.const_data_ptr<scalar_t>() : nullptr,
-        bias != nullptr ? bs.size(0) : 0, out.mutable_data_ptr<scalar_t>(), tokens, x3.size(2), y3.size(2));
+        bias != nullptr ? bs.size(0) : 0, out.mutable_data_ptr<scalar_t>(), tokens, x3.size(2), y3.size(2),
+        with_lora && vectorizable<scalar_t>(x3, x3.size(2)) && vectorizable<scalar_t>(a, a.size(2)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -13,7 +13,8 @@ namespace pets::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kTileBytes = 32;  // one staged column: kTile tokens of sizeof(scalar_t) bytes
+constexpr int kTileBytes = 32;
+constexpr int kUnroll = 4;  // CSR entries in flight per thread  // one staged column: kTile tokens of sizeof(scalar_t) bytes
 
 template <typename scalar_t>
 constexpr int tile_tokens() {
@@ -67,17 +68,27 @@ __global__ void __launch_bounds__(kThreads)
     acc sum[kTile];
 #pragma unroll
     for (int tm = 0; tm < kTile; ++tm) sum[tm] = 0;
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t c = col[k];
-      CUDA_KERNEL_ASSERT(c >= 0 && c < in_features && "pets: a sparse_delta column is outside [0, in)");
-      if (c < 0 || c >= in_features) continue;
-      const acc v = static_cast<acc>(val[k]);
-      // kTile * sizeof(scalar_t) = 32 bytes: two 16-byte loads of one staged column.
-      const uint4* src = reinterpret_cast<const uint4*>(xs + c * kTile);
-      uint4 raw[2] = {src[0], src[1]};
-      const scalar_t* xv = reinterpret_cast<const scalar_t*>(raw);
+    // kUnroll entries' (col, val) loaded together, then applied: the loads of a row are independent.
+    for (int64_t k = k0; k < k1; k += kUnroll) {
+      int64_t c[kUnroll];
+      acc v[kUnroll];
 #pragma unroll
-      for (int tm = 0; tm < kTile; ++tm) sum[tm] += v * static_cast<acc>(xv[tm]);
+      for (int u = 0; u < kUnroll; ++u) {
+        const bool in = k + u < k1;
+        c[u] = in ? col[k + u] : 0;
+        v[u] = in ? static_cast<acc>(val[k + u]) : acc(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        CUDA_KERNEL_ASSERT(c[u] >= 0 && c[u] < in_features && "pets: a sparse_delta column is outside [0, in)");
+        if (c[u] < 0 || c[u] >= in_features || k + u >= k1) continue;
+        // kTile * sizeof(scalar_t) = 32 bytes: two 16-byte loads of one staged column.
+        const uint4* src = reinterpret_cast<const uint4*>(xs + c[u] * kTile);
+        uint4 raw[2] = {src[0], src[1]};
+        const scalar_t* xv = reinterpret_cast<const scalar_t*>(raw);
+#pragma unroll
+        for (int tm = 0; tm < kTile; ++tm) sum[tm] += v[u] * static_cast<acc>(xv[tm]);
+      }
     }
     for (int tm = 0; tm < count; ++tm) {
       const int64_t i = (m0 + tm) * out_features + o;
