@@ -6,6 +6,7 @@
 #include "../common/task_groups.h"
 #include "common.cuh"
 #include "layer_norm.cuh"
+#include "row_regs.cuh"
 #include "ops.h"
 
 namespace pets::cuda {
@@ -181,6 +182,108 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The tensor-core path (rows_fit): adapter_in_kernel, the down projection as one batched matmul over the rows'
+// gathered tables, adapter_act_kernel, the up projection likewise, adapter_out_kernel. Intermediates are rounded
+// to the input dtype where the CPU kernel's matmuls and adds round them.
+
+// LN_t(h + residual) per token: the output of rows without an adapter; else the adapter input a_in.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    adapter_in_kernel(const scalar_t* __restrict__ h, const scalar_t* __restrict__ residual,
+                      const int64_t* __restrict__ task_ids, const scalar_t* __restrict__ ln_weight,
+                      const scalar_t* __restrict__ ln_bias, const scalar_t* __restrict__ ln_weight_delta,
+                      const scalar_t* __restrict__ ln_bias_delta, double eps, const int64_t* __restrict__ config,
+                      int64_t slots, scalar_t* __restrict__ out, scalar_t* __restrict__ a_in, int64_t rows,
+                      int64_t tokens, int64_t hidden) {
+  const int64_t m = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  if (m >= rows) return;
+  const int64_t t = slot_of(task_ids, m / tokens, slots);
+  if (t < 0) return;
+  const int64_t* c = config + t * kAdapterConfigColumns;
+  const int64_t nvec = hidden / vec_elems<scalar_t>();
+  RowRegs<scalar_t> v, res;
+  v.load(h + m * hidden, nvec);
+  const bool enabled = c[kAdapterEnabled] != 0, ln_before = c[kAdapterOriginalLnBefore] != 0;
+  if (enabled && !ln_before) {
+    v.store(a_in + m * hidden, nvec);
+    return;
+  }
+  res.load(residual + m * hidden, nvec);
+#pragma unroll
+  for (int i = 0; i < kMaxVec; ++i) {
+#pragma unroll
+    for (int e = 0; e < RowRegs<scalar_t>::V; ++e) v.v[i][e] += res.v[i][e];
+  }
+  v.round(nvec);  // h + residual in scalar_t, as the backbone's add
+  v.layer_norm(nvec, hidden, eps, ln_weight, ln_bias, ln_weight_delta + t * hidden, ln_bias_delta + t * hidden);
+  v.store((enabled ? a_in : out) + m * hidden, nvec);
+}
+
+// In place on down [rows, R]: act_t(d) for the slot's first r units, 0 beyond (and for rows without an adapter).
+template <typename scalar_t>
+__global__ void adapter_act_kernel(scalar_t* __restrict__ down, const int64_t* __restrict__ task_ids,
+                                   const int64_t* __restrict__ config, int64_t slots, int64_t total, int64_t tokens,
+                                   int64_t padded) {
+  using acc = acc_t<scalar_t>;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const int64_t m = i / padded, u = i % padded;
+  const int64_t t = slot_of(task_ids, m / tokens, slots);
+  if (t < 0) return;
+  const int64_t* c = config + t * kAdapterConfigColumns;
+  const int64_t act = c[kAdapterActivation];
+  CUDA_KERNEL_ASSERT(act >= 0 && act < kAdapterActivationCount && "pets: unknown adapter activation code");
+  const bool keep = c[kAdapterEnabled] != 0 && u < c[kAdapterBottleneck];
+  down[i] = keep ? static_cast<scalar_t>(activate(static_cast<acc>(down[i]), act)) : scalar_t(0);
+}
+
+// z = (up + up_b[t]) * scaling[t] + res, then LN_t(z + residual) when ln_after; rows without an adapter are done.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    adapter_out_kernel(const scalar_t* __restrict__ h, const scalar_t* __restrict__ residual,
+                       const int64_t* __restrict__ task_ids, const scalar_t* __restrict__ ln_weight,
+                       const scalar_t* __restrict__ ln_bias, const scalar_t* __restrict__ ln_weight_delta,
+                       const scalar_t* __restrict__ ln_bias_delta, double eps, const scalar_t* __restrict__ up_b,
+                       const scalar_t* __restrict__ scaling, const int64_t* __restrict__ config, int64_t slots,
+                       const scalar_t* __restrict__ a_in, const scalar_t* __restrict__ up,
+                       scalar_t* __restrict__ out, int64_t rows, int64_t tokens, int64_t hidden) {
+  using acc = acc_t<scalar_t>;
+  constexpr int V = RowRegs<scalar_t>::V;
+  const int64_t m = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  if (m >= rows) return;
+  const int64_t t = slot_of(task_ids, m / tokens, slots);
+  if (t < 0) return;
+  const int64_t* c = config + t * kAdapterConfigColumns;
+  if (c[kAdapterEnabled] == 0) return;
+  const bool res_h = c[kAdapterOriginalLnBefore] != 0 && c[kAdapterResidualBeforeLn] != 0;
+  const int64_t nvec = hidden / V;
+  RowRegs<scalar_t> z, res, ub;
+  z.load(up + m * hidden, nvec);
+  ub.load(up_b + t * hidden, nvec);
+  res.load((res_h ? h : a_in) + m * hidden, nvec);
+  const acc scale = static_cast<acc>(scaling[t]);
+#pragma unroll
+  for (int i = 0; i < kMaxVec; ++i) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const acc u = static_cast<acc>(static_cast<scalar_t>(z.v[i][e] + ub.v[i][e]));  // the up matmul's output
+      z.v[i][e] = res.v[i][e] + u * scale;
+    }
+  }
+  z.round(nvec);
+  if (c[kAdapterOriginalLnAfter] != 0) {
+    res.load(residual + m * hidden, nvec);
+#pragma unroll
+    for (int i = 0; i < kMaxVec; ++i) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) z.v[i][e] += res.v[i][e];
+    }
+    z.round(nvec);
+    z.layer_norm(nvec, hidden, eps, ln_weight, ln_bias, ln_weight_delta + t * hidden, ln_bias_delta + t * hidden);
+  }
+  z.store(out + m * hidden, nvec);
+}
+
 }  // namespace
 
 at::Tensor adapter(const at::Tensor& h, const at::Tensor& residual, const at::Tensor& task_ids,
@@ -200,6 +303,40 @@ at::Tensor adapter(const at::Tensor& h, const at::Tensor& residual, const at::Te
   at::Tensor out = at::empty(h.sizes(), h.options());
   if (out.numel() == 0) return out;
   const int64_t tokens = h3.size(1), hidden = h3.size(2), padded = dw.size(1);
+  const at::ScalarType dtype = h.scalar_type();
+  if (padded > 0 && rows_fit_any(dtype, hidden, {&h3, &res3, &lw, &lb, &lwd, &lbd, &ub, &out})) {
+    const int64_t rows = h3.size(0) * tokens;
+    const unsigned blocks = static_cast<unsigned>(ceil_div(rows, kThreads / kWarp));
+    at::Tensor a_in = at::empty_like(h3);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::adapter", [&] {
+      adapter_in_kernel<scalar_t><<<blocks, kThreads, 0, stream()>>>(
+          h3.const_data_ptr<scalar_t>(), res3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
+          lw.const_data_ptr<scalar_t>(), lb.const_data_ptr<scalar_t>(), lwd.const_data_ptr<scalar_t>(),
+          lbd.const_data_ptr<scalar_t>(), eps, cfg.const_data_ptr<int64_t>(), cfg.size(0),
+          out.mutable_data_ptr<scalar_t>(), a_in.mutable_data_ptr<scalar_t>(), rows, tokens, hidden);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    // Gathers by task id: an id outside the tables trips the index kernels' device assert, like the kernels'.
+    at::Tensor down = at::baddbmm(db.index_select(0, ids).unsqueeze(1), a_in, dw.index_select(0, ids).transpose(1, 2));
+    const int64_t total = down.numel();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::adapter", [&] {
+      adapter_act_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(total, 256)), 256, 0, stream()>>>(
+          down.mutable_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(), cfg.const_data_ptr<int64_t>(),
+          cfg.size(0), total, tokens, padded);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    const at::Tensor up = at::bmm(down, uw.index_select(0, ids).transpose(1, 2));  // [B, N, H]
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::adapter", [&] {
+      adapter_out_kernel<scalar_t><<<blocks, kThreads, 0, stream()>>>(
+          h3.const_data_ptr<scalar_t>(), res3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
+          lw.const_data_ptr<scalar_t>(), lb.const_data_ptr<scalar_t>(), lwd.const_data_ptr<scalar_t>(),
+          lbd.const_data_ptr<scalar_t>(), eps, ub.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
+          cfg.const_data_ptr<int64_t>(), cfg.size(0), a_in.const_data_ptr<scalar_t>(), up.const_data_ptr<scalar_t>(),
+          out.mutable_data_ptr<scalar_t>(), rows, tokens, hidden);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return out;
+  }
   const dim3 grid(static_cast<unsigned>(h3.size(0)), static_cast<unsigned>(ceil_div(tokens, kTokens)));
   TORCH_CHECK(grid.y <= 65535, "pets::adapter: ", tokens, " tokens per row is more than the kernel's ",
               65535 * kTokens);

@@ -2,6 +2,7 @@
 #include "../common/task_groups.h"
 #include "../layer_norm/layer_norm.h"
 #include "layer_norm.cuh"
+#include "row_regs.cuh"
 #include "ops.h"
 
 namespace pets::cuda {
@@ -28,6 +29,25 @@ __global__ void __launch_bounds__(kThreads)
                        weight, bias, weight_delta + t * hidden, bias_delta + t * hidden);
 }
 
+// The same, with the row in registers (rows_fit): one read of x, one write of out.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    layer_norm_regs_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ task_ids,
+                           const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
+                           const scalar_t* __restrict__ weight_delta, const scalar_t* __restrict__ bias_delta,
+                           int64_t slots, scalar_t* __restrict__ out, int64_t rows, int64_t tokens, int64_t hidden,
+                           double eps) {
+  const int64_t m = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  if (m >= rows) return;
+  const int64_t t = slot_of(task_ids, m / tokens, slots);
+  if (t < 0) return;
+  const int64_t nvec = hidden / vec_elems<scalar_t>();
+  RowRegs<scalar_t> row;
+  row.load(x + m * hidden, nvec);
+  row.layer_norm(nvec, hidden, eps, weight, bias, weight_delta + t * hidden, bias_delta + t * hidden);
+  row.store(out + m * hidden, nvec);
+}
+
 }  // namespace
 
 at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
@@ -44,7 +64,9 @@ at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& task_ids, const at:
   if (out.numel() == 0) return out;
   const int64_t warps = kThreads / kWarp;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pets::layer_norm", [&] {
-    layer_norm_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(rows, warps)), kThreads, 0, stream()>>>(
+    const auto kernel = rows_fit<scalar_t>(x3.size(2), {&x3, &w, &b, &wd, &bd, &out}) ? layer_norm_regs_kernel<scalar_t>
+                                                                                      : layer_norm_kernel<scalar_t>;
+    kernel<<<static_cast<unsigned>(ceil_div(rows, warps)), kThreads, 0, stream()>>>(
         x3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(), w.const_data_ptr<scalar_t>(),
         b.const_data_ptr<scalar_t>(), wd.const_data_ptr<scalar_t>(), bd.const_data_ptr<scalar_t>(), wd.size(0),
         out.mutable_data_ptr<scalar_t>(), rows, x3.size(1), x3.size(2), eps);

@@ -6,6 +6,7 @@
 #include "../common/task_groups.h"
 #include "../lora/lora.h"
 #include "common.cuh"
+#include "lora_mma.cuh"
 #include "ops.h"
 
 namespace pets::cuda {
@@ -167,6 +168,19 @@ at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& ta
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(ceil_div(tokens, kTokens)));
   TORCH_CHECK(grid.y <= 65535, "pets::linear_delta: ", tokens, " tokens per row is more than the kernel's ",
               65535 * kTokens);
+  const at::ScalarType dtype = y.scalar_type();
+  if (with_lora && table_rank <= mma_lora::kMaxRank && (dtype == at::kHalf || dtype == at::kBFloat16)) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "pets::linear_delta", [&] {
+      mma_lora::kernel<scalar_t><<<grid, mma_lora::kThreads, 0, stream()>>>(
+          y3.const_data_ptr<scalar_t>(), x3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
+          a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
+          rk.const_data_ptr<int64_t>(), a.size(0), table_rank,
+          bias != nullptr ? bs.const_data_ptr<scalar_t>() : nullptr, bias != nullptr ? bs.size(0) : 0,
+          out.mutable_data_ptr<scalar_t>(), tokens, x3.size(2), y3.size(2));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "pets::linear_delta", [&] {
     const size_t shared = static_cast<size_t>(kTokens) * table_rank * sizeof(acc_t<scalar_t>);
     allow_shared_memory("pets::linear_delta", linear_delta_kernel<scalar_t>, shared, "the LoRA rank");

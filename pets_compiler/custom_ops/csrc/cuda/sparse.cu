@@ -51,9 +51,15 @@ __global__ void __launch_bounds__(kThreads)
   const bool empty = t < 0 || p[0] == p[out_features];
 
   if (!empty) {
-    for (int64_t i = threadIdx.x; i < in_features * kTile; i += blockDim.x) {
-      const int64_t tm = i / in_features, k = i % in_features;  // coalesced reads along k
-      xs[k * kTile + tm] = tm < count ? x[(m0 + tm) * in_features + k] : scalar_t(0);
+    // Thread k gathers column k of the tile (coalesced reads across threads) and stores it as two 16-byte vectors.
+    for (int64_t k = threadIdx.x; k < in_features; k += blockDim.x) {
+      uint4 raw[2];
+      scalar_t* column = reinterpret_cast<scalar_t*>(raw);
+#pragma unroll
+      for (int tm = 0; tm < kTile; ++tm) column[tm] = tm < count ? x[(m0 + tm) * in_features + k] : scalar_t(0);
+      uint4* dst = reinterpret_cast<uint4*>(xs + k * kTile);
+      dst[0] = raw[0];
+      dst[1] = raw[1];
     }
   }
   __syncthreads();

@@ -1,0 +1,144 @@
+// The tensor-core path of linear_delta for fp16 and bf16 (SGMV on WMMA 16x16x16 fragments, fp32 accumulation):
+// a block takes 16 tokens of one batch row (one slot). Phase 1, h = x @ A[t, :r].T: x and A are staged in K slices
+// into shared memory (rows beyond the tile, ranks beyond r and features beyond in are zeros), each warp multiplies
+// its k-steps, the warps' partial fragments are summed and h is rounded to the input dtype (as a matmul in that
+// dtype would). Phase 2, out = y + scale * h @ B[t, :, :r].T (+ bias): warps take 16-feature output tiles, stage the
+// slot's B tile (zeros beyond r), multiply, and write y + the term.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include "common.cuh"
+
+namespace pets::cuda {
+
+template <typename scalar_t>
+struct MmaType;
+template <>
+struct MmaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct MmaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+namespace mma_lora {
+
+constexpr int kTile = 16;    // tokens per block = the fragments' M; also their N and K
+constexpr int kSlice = 256;  // in_features staged per step: 16 k-steps, two per warp
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * kWarp;
+constexpr int kMaxRank = 128;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ x, const int64_t* __restrict__ task_ids,
+           const scalar_t* __restrict__ lora_a, const scalar_t* __restrict__ lora_b,
+           const scalar_t* __restrict__ lora_scale, const int64_t* __restrict__ lora_rank, int64_t lora_slots,
+           int64_t table_rank, const scalar_t* __restrict__ bias, int64_t bias_slots, scalar_t* __restrict__ out,
+           int64_t tokens, int64_t in_features, int64_t out_features) {
+  using namespace nvcuda;
+  using T = typename MmaType<scalar_t>::type;  // the same bits as scalar_t
+  __shared__ __align__(32) scalar_t xs[kTile * kSlice];     // x slice, [token][k]
+  __shared__ __align__(32) scalar_t as[kTile * kSlice];     // A chunk slice, [rank][k]
+  __shared__ __align__(32) float red[kWarps][kTile * kTile];  // per-warp fragments
+  __shared__ __align__(32) scalar_t hs[kTile * kMaxRank];   // h, [token][rank], rounded
+  __shared__ __align__(32) scalar_t bs[kWarps][kTile * kTile];  // per-warp B tile, [out][rank]
+
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int64_t row = blockIdx.x;
+  const int64_t tok0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int count = static_cast<int>(min64(kTile, tokens - tok0));
+  const int64_t m0 = row * tokens + tok0;
+
+  const int64_t t = slot_of(task_ids, row, lora_slots);
+  int r = 0;
+  float s = 0.f;
+  if (t >= 0) {
+    const int64_t rk = lora_rank[t];
+    CUDA_KERNEL_ASSERT(rk >= 0 && rk <= table_rank && "pets: a LoRA rank is outside [0, R]");
+    r = static_cast<int>(max64(0, min64(min64(rk, table_rank), kMaxRank)));
+    s = static_cast<float>(lora_scale[t]);
+    if (s == 0.f) r = 0;
+  }
+  const int64_t t_bias = bias != nullptr ? slot_of(task_ids, row, bias_slots) : -1;
+  const int chunks = (r + kTile - 1) / kTile;
+  const scalar_t* a = lora_a + max64(t, 0) * table_rank * in_features;
+
+  for (int c = 0; c < chunks; ++c) {
+    wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int64_t k0 = 0; k0 < in_features; k0 += kSlice) {
+      for (int i = threadIdx.x; i < kTile * kSlice; i += kThreads) {
+        const int rr = i / kSlice, k = i % kSlice;
+        const int64_t kk = k0 + k;
+        const bool in_k = kk < in_features;
+        xs[i] = (in_k && rr < count) ? x[(m0 + rr) * in_features + kk] : scalar_t(0.f);
+        const int j = c * kTile + rr;
+        as[i] = (in_k && j < r) ? a[j * in_features + kk] : scalar_t(0.f);
+      }
+      __syncthreads();
+      for (int step = warp; step < kSlice / kTile; step += kWarps) {
+        wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, T, wmma::row_major> fx;
+        wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, T, wmma::col_major> fa;
+        wmma::load_matrix_sync(fx, reinterpret_cast<const T*>(xs) + step * kTile, kSlice);
+        wmma::load_matrix_sync(fa, reinterpret_cast<const T*>(as) + step * kTile, kSlice);
+        wmma::mma_sync(acc, fx, fa, acc);
+      }
+      __syncthreads();
+    }
+    wmma::store_matrix_sync(red[warp], acc, kTile, wmma::mem_row_major);
+    __syncthreads();
+    for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += red[w][i];
+      hs[(i / kTile) * kMaxRank + c * kTile + i % kTile] = static_cast<scalar_t>(sum);
+    }
+    __syncthreads();
+  }
+
+  const scalar_t* b = lora_b + max64(t, 0) * out_features * table_rank;
+  const scalar_t* bt = t_bias >= 0 ? bias + t_bias * out_features : nullptr;
+  for (int64_t o0 = static_cast<int64_t>(warp) * kTile; o0 < out_features; o0 += kWarps * kTile) {
+    if (chunks > 0) {
+      wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc;
+      wmma::fill_fragment(acc, 0.f);
+      for (int c = 0; c < chunks; ++c) {
+        for (int i = lane; i < kTile * kTile; i += kWarp) {
+          const int o = i / kTile, j = c * kTile + i % kTile;
+          bs[warp][i] = (o0 + o < out_features && j < r) ? b[(o0 + o) * table_rank + j] : scalar_t(0.f);
+        }
+        __syncwarp();
+        wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, T, wmma::row_major> fh;
+        wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, T, wmma::col_major> fb;
+        wmma::load_matrix_sync(fh, reinterpret_cast<const T*>(hs) + c * kTile, kMaxRank);
+        wmma::load_matrix_sync(fb, reinterpret_cast<const T*>(bs[warp]), kTile);
+        wmma::mma_sync(acc, fh, fb, acc);
+        __syncwarp();
+      }
+      wmma::store_matrix_sync(red[warp], acc, kTile, wmma::mem_row_major);
+      __syncwarp();
+    }
+    for (int i = lane; i < kTile * kTile; i += kWarp) {
+      const int tm = i / kTile, o = i % kTile;
+      if (tm >= count || o0 + o >= out_features) continue;
+      const int64_t idx = (m0 + tm) * out_features + o0 + o;
+      if (chunks == 0 && bt == nullptr) {
+        out[idx] = y[idx];  // bitwise y
+        continue;
+      }
+      float v = static_cast<float>(y[idx]);
+      if (chunks > 0) v += s * red[warp][i];
+      if (bt != nullptr) v += static_cast<float>(bt[o0 + o]);
+      out[idx] = static_cast<scalar_t>(v);
+    }
+    __syncwarp();
+  }
+}
+
+}  // namespace mma_lora
+}  // namespace pets::cuda
