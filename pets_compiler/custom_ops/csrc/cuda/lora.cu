@@ -8,6 +8,7 @@
 #include "common.cuh"
 #include "lora_mma.cuh"
 #include "ops.h"
+#include "rowwise.h"
 
 namespace pets::cuda {
 namespace {
@@ -212,6 +213,9 @@ at::Tensor linear_delta(const at::Tensor& y, const at::Tensor& x, const at::Tens
                         const std::optional<at::Tensor>& bias) {
   check_linear_delta_inputs(y, x, task_ids, lora_a, lora_b, lora_scale, lora_rank, bias);
   const bool with_lora = lora_a.has_value();
+  if ((!with_lora || lora_a->size(1) == 0) && bias.has_value()) {
+    return add_row_bias("pets::linear_delta", y, task_ids, *bias);  // no LoRA term at this site
+  }
   return launch(y, x, task_ids, with_lora ? &*lora_a : nullptr, with_lora ? &*lora_b : nullptr,
                 with_lora ? &*lora_scale : nullptr, with_lora ? &*lora_rank : nullptr,
                 bias.has_value() ? &*bias : nullptr);

@@ -4,6 +4,7 @@
 #include "../common/task_groups.h"
 #include "../scale/scale.h"
 #include "common.cuh"
+#include "rowwise.h"
 #include "ops.h"
 
 namespace pets::cuda {
@@ -36,6 +37,35 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The same with 16-byte vectors along the features (when vectorizable).
+template <typename scalar_t, RowTerm term>
+__global__ void __launch_bounds__(kThreads)
+    row_term_vec_kernel(const scalar_t* __restrict__ y, const int64_t* __restrict__ task_ids,
+                        const scalar_t* __restrict__ table, int64_t slots, scalar_t* __restrict__ out,
+                        int64_t tokens, int64_t features) {
+  using acc = acc_t<scalar_t>;
+  constexpr int V = kVecBytes / sizeof(scalar_t);
+  const int64_t row = blockIdx.x;
+  const int64_t tok0 = static_cast<int64_t>(blockIdx.y) * kTokens;
+  const int64_t count = min64(kTokens, tokens - tok0);
+  const int64_t t = slot_of(task_ids, row, slots);
+  if (t < 0) return;
+  const int64_t m0 = row * tokens + tok0;
+  for (int64_t f = threadIdx.x; f < features / V; f += blockDim.x) {
+    const Vec<scalar_t> tv = load_vec<scalar_t>(table + t * features, f);
+    for (int64_t tm = 0; tm < count; ++tm) {
+      const Vec<scalar_t> yv = load_vec<scalar_t>(y + (m0 + tm) * features, f);
+      Vec<scalar_t> ov;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const acc a = static_cast<acc>(yv.v[e]), b = static_cast<acc>(tv.v[e]);
+        ov.v[e] = static_cast<scalar_t>(term == RowTerm::kAdd ? a + b : a * (acc(1) + b));
+      }
+      reinterpret_cast<Vec<scalar_t>*>(out + (m0 + tm) * features)[f] = ov;
+    }
+  }
+}
+
 template <RowTerm term>
 at::Tensor launch(const char* op, const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& table) {
   const c10::cuda::OptionalCUDAGuard guard(y.device());
@@ -48,7 +78,10 @@ at::Tensor launch(const char* op, const at::Tensor& y, const at::Tensor& task_id
   const dim3 grid(static_cast<unsigned>(y3.size(0)), static_cast<unsigned>(ceil_div(tokens, kTokens)));
   TORCH_CHECK(grid.y <= 65535, op, ": ", tokens, " tokens per row is more than the kernel's ", 65535 * kTokens);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "pets::row_term", [&] {
-    row_term_kernel<scalar_t, term><<<grid, kThreads, 0, stream()>>>(
+    const bool vec = vectorizable<scalar_t>(y3, y3.size(2)) && vectorizable<scalar_t>(tab, tab.size(1)) &&
+                     vectorizable<scalar_t>(out, y3.size(2));
+    const auto kernel = vec ? row_term_vec_kernel<scalar_t, term> : row_term_kernel<scalar_t, term>;
+    kernel<<<grid, kThreads, 0, stream()>>>(
         y3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(), tab.const_data_ptr<scalar_t>(), tab.size(0),
         out.mutable_data_ptr<scalar_t>(), tokens, y3.size(2));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -58,9 +91,13 @@ at::Tensor launch(const char* op, const at::Tensor& y, const at::Tensor& task_id
 
 }  // namespace
 
+at::Tensor add_row_bias(const char* op, const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& bias) {
+  return launch<RowTerm::kAdd>(op, y, task_ids, bias);
+}
+
 at::Tensor bias_delta(const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& bias) {
   check_bias_delta_inputs(y, task_ids, bias);
-  return launch<RowTerm::kAdd>("pets::bias_delta", y, task_ids, bias);
+  return add_row_bias("pets::bias_delta", y, task_ids, bias);
 }
 
 at::Tensor scale(const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& delta) {
