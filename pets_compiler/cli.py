@@ -51,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--output", type=Path, help="JSONL answers in input order (default: stdout)")
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--device", default="cpu", help="where to serve: cpu, cuda, cuda:1, ...")
+    r.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="on CUDA, run the program op by op instead of replaying captured CUDA graphs (the default there)",
+    )
+    r.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the program before serving (compiling takes a minute or more)",
+    )
 
     t = sub.add_parser("tasks", help="list, add or remove the tasks of an artifact")
     t.add_argument("artifact", type=Path)
@@ -99,10 +109,13 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     requests = _read_jsonl(args.input)
     runtime = load(args.artifact)
+    graphs = False if args.no_cuda_graphs else None
     if args.device != "cpu":
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError(f"--device {args.device}: this torch build sees no CUDA device")
-        runtime.to(args.device)
+        runtime.to(args.device, cuda_graphs=graphs, compile=args.compile)
+    elif args.compile:
+        runtime.accelerate(compile=True)
     answers = runtime.run(requests, batch_size=args.batch_size, progress=True)
     text = "".join(json.dumps(a) + "\n" for a in answers)
     if args.output is None:

@@ -12,7 +12,7 @@ import torch
 
 from pets_compiler.cli import main
 
-from builders import MINILM, make_bitfit, make_peft_lora
+from builders import MINILM, make_bitfit, make_peft_lora, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,57 @@ def test_run_answers_jsonl_in_order(artifact: Path, tmp_path: Path) -> None:
     assert [a["id"] for a in answers] == ["r0", "r1", "r2"]
     assert [len(a["logits"]) for a in answers] == [2, 3, 2]
     assert all(a["label"].startswith("LABEL_") for a in answers)
+
+
+def run_requests(artifact: Path, tmp_path: Path, *flags: str) -> list[dict]:
+    """`pets run` of ten requests of both tasks (batches of 4) with `flags`; the answers."""
+    requests = [
+        {"id": i, "task": t, "input_ids": [101, *range(5, 5 + i), 102]} for i, t in enumerate(["lora", "bitfit"] * 5)
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
+    out = tmp_path / "out.jsonl"
+    argv = ["run", str(artifact), "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--batch-size", "4"]
+    assert main([*argv, *flags]) == 0
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [a["id"] for a in answers] == list(range(10))
+    return answers
+
+
+def assert_logits_close(got: list[dict], want: list[dict], tol: float) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(torch.tensor(g["logits"]), torch.tensor(w["logits"])) < tol, (g, w)
+
+
+@pytest.fixture(scope="module")
+def half_artifacts(small_base: Path, sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = {}
+    for dtype in ("float16", "bfloat16"):
+        art = tmp_path_factory.mktemp(f"cli_{dtype}") / "art"
+        tasks = ["--task", f"lora={sources['lora']}", "--task", f"bitfit={sources['bitfit']}"]
+        assert main(["compile", str(small_base), *tasks, "-o", str(art), "--dtype", dtype]) == 0
+        out[dtype] = art
+    return out
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [("float16", 1e-2), ("bfloat16", 2e-2)])
+def test_run_half_precision_artifact_on_cpu(
+    artifact: Path, half_artifacts: dict, dtype: str, tol: float, tmp_path: Path
+) -> None:
+    want = run_requests(artifact, tmp_path)
+    assert_logits_close(run_requests(half_artifacts[dtype], tmp_path, "--no-cuda-graphs"), want, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("dtype", "tol"), [("float16", 1e-2), ("bfloat16", 2e-2)])
+def test_run_on_cuda_with_and_without_graphs(
+    artifact: Path, half_artifacts: dict, dtype: str, tol: float, tmp_path: Path
+) -> None:
+    want = run_requests(artifact, tmp_path)  # fp32 on the CPU
+    graphed = run_requests(half_artifacts[dtype], tmp_path, "--device", "cuda")
+    eager = run_requests(half_artifacts[dtype], tmp_path, "--device", "cuda", "--no-cuda-graphs")
+    assert_logits_close(graphed, want, tol)
+    assert_logits_close(eager, want, tol)
+    assert_logits_close(graphed, eager, tol / 2)
 
 
 def test_tasks_list_add_remove(artifact: Path, sources: dict[str, Path], capsys) -> None:

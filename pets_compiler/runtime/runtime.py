@@ -21,6 +21,7 @@ from pets_compiler.frontend.names import check_task_name
 from pets_compiler.frontend.sources import load_task_source
 from pets_compiler.frontend.taskset import TaskSpec
 from pets_compiler.passes.context import SitePlan
+from pets_compiler.runtime.graphs import CudaGraphs, Eager, Executor, GraphConfig
 from pets_compiler.runtime.requests import Prepared, Tokenizer, pad, prepare
 from pets_compiler.runtime.tables import TableSpec, TaskTables
 
@@ -50,6 +51,29 @@ class _Task:
     slot: int
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+_GRAPHING_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's own CUDA graphs
+
+
+def _execution(device: torch.device, cuda_graphs: bool | None, compile: bool | str) -> tuple[bool, str | None]:
+    """(use CUDA graphs, torch.compile mode or None), checked: graphs need CUDA and exclude compile modes that
+    capture graphs themselves."""
+    graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    if graphs and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device; this runtime would serve on {device}")
+    if compile is False:
+        return graphs, None
+    mode = "default" if compile is True else compile
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown torch.compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
+    if graphs and mode in _GRAPHING_MODES:
+        raise ValueError(
+            f"torch.compile mode {mode!r} captures CUDA graphs itself: with cuda_graphs use 'default' or "
+            "'max-autotune-no-cudagraphs', or pass cuda_graphs=False"
+        )
+    return graphs, mode
+
+
 class Runtime:
     """Serves mixed batches: every row runs the shared program with its own task's slot in the tables."""
 
@@ -66,6 +90,7 @@ class Runtime:
         self.device = torch.device("cpu")
         self._tasks: dict[str, _Task] = {}
         self._lock = threading.RLock()
+        self.executor: Executor = Eager(self._module, self.tables, self.device)  # how forward runs: accelerate()
 
     # ---- task registry -------------------------------------------------------------------------------------
     def task_names(self) -> list[str]:
@@ -118,14 +143,49 @@ class Runtime:
                 raise
             self._tasks[name] = _Task(spec, target)
 
-    def to(self, device: torch.device | str) -> Runtime:
-        """Serve on `device` (e.g. "cuda"): the program's weights and constants and the task tables move there."""
+    def to(
+        self, device: torch.device | str, *, cuda_graphs: bool | None = None, compile: bool | str = False
+    ) -> Runtime:
+        """Serve on `device` (e.g. "cuda"): the program's weights and constants and the task tables move there;
+        `cuda_graphs` and `compile` then choose how forward runs there, as `accelerate` says."""
+        target = torch.device(device)
+        if target.type == "cuda" and target.index is None:
+            # The program's device checks must name the tensors' device exactly: torch.compile's fake tensors
+            # tell "cuda" from "cuda:0".
+            target = torch.device("cuda", torch.cuda.current_device())
+        graphs, mode = _execution(target, cuda_graphs, compile)
         with self._lock:
-            self.program = move_to_device_pass(self.program, str(device))
+            self.program = move_to_device_pass(self.program, str(target))
             self._module = self.program.module()
-            self.tables.to(device)
-            self.device = torch.device(device)
+            self.tables.to(target)
+            self.device = target
+            self._set_executor(graphs, mode, None)
         return self
+
+    def accelerate(
+        self, *, cuda_graphs: bool | None = None, compile: bool | str = False, graph_config: GraphConfig | None = None
+    ) -> Runtime:
+        """Choose how forward runs on this runtime's device; outputs agree either way within float rounding.
+
+        cuda_graphs: replay one captured CUDA graph per padded batch shape (graphs.py); None: on for a CUDA
+        device, off elsewhere. compile: torch.compile the program first (True: the default mode, or a mode name
+        from COMPILE_MODES); off by default. graph_config: the shapes that get graphs and how many are kept.
+        """
+        graphs, mode = _execution(self.device, cuda_graphs, compile)
+        if graph_config is not None and not graphs:
+            raise ValueError("graph_config applies to CUDA graphs, which this call leaves off")
+        with self._lock:
+            self._set_executor(graphs, mode, graph_config)
+        return self
+
+    def _set_executor(self, graphs: bool, mode: str | None, config: GraphConfig | None) -> None:
+        fn = self._module if mode is None else torch.compile(self._module, mode=mode)
+        if not graphs:
+            self.executor = Eager(fn, self.tables, self.device)
+            return
+        pad_id = int(getattr(self.base.config, "pad_token_id", None) or 0)
+        positions = int(self.base.config.max_position_embeddings)
+        self.executor = CudaGraphs(fn, self.tables, self.device, pad_id=pad_id, max_positions=positions, config=config)
 
     def remove_task(self, name: str) -> None:
         """Free the task's slot; other tasks' outputs are unchanged."""
@@ -149,10 +209,8 @@ class Runtime:
         if len(tasks) != input_ids.shape[0]:
             raise InputError(f"{len(tasks)} task names for a batch of {input_ids.shape[0]} rows")
         with self._lock, torch.inference_mode():
-            slots = torch.tensor([self._entry(t).slot for t in tasks], dtype=torch.long, device=self.device)
-            ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
-            logits, embedding = self._module(ids, mask, slots, *self.tables.inputs())
-        return logits, embedding
+            slots = torch.tensor([self._entry(t).slot for t in tasks], dtype=torch.long)
+            return self.executor(input_ids, attention_mask, slots)
 
     def prepare(self, requests: Sequence[Any]) -> list[Prepared]:
         """Check and tokenize requests (every one before any runs); unknown tasks are refused here."""

@@ -7,6 +7,10 @@ larger rank or bottleneck, or more labels. Sparse deltas live in one pool per si
 shared `col` / `val` arrays); a removed task's entries are reclaimed by compaction, which moves other tasks'
 entries but never changes their values or order. The program takes all tables as inputs with dynamic sizes, so
 none of this retraces or recompiles it.
+
+Writing or clearing a slot writes into the existing tensors; growth, compaction and a move to another device
+replace them, and each replacement bumps `generation`, so that whatever holds on to table addresses (captured CUDA
+graphs) knows to let go.
 """
 
 from __future__ import annotations
@@ -153,6 +157,7 @@ class TaskTables:
         self._pool_used: dict[str, int] = {t.site: 0 for t in self.specs if t.kind == "sparse"}
         # Free pool entries tolerated before a removal compacts a pool; None: as many as are live (or 4096).
         self.compact_threshold: int | None = None
+        self.generation = 0  # bumped whenever a table tensor is replaced; in-place writes leave it
 
     def _shape(self, t: TableSpec) -> tuple[int, ...]:
         return tuple(self.sizes[d] if isinstance(d, str) else d for d in t.dims)
@@ -163,7 +168,10 @@ class TaskTables:
     def to(self, device: torch.device | str) -> None:
         """Move every table (and future growth) to `device`."""
         self.device = torch.device(device)
-        self.tensors = {key: t.to(self.device) for key, t in self.tensors.items()}
+        moved = {key: t.to(self.device) for key, t in self.tensors.items()}
+        if any(moved[key] is not t for key, t in self.tensors.items()):
+            self.generation += 1
+        self.tensors = moved
 
     def inputs(self) -> list[Tensor]:
         """The tables in the order the program takes them."""
@@ -176,10 +184,11 @@ class TaskTables:
         self.sizes.update(grow)
         for t in self.specs:
             old = self.tensors[t.key]
-            new = self._zeros(t)
-            if new.shape != old.shape:
+            if self._shape(t) != old.shape:
+                new = self._zeros(t)
                 new[tuple(slice(0, n) for n in old.shape)] = old
                 self.tensors[t.key] = new
+        self.generation += 1
 
     def check_fits(self, spec: TaskSpec) -> None:
         missing = unserved(spec, self.specs)
@@ -258,6 +267,7 @@ class TaskTables:
             cursor += end - begin
         self.tensors[f"{site}.sparse_col"], self.tensors[f"{site}.sparse_val"] = new_col, new_val
         self._pool_used[site] = cursor
+        self.generation += 1
 
     def nbytes_per_slot(self) -> int:
         """Bytes one slot takes in the per-slot tables (sparse pools grow with each task's nnz on top)."""

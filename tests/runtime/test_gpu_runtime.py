@@ -12,25 +12,10 @@ import torch
 import pets_compiler
 from pets_compiler.runtime.requests import pad
 
-from builders import make_bitfit, make_peft_ia3, make_peft_lora, make_sparse_finetune, mixed_rows, rel_err
+from builders import mixed_rows, rel_err
 
 pytestmark = pytest.mark.gpu
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "adapterhub" / "small"
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root, base = tmp_path_factory.mktemp("gpu"), FIXTURES / "base"
-    return {
-        "lora": make_peft_lora(base, root / "lora", r=4, alpha=8, targets=["query", "value"], num_labels=3),
-        "ia3": make_peft_ia3(base, root / "ia3", targets=["key", "output.dense"], feedforward=["output.dense"]),
-        "pfeiffer": FIXTURES / "pfeiffer",
-        "houlsby": FIXTURES / "houlsby",
-        "bitfit": make_bitfit(base, root / "bitfit", num_labels=2),
-        "diff": make_sparse_finetune(base, root / "diff", density=0.01, mask=False),
-        "mask": make_sparse_finetune(base, root / "mask", density=0.05, mask=True, num_labels=4),
-        "plain": base,
-    }
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "adapterhub" / "small"  # all_kinds (conftest) is built on it
 
 
 def batch(names: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -40,10 +25,10 @@ def batch(names: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_gpu_runtime_matches_cpu(sources: dict[str, Path], dtype: str, tmp_path: Path) -> None:
-    cpu = pets_compiler.compile(FIXTURES / "base", sources)
-    gpu = pets_compiler.compile(FIXTURES / "base", sources, dtype=dtype).to("cuda")
-    ids, mask, names = batch(sorted(sources))
+def test_gpu_runtime_matches_cpu(all_kinds: dict[str, Path], dtype: str, tmp_path: Path) -> None:
+    cpu = pets_compiler.compile(FIXTURES / "base", all_kinds)
+    gpu = pets_compiler.compile(FIXTURES / "base", all_kinds, dtype=dtype).to("cuda")
+    ids, mask, names = batch(sorted(all_kinds))
     want_logits, want_emb = cpu.forward(ids, mask, names)
     logits, emb = gpu.forward(ids, mask, names)
     assert logits.is_cuda and logits.dtype == getattr(torch, dtype)

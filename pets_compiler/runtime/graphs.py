@@ -1,0 +1,246 @@
+"""How the runtime executes its program: op by op (`Eager`), or by replaying captured CUDA graphs (`CudaGraphs`).
+
+Run eagerly, the exported program costs more host time (Python dispatch of hundreds of nodes and task ops) than
+the GPU needs for it; a CUDA graph replays the whole forward in one launch. `CudaGraphs` keeps one graph per
+padded input shape (batch up to a power of two, sequence up to a multiple of 16), least recently used first out.
+Padding leaves the real rows' outputs alone: extra columns are masked out of attention and pooling, and extra rows
+are one-token rows of slot 0 (the base model) whose outputs are dropped.
+
+A graph reads the task tables in place, at the addresses they had when it was captured: writing or clearing a
+task's slot needs nothing, since a replay sees what the tables hold then; when TaskTables replaces a tensor (rank,
+label or slot growth, pool growth or compaction, a move), its `generation` changes and every graph is dropped and
+captured again on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from pets_compiler.runtime.tables import TaskTables
+
+log = logging.getLogger(__name__)
+
+# The program's signature: (input_ids, attention_mask, task_ids, *tables) -> (logits, embedding).
+Forward = Callable[..., tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """Which shapes get a graph: batch and sequence within the limits (sequence also within the model's
+    positions); larger shapes run eagerly. `warmup` forwards run on the capture stream before each capture."""
+
+    max_batch: int = 256
+    max_seq: int = 512
+    seq_multiple: int = 16
+    max_graphs: int = 16
+    warmup: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_seq", "seq_multiple", "max_graphs", "warmup"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GraphConfig.{name} must be at least 1, got {getattr(self, name)}")
+
+
+def bucket(batch: int, seq: int, config: GraphConfig, max_positions: int) -> tuple[int, int] | None:
+    """The padded (batch, seq) whose graph serves a [batch, seq] input, or None if it runs eagerly."""
+    seq_limit = min(config.max_seq, max_positions)
+    if batch > config.max_batch or seq > seq_limit:
+        return None
+    padded_batch = 1 << max(batch - 1, 0).bit_length()
+    padded_seq = -(-seq // config.seq_multiple) * config.seq_multiple
+    return min(padded_batch, config.max_batch), min(padded_seq, seq_limit)
+
+
+def pad_inputs(
+    ids: Tensor, mask: Tensor, slots: Tensor, shape: tuple[int, int], pad_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pad a batch to `shape`: new columns are masked `pad_id` tokens; new rows are one unmasked `pad_id` token of
+    slot 0 (a fully masked row would be all -inf in attention)."""
+    batch, seq = shape
+    rows, cols = ids.shape
+    if (rows, cols) == (batch, seq):
+        return ids, mask, slots
+    padded_ids = ids.new_full((batch, seq), pad_id)
+    padded_ids[:rows, :cols] = ids
+    padded_mask = mask.new_zeros((batch, seq))
+    padded_mask[:rows, :cols] = mask
+    padded_mask[rows:, 0] = 1
+    padded_slots = slots.new_zeros(batch)
+    padded_slots[:rows] = slots
+    return padded_ids, padded_mask, padded_slots
+
+
+class Executor(Protocol):
+    """Runs the program on (input_ids, attention_mask, task slots) from any device; outputs on the runtime's."""
+
+    def __call__(self, ids: Tensor, mask: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+class Eager:
+    """The program run op by op, on the tables as they are at each call."""
+
+    def __init__(self, fn: Forward, tables: TaskTables, device: torch.device) -> None:
+        self.fn, self.tables, self.device = fn, tables, device
+
+    def __call__(self, ids: Tensor, mask: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+        d = self.device
+        logits, embedding = self.fn(ids.to(d), mask.to(d), slots.to(d), *self.tables.inputs())
+        return logits, embedding
+
+
+class Graph(Protocol):
+    """A captured forward: `replay()` recomputes `outputs` from the tensors it was captured with."""
+
+    @property
+    def outputs(self) -> Sequence[Tensor]: ...
+
+    def replay(self) -> None: ...
+
+
+# (forward, args) -> the forward captured on those args; the args stay the graph's inputs.
+Capture = Callable[[Forward, tuple[Tensor, ...]], Graph]
+
+
+class CaptureError(RuntimeError):
+    """The forward ran (warm-up) but could not be captured: an op synchronised with the host, say."""
+
+
+@dataclass
+class _CudaGraph:
+    graph: torch.cuda.CUDAGraph
+    outputs: tuple[Tensor, ...]
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class CudaCapture:
+    """Captures forwards on one CUDA device: warm-up and capture on one side stream (as the torch docs prescribe),
+    one memory pool shared by every graph (only one replays at a time, and its outputs are copied out at once)."""
+
+    def __init__(self, device: torch.device, warmup: int) -> None:
+        self.device, self.warmup = device, warmup
+        self.stream = torch.cuda.Stream(device)
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, fn: Forward, args: tuple[Tensor, ...]) -> Graph:
+        with torch.cuda.device(self.device):
+            current = torch.cuda.current_stream()
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
+                for _ in range(self.warmup):  # lazy initialisation (cuBLAS workspaces, compiled kernels) happens here
+                    fn(*args)
+            current.wait_stream(self.stream)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: another thread's CUDA calls (a server answering other requests) must not break the
+            # capture; a synchronising call on this thread still fails it, as it must.
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                    outputs = fn(*args)
+            except Exception as e:
+                raise CaptureError(f"{type(e).__name__}: {e}") from e
+        return _CudaGraph(graph, tuple(outputs))
+
+
+@dataclass
+class GraphStats:
+    captures: int = 0
+    replays: int = 0
+    eager: int = 0  # calls served eagerly: shapes past the limits, or graphs given up
+    invalidations: int = 0  # times every graph was dropped because the tables were reallocated
+
+
+@dataclass
+class _Entry:
+    inputs: tuple[Tensor, Tensor, Tensor]  # static ids, mask, slots
+    graph: Graph
+
+
+class CudaGraphs:
+    """Serves each call by replaying the graph of its padded shape (captured on first use), or eagerly past the
+    limits. If a capture fails (CaptureError), graphs are given up for good, with a warning: every later call runs
+    eagerly and `disabled` says why. An error of the forward itself (in warm-up) reaches the caller as it would
+    eagerly, and graphs stay on."""
+
+    def __init__(
+        self,
+        fn: Forward,
+        tables: TaskTables,
+        device: torch.device,
+        *,
+        pad_id: int,
+        max_positions: int,
+        config: GraphConfig | None = None,
+        capture: Capture | None = None,
+    ) -> None:
+        self.fn, self.tables, self.device = fn, tables, device
+        self.pad_id, self.max_positions = pad_id, max_positions
+        self.config = config or GraphConfig()
+        self.capture = capture or CudaCapture(device, self.config.warmup)
+        self.eager = Eager(fn, tables, device)
+        self.stats = GraphStats()
+        self.disabled: str | None = None
+        self._graphs: OrderedDict[tuple[int, int], _Entry] = OrderedDict()
+        self._generation = tables.generation
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """The padded shapes that have a graph, least recently used first."""
+        return list(self._graphs)
+
+    def __call__(self, ids: Tensor, mask: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+        rows, cols = ids.shape
+        shape = None if self.disabled else bucket(rows, cols, self.config, self.max_positions)
+        if shape is None:
+            self.stats.eager += 1
+            return self.eager(ids, mask, slots)
+        if self.tables.generation != self._generation:
+            self._graphs.clear()  # they read the old tensors' addresses
+            self._generation = self.tables.generation
+            self.stats.invalidations += 1
+        padded = pad_inputs(ids, mask, slots, shape, self.pad_id)
+        entry = self._graphs.get(shape)
+        if entry is None:
+            entry = self._capture(shape, padded)
+            if entry is None:
+                self.stats.eager += 1
+                return self.eager(ids, mask, slots)
+        else:
+            self._graphs.move_to_end(shape)
+            for static, new in zip(entry.inputs, padded, strict=True):
+                static.copy_(new, non_blocking=True)  # host to device from pageable memory: staged, safe
+        entry.graph.replay()
+        self.stats.replays += 1
+        logits, embedding = entry.graph.outputs
+        # The outputs live in the graphs' shared pool: the next replay of any graph may overwrite them.
+        return logits[:rows].clone(), embedding[:rows].clone()
+
+    def _capture(self, shape: tuple[int, int], padded: tuple[Tensor, Tensor, Tensor]) -> _Entry | None:
+        while len(self._graphs) >= self.config.max_graphs:
+            self._graphs.popitem(last=False)
+        inputs = (
+            padded[0].to(self.device, copy=True),
+            padded[1].to(self.device, copy=True),
+            padded[2].to(self.device, copy=True),
+        )
+        try:
+            graph = self.capture(self.fn, (*inputs, *self.tables.inputs()))
+        except CaptureError as e:  # the eager path still serves correctly
+            self.disable(f"capturing shape {shape} failed: {e}")
+            return None
+        self.stats.captures += 1
+        entry = _Entry(inputs, graph)
+        self._graphs[shape] = entry
+        return entry
+
+    def disable(self, reason: str) -> None:
+        """Give up graphs (freeing them); later calls run eagerly."""
+        self.disabled = reason
+        self._graphs.clear()
+        log.warning("CUDA graphs disabled, serving eagerly: %s", reason)
