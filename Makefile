@@ -25,8 +25,8 @@ test: install
 	$(MAKE) lint
 
 lint: install
-	$(BIN)/ruff check pets_compiler tests bench setup.py
-	$(BIN)/ruff format --check pets_compiler tests bench setup.py
+	$(BIN)/ruff check pets_compiler tests bench scripts setup.py
+	$(BIN)/ruff format --check pets_compiler tests bench scripts setup.py
 	$(BIN)/mypy
 
 clean:

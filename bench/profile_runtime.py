@@ -1,48 +1,53 @@
 """Where a mixed-task forward spends its time (torch.profiler): the runtime vs the backbone alone.
 
-    python -m bench.profile_runtime [--tasks 32] [--batch 64] [--seq 128]
+    python -m bench.profile_runtime [--kind lora_r8] [--tasks 32] [--batch 64] [--seq 128]
 
 Prints the top operators by self CUDA time and by self CPU time for both, and the wall time per forward.
-A first look for issue 4 (PetS Fig. 9's breakdown becomes bench.breakdown in issue 7).
+A first look for issue 4 (PetS Fig. 9's breakdown becomes bench.breakdown in issue 7); bench.throughput records
+each pets op against its floor.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import pets_compiler
-from bench.throughput import Config, lora_task, make_base
+from bench.baselines import backbone_model
+from bench.kinds import KINDS, make_kinds
+from bench.models import BERT_BASE, make_base
 
 
-def wall(fn: object, iters: int = 20) -> float:
+def wall(fn: Callable[[], object], iters: int = 20) -> float:
     for _ in range(5):
-        fn()  # type: ignore[operator]
+        fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(iters):
-        fn()  # type: ignore[operator]
+        fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / iters
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--kind", default="lora_r8", choices=KINDS)
     parser.add_argument("--tasks", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=128)
     args = parser.parse_args()
-    cfg = Config()
-    base = make_base(cfg)
-    specs = {f"t{i}": lora_task(base, f"t{i}", cfg.rank, seed=i) for i in range(args.tasks)}
+    base = make_base(BERT_BASE)
+    kind = make_kinds(base, (args.kind,))[args.kind]
+    specs = {s.name: s for s in (kind.task(i) for i in range(args.tasks))}
     runtime = pets_compiler.compile(base, specs, dtype="float16").to("cuda")
-    backbone = base.build().to("cuda", torch.float16)
+    backbone = backbone_model(base, "cuda", torch.float16)
     ids = torch.randint(1000, 30000, (args.batch, args.seq), device="cuda")
     mask = torch.ones_like(ids)
-    names = [f"t{i % args.tasks}" for i in range(args.batch)]
+    names = [kind.task_name(i % args.tasks) for i in range(args.batch)]
 
     def ours() -> object:
         return runtime.forward(ids, mask, names)

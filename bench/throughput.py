@@ -1,217 +1,257 @@
-"""Mixed-task throughput against the backbone alone and peft's mixed-batch LoRA, in one process.
+"""Mixed-task throughput of the pets runtime against the backbone alone, peft's mixed batch and SeqS (issue 4).
 
-    python -m bench.throughput            # GPU: bert-base config, random weights, fp16
-    python -m bench.throughput --smoke    # CPU, tiny config: checks that the script runs
+    python -m bench.throughput                       # GPU: bert-base config, random weights, fp16, everything
+    python -m bench.throughput --kinds lora_r8,ia3 --tasks 1,32 --shapes 64x128
+    python -m bench.throughput --smoke               # CPU, tiny config, fp32: checks that the script runs
 
-Each configuration is checked for correctness before it is timed (the runtime's rows against each task's own
-merged model); times are CUDA-event medians after warm-up. One JSON record per configuration is written to
-bench/results/. This is the issue-4 harness in its first form: LoRA only, ops through the CUDA fallback.
+For each PET kind (kinds.py) and task count, the kind's tasks are loaded into one runtime (loading.py); for each
+shape, each row's task is drawn uniformly, the runtime's rows are checked against their tasks' own merged models,
+then the backbone alone (eager and CUDA graph; the faster is the ratio's denominator, timed before and after the
+others), the pets runtime, peft's mixed batch (LoRA kinds) and SeqS are timed in this process (CUDA-event medians
+after warm-up), and the pets ops are profiled against their floors (floors.py). One JSON record per configuration
+goes to --out as it finishes (JSON Lines); a short table is printed last. Goals are reported, not asserted.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
+import gc
+import math
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import BertConfig, BertModel
 
-import pets_compiler
-from pets_compiler.frontend.base import BaseModel, fingerprint, read_pooling
-from pets_compiler.frontend.taskset import LoRA, TaskSpec
-from pets_compiler.oracle import merged_model
+from bench.baselines import PeftMixed, SeqS, backbone_model
+from bench.floors import measure_device
+from bench.kinds import KINDS, Kind, make_kinds
+from bench.loading import Served
+from bench.measure import Shared, failure, measure_config
+from bench.models import MODELS, make_base
+from bench.pets_exec import EXEC_MODES
+from bench.records import RecordFile, environment, table
 
 RESULTS = Path(__file__).parent / "results"
-BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class Config:
+    model: str = "bert-base"
     device: str = "cuda"
     dtype: str = "float16"
-    model: dict[str, int] = field(default_factory=lambda: dict(BERT_BASE))
+    kinds: tuple[str, ...] = KINDS
+    tasks: tuple[int, ...] = (1, 32, 128, 1024)
     shapes: tuple[tuple[int, int], ...] = ((64, 128), (128, 64))
-    tasks: tuple[int, ...] = (1, 32)
-    rank: int = 8
     warmup: int = 10
     iters: int = 50
+    budget_s: float = 10.0  # backbone and pets: timed calls stop after this long (a slow path costs seconds)
+    baseline_budget_s: float = 3.0  # peft and SeqS (~0.1 s a batch): timed calls stop after this long
+    pets_exec: str = "default"
+    profile_forwards: int = 3
+    seed: int = 0
+    out: Path = RESULTS
+    smoke: bool = False
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def tolerance(self) -> float:
+        """DESIGN.md: fp32 on the CPU within 1e-5 relative, fp16 / bf16 on a GPU within 1e-2."""
+        return 1e-5 if self.dtype == "float32" else 1e-2
 
 
-def make_base(cfg: Config) -> BaseModel:
-    torch.manual_seed(0)
-    config = BertConfig(**cfg.model, vocab_size=30522, max_position_embeddings=512)
-    state = {
-        k: v for k, v in BertModel(config).state_dict().items() if not k.endswith(("position_ids", "token_type_ids"))
-    }
-    return BaseModel(
-        Path("."), config, state, read_pooling(Path("/nonexistent"), True), None, 512, fingerprint(config, state)
+SMOKE = Config(
+    model="tiny",
+    device="cpu",
+    dtype="float32",
+    tasks=(1, 4),
+    shapes=((4, 16),),
+    warmup=1,
+    iters=2,
+    baseline_budget_s=0.5,
+    profile_forwards=1,
+    smoke=True,
+)
+
+
+def bench_kind(s: Shared, kind: Kind, report: Callable[[dict[str, Any]], None]) -> None:
+    cfg = s.cfg
+    served = Served(kind, s.base, cfg.device, cfg.dtype, cfg.pets_exec)
+    seqs = SeqS(s.base, cfg.device, cfg.torch_dtype)
+    peft = PeftMixed.build(s.base, kind.lora_rank, cfg.device, cfg.torch_dtype) if kind.lora_rank else None
+    peft_s = 0.0
+    try:
+        for n in sorted(cfg.tasks):
+            try:
+                served.load(n)
+                if peft is not None:
+                    t0 = time.perf_counter()
+                    for i in range(len(peft.names), n):
+                        name = kind.task_name(i)
+                        peft.add(name, served.runtime.task(name))  # type: ignore[union-attr]
+                    peft.ready()
+                    peft_s += time.perf_counter() - t0
+            except Exception as e:
+                for batch, seq in cfg.shapes:
+                    report(
+                        {
+                            "experiment": "throughput",
+                            "kind": kind.name,
+                            "tasks": n,
+                            "batch": batch,
+                            "seq": seq,
+                            **s.env,
+                            **failure(e),
+                            "stage": f"loading {n} tasks",
+                            "goals": {},
+                        }
+                    )
+                served.free()
+                continue
+            for batch, seq in cfg.shapes:
+                record = measure_config(s, kind, served, peft, seqs, n, batch, seq)
+                if peft is not None:
+                    record["peft_build_s"] = peft_s
+                report(record)
+                if record["error"]:  # an OOM's tensors are garbage now: give the memory back before going on
+                    release(cfg.device)
+    finally:
+        served.free()
+        seqs.models.clear()
+        del peft
+        release(cfg.device)
+
+
+def release(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def progress(record: dict[str, Any]) -> None:
+    r = record.get("ratios") or {}
+    status = record["error"] or (f"pets/backbone {r.get('pets_over_backbone'):.3f}" if r else "")
+    print(f"  {record['kind']} tasks={record['tasks']} {record['batch']}x{record['seq']}: {status}", flush=True)
+
+
+def run(cfg: Config) -> list[dict[str, Any]]:
+    """Every configuration of `cfg`; the records, also written to cfg.out as they finish."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --smoke (CPU) or on the GPU machine")
+    threads = torch.get_num_threads()
+    if cfg.device == "cpu":  # on a small machine busy with other work, each thread barrier can wait a time slice
+        torch.set_num_threads(1)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: Config) -> list[dict[str, Any]]:
+    started = time.perf_counter()
+    planned = len(cfg.kinds) * len(cfg.tasks) * len(cfg.shapes)
+    print(
+        f"planned: {planned} configurations ({len(cfg.kinds)} kinds x tasks {list(cfg.tasks)} x shapes "
+        f"{['x'.join(map(str, s)) for s in cfg.shapes]}) on {cfg.device}, {cfg.model}, {cfg.dtype}; "
+        f"{estimate(cfg)}",
+        flush=True,
     )
+    base = make_base(MODELS[cfg.model], cfg.seed)
+    env = environment(cfg.device)
+    floors = measure_device(cfg.device, cfg.torch_dtype)
+    print(
+        f"device {env['device']}: {floors.bandwidth_bytes_per_s / 1e9:.0f} GB/s, "
+        f"{floors.peak_flops / 1e12:.1f} TFLOP/s measured",
+        flush=True,
+    )
+    stem = f"throughput-{'smoke-' if cfg.smoke else ''}{time.strftime('%Y%m%d-%H%M%S')}"
+    backbone = backbone_model(base, cfg.device, cfg.torch_dtype)
+    shared = Shared(cfg, base, env, floors, backbone, RecordFile(cfg.out, stem))
 
+    def report(record: dict[str, Any]) -> None:
+        shared.records.write(record)
+        progress(record)
 
-def lora_task(base: BaseModel, name: str, rank: int, seed: int) -> TaskSpec:
-    g = torch.Generator().manual_seed(seed)
-    spec = TaskSpec(name, source="bench")
-    for site, (out_f, in_f) in base.sites.linear.items():
-        if site.endswith(("query", "value")):
-            a = torch.randn(rank, in_f, generator=g) / in_f**0.5
-            spec.site(site).lora = LoRA(a, torch.randn(out_f, rank, generator=g) * 0.05, 2.0)
-    return spec
-
-
-def timed(fn: Callable[[], object], cfg: Config) -> float:
-    """Median seconds per call."""
-    for _ in range(cfg.warmup):
-        fn()
-    times = []
-    for _ in range(cfg.iters):
-        if cfg.device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def check(runtime: pets_compiler.Runtime, base: BaseModel, ids: torch.Tensor, names: list[str], tol: float) -> float:
-    """Worst relative error of a few rows against their own merged fp32 model (on the CPU)."""
-    _, emb = runtime.forward(ids, torch.ones_like(ids), names)
-    worst = 0.0
-    for i in range(min(3, len(names))):
-        own = merged_model(base, runtime.task(names[i]).to(torch.float32))
-        _, want = own(ids[i : i + 1].cpu(), torch.ones_like(ids[i : i + 1]).cpu())
-        worst = max(worst, float((emb[i].float().cpu() - want[0]).abs().max() / want[0].abs().max()))
-    if worst > tol:
-        raise SystemExit(f"correctness check failed: relative error {worst:.2e} > {tol}")
-    return worst
-
-
-def environment(cfg: Config) -> dict[str, str]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    # The GPU machine gets a copy of the tree without .git: the caller passes the commit in PETS_COMMIT.
-    stamp = commit.stdout.strip() or os.environ.get("PETS_COMMIT", "unknown")
-    import peft
-    import transformers
-
-    return {
-        "device": torch.cuda.get_device_name() if cfg.device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "commit": stamp,
-    }
-
-
-def peft_mixed(
-    base: BaseModel, cfg: Config, tasks: int, dtype: torch.dtype
-) -> Callable[[torch.Tensor, list[str]], object]:
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(base.build(), LoraConfig(r=cfg.rank, target_modules=["query", "value"]), adapter_name="t0")
-    for t in range(1, tasks):
-        model.add_adapter(f"t{t}", LoraConfig(r=cfg.rank, target_modules=["query", "value"]))
-    model = model.to(cfg.device, dtype).eval()
-
-    def run(ids: torch.Tensor, names: list[str]) -> object:
-        with torch.inference_mode():
-            return model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names)
-
-    return run
-
-
-def measure(
-    backbone: torch.nn.Module,
-    runtime: pets_compiler.Runtime,
-    peft_run: Callable[[torch.Tensor, list[str]], object],
-    ids: torch.Tensor,
-    names: list[str],
-    cfg: Config,
-) -> tuple[tuple[float, float], float, float]:
-    """Seconds per batch: the backbone alone, the pets runtime, peft's mixed batch; same ids, same process.
-    The backbone is timed before and after the others and the two medians averaged, so that a drift of the
-    (shared) card's speed during the run does not favour either side; both are in the record."""
-    mask = torch.ones_like(ids)
-
-    def base() -> object:
-        with torch.inference_mode():
-            return backbone(input_ids=ids, attention_mask=mask)
-
-    first = timed(base, cfg)
-    ours, peft_s = timed(lambda: runtime.forward(ids, mask, names), cfg), timed(lambda: peft_run(ids, names), cfg)
-    second = timed(base, cfg)
-    return (first, second), ours, peft_s
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--smoke", action="store_true", help="tiny config on the CPU, one shape, few iterations")
-    args = parser.parse_args()
-    cfg = Config()
-    if args.smoke:
-        cfg = Config(
-            device="cpu", dtype="float32", model=dict(TINY), shapes=((4, 16),), tasks=(1, 4), warmup=1, iters=2
-        )
-    dtype = getattr(torch, cfg.dtype)
-    base = make_base(cfg)
-    env = environment(cfg)
-    backbone = base.build().to(cfg.device, dtype)
-    records = []
-    for tasks in cfg.tasks:
+    for kind in make_kinds(base, cfg.kinds).values():
+        print(f"{kind.name}:", flush=True)
         t0 = time.perf_counter()
-        specs = {f"t{i}": lora_task(base, f"t{i}", cfg.rank, seed=i) for i in range(tasks)}
-        runtime = pets_compiler.compile(base, specs, dtype=cfg.dtype).to(cfg.device)
-        compile_s = time.perf_counter() - t0
-        peft_run = peft_mixed(base, cfg, tasks, dtype)
-        for batch, seq in cfg.shapes:
-            g = torch.Generator().manual_seed(batch * seq)
-            ids = torch.randint(1000, 30000, (batch, seq), generator=g).to(cfg.device)
-            names = [f"t{int(i)}" for i in torch.randint(0, tasks, (batch,), generator=g)]
-            error = check(runtime, base, ids, names, tol=1e-2 if cfg.dtype != "float32" else 1e-4)
-            (base_first, base_second), ours_s, peft_s = measure(backbone, runtime, peft_run, ids, names, cfg)
-            base_s = (base_first + base_second) / 2
-            record = {
-                "experiment": "throughput",
-                "config": asdict(cfg),
-                "kind": f"lora_r{cfg.rank}_qv",
-                "tasks": tasks,
-                "batch": batch,
-                "seq": seq,
-                "check_max_rel_err": error,
-                "compile_s": compile_s,
-                "backbone_s_before_after": [base_first, base_second],
-                "seq_per_s": {"backbone": batch / base_s, "pets": batch / ours_s, "peft_mixed": batch / peft_s},
-                "ratio_pets_over_backbone": base_s / ours_s,
-                "ratio_pets_over_peft": peft_s / ours_s,
-                **env,
-            }
-            records.append(record)
-    RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = RESULTS / f"throughput-{'smoke-' if args.smoke else ''}{stamp}.json"
-    out.write_text(json.dumps(records, indent=1))
-    print(f"device: {env['device']}  torch {env['torch']}  commit {env['commit']}  -> {out}")
-    header = ("tasks", "bs", "seq", "backbone/s", "pets/s", "peft/s", "pets/bb", "pets/peft")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (5, 4, 4, 11, 9, 9, 8, 9), strict=True)))
-    for r in records:
-        s = r["seq_per_s"]
-        print(
-            f"{r['tasks']:>5} {r['batch']:>4} {r['seq']:>4} {s['backbone']:>11.0f} {s['pets']:>9.0f} "
-            f"{s['peft_mixed']:>9.0f} {r['ratio_pets_over_backbone']:>8.3f} {r['ratio_pets_over_peft']:>9.2f}"
-        )
+        bench_kind(shared, kind, report)
+        print(f"  ({kind.name}: {time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"\n{len(shared.records.records)} records -> {shared.records.path} ({time.perf_counter() - started:.0f} s)")
+    versions = env["versions"]
+    print(f"device: {env['device']}  torch {versions['torch']}  commit {env['commit']}  pets exec: {cfg.pets_exec}")
+    print(table(shared.records.records))
+    return shared.records.records
+
+
+def estimate(cfg: Config) -> str:
+    """A guess at the duration on an H100/H200 (bert-base, fp16) from the costs of each step, to plan runs that fit
+    a 10-minute call; the per-kind times printed as the run goes are the numbers to plan the next run with."""
+    if cfg.device != "cuda" or cfg.model != "bert-base":
+        return "no duration estimate off the GPU"
+    top, total = max(cfg.tasks), 30.0  # base model, backbone, device floors
+    for k in cfg.kinds:
+        recompile = k.startswith("mix") and min(cfg.tasks) < 7
+        total += 10 * (2 if recompile else 1)  # compile + move to the device
+        total += top * {"mask": 0.15, "diff": 0.1, "mix": 0.1}.get(k, 0.05)  # make and add the tasks
+        total += min(32, top) * 0.5  # SeqS's merged models
+        per_config = 6 + cfg.baseline_budget_s + (cfg.baseline_budget_s + 1 if k.startswith("lora") else 0)
+        total += per_config * len(cfg.tasks) * len(cfg.shapes)
+    return f"guessed duration {math.ceil(total / 60)} min on an H100/H200"
+
+
+def parse(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny config on the CPU, fp32, one shape, tasks 1 and 4")
+    p.add_argument("--kinds", help=f"comma-separated, from {','.join(KINDS)} (default: all)")
+    p.add_argument("--tasks", help="comma-separated task counts (default 1,32,128,1024)")
+    p.add_argument("--shapes", help="comma-separated BATCHxSEQ (default 64x128,128x64)")
+    p.add_argument("--iters", type=int, help="timed calls per measurement (default 50)")
+    p.add_argument("--warmup", type=int, help="untimed calls first (default 10)")
+    p.add_argument("--budget", type=float, help="seconds of timed calls at most for peft and SeqS (default 3)")
+    p.add_argument("--pets-exec", choices=sorted(EXEC_MODES), help="the runtime's execution path (default: as set up)")
+    p.add_argument("--out", type=Path, help="directory for the JSON Lines records (default bench/results)")
+    args = p.parse_args(argv)
+    cfg = SMOKE if args.smoke else Config()
+    if args.kinds:
+        cfg = replace(cfg, kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()))
+        unknown = [k for k in cfg.kinds if k not in KINDS]
+        if unknown:
+            p.error(f"unknown kind(s) {unknown}; choose from {', '.join(KINDS)}")
+    if args.tasks:
+        cfg = replace(cfg, tasks=tuple(int(t) for t in args.tasks.split(",")))
+    if args.shapes:
+        try:
+            shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(","))
+        except ValueError:
+            p.error(f"--shapes {args.shapes!r}: expected BATCHxSEQ[,BATCHxSEQ...], e.g. 64x128")
+        if any(len(s) != 2 for s in shapes):
+            p.error(f"--shapes {args.shapes!r}: expected BATCHxSEQ[,BATCHxSEQ...], e.g. 64x128")
+        cfg = replace(cfg, shapes=shapes)  # type: ignore[arg-type]
+    for flag, key in (
+        ("iters", "iters"),
+        ("warmup", "warmup"),
+        ("budget", "baseline_budget_s"),
+        ("pets_exec", "pets_exec"),
+        ("out", "out"),
+    ):
+        if getattr(args, flag) is not None:
+            cfg = replace(cfg, **{key: getattr(args, flag)})
+    if any(t < 1 for t in cfg.tasks):
+        p.error("--tasks: every count must be at least 1")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse(argv))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -53,12 +53,23 @@ def cuda(*args: object) -> list[object]:
     return [a.cuda() if isinstance(a, Tensor) else a for a in args]
 
 
+# The adapter rounds its intermediates to the input dtype where a matmul or add in that dtype would (as the CPU
+# kernel and the task's own fp16 model do), and two LayerNorms amplify that rounding: fp16 outputs then differ from
+# the float64 reference by up to ~3e-3 (seen: 2.9e-3 at bert-base sizes), so its half-type bounds are wider.
+ADAPTER_TOLERANCE = {
+    torch.float32: TOLERANCE[torch.float32],
+    torch.float16: {"rtol": 5e-3, "atol": 5e-3},
+    torch.bfloat16: {"rtol": 4e-2, "atol": 4e-2},
+}
+
+
 def check(op: str, ref: Callable[..., Tensor], args: tuple[object, ...], dtype: torch.dtype) -> Tensor:
     """The op on CUDA against the float64 reference on the CPU; returns the CUDA output."""
     got = getattr(ops, op)(*cuda(*args))
     assert got.is_cuda and got.dtype == dtype and got.is_contiguous()
     want = ref(*[f64(a)[0] if isinstance(a, Tensor) else a for a in args])
-    torch.testing.assert_close(got.cpu(), want.to(dtype), **TOLERANCE[dtype], msg=lambda m: f"{op}: {m}")
+    tolerance = (ADAPTER_TOLERANCE if op == "adapter" else TOLERANCE)[dtype]
+    torch.testing.assert_close(got.cpu(), want.to(dtype), **tolerance, msg=lambda m: f"{op}: {m}")
     return got
 
 

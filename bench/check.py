@@ -1,0 +1,89 @@
+"""Correctness before timing: sampled rows of a mixed batch against each row's own merged model (fp32)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from pets_compiler.frontend.taskset import TaskSpec
+from pets_compiler.oracle import OwnModel
+
+MIN_ROWS, MAX_ROWS = 4, 8
+
+
+def rel_err(got: Tensor, want: Tensor) -> float:
+    """max |got - want| / max |want| (DESIGN.md's bound)."""
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).abs().max() / want.abs().max().clamp(min=1e-30))
+
+
+def sample_rows(names: list[str], kind_of: Callable[[str], str]) -> list[int]:
+    """Rows to check: one per kind present first (mixes), then rows of tasks not yet checked, MIN_ROWS at least
+    (fewer only if the batch is smaller), MAX_ROWS at most."""
+    rows: list[int] = []
+    kinds: set[str] = set()
+    for i, name in enumerate(names):
+        if kind_of(name) not in kinds and len(rows) < MAX_ROWS:
+            kinds.add(kind_of(name))
+            rows.append(i)
+    tasks = {names[i] for i in rows}
+    for i, name in enumerate(names):
+        if len(rows) >= MIN_ROWS:
+            break
+        if name not in tasks:
+            tasks.add(name)
+            rows.append(i)
+    for i in range(len(names)):  # a batch with fewer tasks than MIN_ROWS: other rows of the same tasks
+        if len(rows) >= MIN_ROWS:
+            break
+        if i not in rows:
+            rows.append(i)
+    return sorted(rows)
+
+
+@dataclass
+class CheckResult:
+    tolerance: float
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def max_rel_err(self) -> float:
+        errs = [float(e) for r in self.rows for k, e in r.items() if k.startswith("rel_err")]
+        return max(errs, default=float("nan"))
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and self.max_rel_err <= self.tolerance
+
+    def to_json(self) -> dict[str, object]:
+        return {"passed": self.passed, "tolerance": self.tolerance, "max_rel_err": self.max_rel_err, "rows": self.rows}
+
+
+def check_rows(
+    logits: Tensor,
+    embedding: Tensor,
+    ids: Tensor,
+    mask: Tensor,
+    names: list[str],
+    rows: list[int],
+    own: Callable[[str], OwnModel],
+    spec: Callable[[str], TaskSpec],
+    tolerance: float,
+) -> CheckResult:
+    """Compare the runtime's outputs of `rows` with each row's own fp32 model run alone on that row."""
+    result = CheckResult(tolerance)
+    models: dict[str, OwnModel] = {}
+    for i in rows:
+        name = names[i]
+        if name not in models:
+            models[name] = own(name)
+        want_logits, want_emb = models[name](ids[i : i + 1], mask[i : i + 1])
+        entry: dict[str, Any] = {"row": i, "task": name, "rel_err_embedding": rel_err(embedding[i], want_emb[0])}
+        head = spec(name).head
+        if head is not None and want_logits is not None:
+            entry["rel_err_logits"] = rel_err(logits[i, : head.num_labels], want_logits[0])
+        result.rows.append(entry)
+    return result

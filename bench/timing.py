@@ -1,0 +1,62 @@
+"""Median time per call: CUDA events on a GPU, the wall clock on the CPU, after warm-up."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median seconds per call, over `iters` timed calls after `warmup` untimed ones."""
+
+    median_s: float
+    iters: int
+    warmup: int
+    min_s: float
+    max_s: float
+
+    def to_json(self) -> dict[str, float | int]:
+        return {
+            "median_s": self.median_s,
+            "iters": self.iters,
+            "warmup": self.warmup,
+            "min_s": self.min_s,
+            "max_s": self.max_s,
+        }
+
+
+def timed(fn: Callable[[], object], device: str, warmup: int, iters: int, budget_s: float | None = None) -> Timing:
+    """Time `fn`, each call alone (synchronised). With `budget_s`, warm up for a quarter of it at most and stop the
+    timed calls once they took that long (after 3 of them, or 1 that took twice as long): slow baselines (peft, SeqS)
+    or a slow path then cost seconds, not minutes, and the median is as good."""
+    import torch
+
+    done_warmup = 0
+    start = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+        done_warmup += 1
+        if budget_s is not None and time.perf_counter() - start > budget_s / 4:
+            break
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times: list[float] = []
+    for _ in range(iters):
+        if device == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        spent = sum(times)
+        if budget_s is not None and spent > budget_s and (len(times) >= 3 or spent > 2 * budget_s):
+            break
+    return Timing(statistics.median(times), len(times), done_warmup, min(times), max(times))
