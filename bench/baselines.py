@@ -1,6 +1,6 @@
-"""What the pets runtime is measured against, in the same process: the HF backbone alone (eager, and replayed from a
-CUDA graph), peft's mixed-batch LoRA (`adapter_names=` per row), and SeqS (each task's own merged model run on its
-rows, one task after another)."""
+"""What the pets runtime is measured against, in the same process: the backbone alone (HF eager, HF replayed from a
+CUDA graph, and the pets pipeline's own program without task ops, served as pets serves), peft's mixed-batch LoRA
+(`adapter_names=` per row), and SeqS (each task's own merged model run on its rows, one task after another)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from transformers import BertModel
 
+import pets_compiler
+from bench.pets_exec import configure
 from pets_compiler.frontend.base import BaseModel
 from pets_compiler.frontend.taskset import IA3, Adapter, Head, LayerNormDelta, LoRA, SitePET, SparseDelta, TaskSpec
 from pets_compiler.oracle import OwnModel, merged_model
@@ -35,6 +37,19 @@ def backbone_eager(model: BertModel, ids: Tensor, mask: Tensor) -> Callable[[], 
             return model(input_ids=ids, attention_mask=mask)
 
     return run
+
+
+def plain_runtime(base: BaseModel, device: str, dtype: torch.dtype, pets_exec: str) -> pets_compiler.Runtime:
+    """The backbone through the pets pipeline itself: compiled for one task with no PET (so the program has no task
+    op at all), served like the pets runtime (CUDA graphs by default on CUDA). The backbone as fast as the serving
+    stack makes it: the pets runtime's real denominator, since both share export, SDPA and graph capture."""
+    runtime = pets_compiler.compile(base, {PLAIN_TASK: TaskSpec(PLAIN_TASK, source="bench")}, dtype=dtype)
+    runtime = runtime.to(device)
+    configure(runtime, pets_exec)
+    return runtime
+
+
+PLAIN_TASK = "plain"
 
 
 @dataclass

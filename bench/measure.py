@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 from transformers import BertModel
 
-from bench.baselines import GraphedBackbone, PeftMixed, SeqS, backbone_eager, backbone_graph, own_model
+import pets_compiler
+from bench.baselines import PLAIN_TASK, GraphedBackbone, PeftMixed, SeqS, backbone_eager, backbone_graph, own_model
 from bench.check import check_rows, rel_err, sample_rows
 from bench.floors import BatchStats, DeviceFloors, backbone_floor, profile_ops
 from bench.kinds import Kind
@@ -36,6 +37,7 @@ class Shared:
     floors: DeviceFloors
     backbone: BertModel
     records: RecordFile
+    plain: pets_compiler.Runtime | None = None  # baselines.plain_runtime
     graphs: dict[tuple[int, int], GraphedBackbone] = field(default_factory=dict)
 
 
@@ -54,6 +56,10 @@ def time_backbone(s: Shared, ids: Tensor, mask: Tensor, graph: GraphedBackbone |
     if graph is not None:
         graph.static_ids.copy_(ids)
         out["graph"] = timed(graph.run, cfg.device, cfg.warmup, cfg.iters, cfg.budget_s)
+    if s.plain is not None:
+        names = [PLAIN_TASK] * int(ids.shape[0])
+        plain = pets_forward(s.plain, ids, mask, names)
+        out["pets_plain"] = timed(plain, cfg.device, cfg.warmup, cfg.iters, cfg.budget_s)
     return out
 
 

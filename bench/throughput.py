@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from bench.baselines import PeftMixed, SeqS, backbone_model
+from bench.baselines import PeftMixed, SeqS, backbone_model, plain_runtime
 from bench.floors import measure_device
 from bench.kinds import KINDS, Kind, make_kinds
 from bench.loading import Served
@@ -173,7 +173,8 @@ def _run(cfg: Config) -> list[dict[str, Any]]:
     )
     stem = f"throughput-{'smoke-' if cfg.smoke else ''}{time.strftime('%Y%m%d-%H%M%S')}"
     backbone = backbone_model(base, cfg.device, cfg.torch_dtype)
-    shared = Shared(cfg, base, env, floors, backbone, RecordFile(cfg.out, stem))
+    plain = plain_runtime(base, cfg.device, cfg.torch_dtype, cfg.pets_exec)
+    shared = Shared(cfg, base, env, floors, backbone, RecordFile(cfg.out, stem), plain)
 
     def report(record: dict[str, Any]) -> None:
         shared.records.write(record)

@@ -177,7 +177,10 @@ at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& ta
           a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
           rk.const_data_ptr<int64_t>(), a.size(0), table_rank,
           bias != nullptr ? bs.const_data_ptr<scalar_t>() : nullptr, bias != nullptr ? bs.size(0) : 0,
-          out.mutable_data_ptr<scalar_t>(), tokens, x3.size(2), y3.size(2));
+          out.mutable_data_ptr<scalar_t>(), tokens, x3.size(2), y3.size(2),
+          vectorizable<scalar_t>(x3, x3.size(2)) && vectorizable<scalar_t>(y3, y3.size(2)) &&
+              vectorizable<scalar_t>(out, y3.size(2)) && vectorizable<scalar_t>(a, a.size(2)) &&
+              vectorizable<scalar_t>(b, table_rank) && (bias == nullptr || vectorizable<scalar_t>(bs, bs.size(1))));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return out;

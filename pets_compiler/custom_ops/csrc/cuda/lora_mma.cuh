@@ -39,8 +39,9 @@ __global__ void __launch_bounds__(kThreads)
            const scalar_t* __restrict__ lora_a, const scalar_t* __restrict__ lora_b,
            const scalar_t* __restrict__ lora_scale, const int64_t* __restrict__ lora_rank, int64_t lora_slots,
            int64_t table_rank, const scalar_t* __restrict__ bias, int64_t bias_slots, scalar_t* __restrict__ out,
-           int64_t tokens, int64_t in_features, int64_t out_features) {
+           int64_t tokens, int64_t in_features, int64_t out_features, bool vec) {
   using namespace nvcuda;
+  constexpr int V = kVecBytes / sizeof(scalar_t);  // 8 elements a vector
   using T = typename MmaType<scalar_t>::type;  // the same bits as scalar_t
   __shared__ __align__(32) scalar_t xs[kTile * kSlice];     // x slice, [token][k]
   __shared__ __align__(32) scalar_t as[kTile * kSlice];     // A chunk slice, [rank][k]
@@ -72,13 +73,34 @@ __global__ void __launch_bounds__(kThreads)
     wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc;
     wmma::fill_fragment(acc, 0.f);
     for (int64_t k0 = 0; k0 < in_features; k0 += kSlice) {
-      for (int i = threadIdx.x; i < kTile * kSlice; i += kThreads) {
-        const int rr = i / kSlice, k = i % kSlice;
-        const int64_t kk = k0 + k;
-        const bool in_k = kk < in_features;
-        xs[i] = (in_k && rr < count) ? x[(m0 + rr) * in_features + kk] : scalar_t(0.f);
-        const int j = c * kTile + rr;
-        as[i] = (in_k && j < r) ? a[j * in_features + kk] : scalar_t(0.f);
+      if (vec) {
+        // 16-byte vectors, all of a thread's loads in flight before its stores.
+        constexpr int kPer = kTile * kSlice / V / kThreads;  // vectors per thread per array: 2
+        Vec<scalar_t> xv[kPer], av[kPer];
+#pragma unroll
+        for (int u = 0; u < kPer; ++u) {
+          const int q = threadIdx.x + u * kThreads, rr = q / (kSlice / V);
+          const int64_t kk = k0 + (q % (kSlice / V)) * V;
+          const int j = c * kTile + rr;
+          xv[u] = (kk < in_features && rr < count) ? load_vec<scalar_t>(x + (m0 + rr) * in_features + kk, 0)
+                                                   : Vec<scalar_t>{};
+          av[u] = (kk < in_features && j < r) ? load_vec<scalar_t>(a + j * in_features + kk, 0) : Vec<scalar_t>{};
+        }
+#pragma unroll
+        for (int u = 0; u < kPer; ++u) {
+          const int q = threadIdx.x + u * kThreads;
+          reinterpret_cast<Vec<scalar_t>*>(xs)[q] = xv[u];
+          reinterpret_cast<Vec<scalar_t>*>(as)[q] = av[u];
+        }
+      } else {
+        for (int i = threadIdx.x; i < kTile * kSlice; i += kThreads) {
+          const int rr = i / kSlice, k = i % kSlice;
+          const int64_t kk = k0 + k;
+          const bool in_k = kk < in_features;
+          xs[i] = (in_k && rr < count) ? x[(m0 + rr) * in_features + kk] : scalar_t(0.f);
+          const int j = c * kTile + rr;
+          as[i] = (in_k && j < r) ? a[j * in_features + kk] : scalar_t(0.f);
+        }
       }
       __syncthreads();
       for (int step = warp; step < kSlice / kTile; step += kWarps) {
@@ -108,9 +130,24 @@ __global__ void __launch_bounds__(kThreads)
       wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc;
       wmma::fill_fragment(acc, 0.f);
       for (int c = 0; c < chunks; ++c) {
-        for (int i = lane; i < kTile * kTile; i += kWarp) {
-          const int o = i / kTile, j = c * kTile + i % kTile;
-          bs[warp][i] = (o0 + o < out_features && j < r) ? b[(o0 + o) * table_rank + j] : scalar_t(0.f);
+        if (vec) {  // lane: output o0 + lane / 2, ranks j0 .. j0 + 7 of the chunk
+          const int o = lane / 2, j0 = c * kTile + (lane % 2) * V;
+          Vec<scalar_t> bv{};
+          if (o0 + o < out_features) {
+            const scalar_t* src = b + (o0 + o) * table_rank + j0;
+            if (j0 + V <= r) {
+              bv = load_vec<scalar_t>(src, 0);
+            } else {
+#pragma unroll
+              for (int e = 0; e < V; ++e) bv.v[e] = j0 + e < r ? src[e] : scalar_t(0.f);
+            }
+          }
+          reinterpret_cast<Vec<scalar_t>*>(bs[warp])[lane] = bv;
+        } else {
+          for (int i = lane; i < kTile * kTile; i += kWarp) {
+            const int o = i / kTile, j = c * kTile + i % kTile;
+            bs[warp][i] = (o0 + o < out_features && j < r) ? b[(o0 + o) * table_rank + j] : scalar_t(0.f);
+          }
         }
         __syncwarp();
         wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, T, wmma::row_major> fh;
@@ -123,18 +160,39 @@ __global__ void __launch_bounds__(kThreads)
       wmma::store_matrix_sync(red[warp], acc, kTile, wmma::mem_row_major);
       __syncwarp();
     }
-    for (int i = lane; i < kTile * kTile; i += kWarp) {
-      const int tm = i / kTile, o = i % kTile;
-      if (tm >= count || o0 + o >= out_features) continue;
-      const int64_t idx = (m0 + tm) * out_features + o0 + o;
-      if (chunks == 0 && bt == nullptr) {
-        out[idx] = y[idx];  // bitwise y
-        continue;
+    if (vec) {  // lane: token lane / 2, outputs o0 + (lane % 2) * 8 .. + 7: one vector load and store
+      const int tm = lane / 2, oo = (lane % 2) * V;
+      if (tm < count && o0 + oo < out_features) {
+        const int64_t idx = (m0 + tm) * out_features + o0 + oo;
+        const Vec<scalar_t> yv = load_vec<scalar_t>(y + idx, 0);
+        Vec<scalar_t> ov = yv;  // bitwise y when there is no term
+        if (chunks > 0 || bt != nullptr) {
+          Vec<scalar_t> bias_v{};
+          if (bt != nullptr) bias_v = load_vec<scalar_t>(bt + o0 + oo, 0);
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            float v = static_cast<float>(yv.v[e]);
+            if (chunks > 0) v += s * red[warp][tm * kTile + oo + e];
+            if (bt != nullptr) v += static_cast<float>(bias_v.v[e]);
+            ov.v[e] = static_cast<scalar_t>(v);
+          }
+        }
+        reinterpret_cast<Vec<scalar_t>*>(out + idx)[0] = ov;
       }
-      float v = static_cast<float>(y[idx]);
-      if (chunks > 0) v += s * red[warp][i];
-      if (bt != nullptr) v += static_cast<float>(bt[o0 + o]);
-      out[idx] = static_cast<scalar_t>(v);
+    } else {
+      for (int i = lane; i < kTile * kTile; i += kWarp) {
+        const int tm = i / kTile, o = i % kTile;
+        if (tm >= count || o0 + o >= out_features) continue;
+        const int64_t idx = (m0 + tm) * out_features + o0 + o;
+        if (chunks == 0 && bt == nullptr) {
+          out[idx] = y[idx];  // bitwise y
+          continue;
+        }
+        float v = static_cast<float>(y[idx]);
+        if (chunks > 0) v += s * red[warp][i];
+        if (bt != nullptr) v += static_cast<float>(bt[o0 + o]);
+        out[idx] = static_cast<scalar_t>(v);
+      }
     }
     __syncwarp();
   }
