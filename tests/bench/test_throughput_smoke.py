@@ -28,6 +28,9 @@ def test_smoke_records(tmp_path: Path) -> None:
         assert r["check"]["max_rel_err"] <= r["check"]["tolerance"] == 1e-5
         assert r["seq_per_s"]["pets"] > 0 and r["seq_per_s"]["backbone"] > 0 and r["seq_per_s"]["seqs"] > 0
         assert r["ratios"]["pets_over_backbone"] > 0
+        # the backbone's paths: HF eager and the pets pipeline's plain program; the denominator is the faster
+        paths = {k: v for k, v in r["backbone"].items() if isinstance(v, dict) and "before" in v}
+        assert {"eager", "pets_plain"} <= set(paths) and r["backbone"]["denominator"] in paths
         assert r["memory"]["bytes_per_task"] > 0 and r["compile_s"] > 0
         assert r["ops"]["ops"], "no pets op was profiled"
         for op in r["ops"]["ops"].values():
