@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# On the GPU machine (see README, "GPU machine"): build the CUDA kernels, run the gpu-marked tests, then the kernel
-# tests under compute-sanitizer memcheck. Logs go to $OUT (or ./gpu-logs). Usage: scripts/gpu_test.sh [pytest -k expr]
+# On the GPU machine (see README, "On the GPU machine"): build the CUDA kernels, run the gpu-marked tests (the op
+# kernels, then the runtime and graphs), then the op tests under compute-sanitizer memcheck. Each part has its own
+# time limit and log in $OUT (or ./gpu-logs), so one slow part does not lose the others' results.
+# Usage: scripts/gpu_test.sh [pytest -k expr]
 set -uo pipefail
 OUT=${OUT:-gpu-logs}
 mkdir -p "$OUT"
@@ -15,10 +17,17 @@ print("CUDA kernels:", all(torch._C._dispatch_has_kernel_for_dispatch_key(f"pets
       ["lora_delta", "linear_delta", "bias_delta", "scale", "layer_norm", "segmented_linear", "sparse_delta",
        "embedding_delta", "adapter"]))
 PY
-python3 -m pytest -q -m gpu -x -p no:cacheprovider tests ${1:+-k "$1"} 2>&1 | tail -25 | tee "$OUT/pytest-gpu.log"
-# memcheck over the kernel tests (a subset of the parameter grid keeps it within minutes)
-compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
-  python3 -m pytest -q -x -p no:cacheprovider tests/custom_ops/test_gpu_ops.py -k "uniform or zipf or bert or bitwise or depend or checks" \
+part() {  # name, time limit, pytest args...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 -m pytest -q --maxfail=5 -p no:cacheprovider "$@" ${K:+-k "$K"} >"$OUT/$name.log" 2>&1
+  echo "$name: rc=$? $(grep -E '(passed|failed|error)' "$OUT/$name.log" | tail -1)"
+}
+K=${1:-}
+part ops-gpu 150 -m gpu tests/custom_ops
+part runtime-gpu 240 -m gpu tests --ignore=tests/custom_ops
+# memcheck over the kernel tests (a subset of the parameter grid keeps it within a few minutes)
+timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+  python3 -m pytest -q -p no:cacheprovider tests/custom_ops/test_gpu_ops.py -k "uniform or zipf or bert or bitwise or depend or checks" \
   >"$OUT/memcheck.log" 2>&1
-echo "memcheck rc=$? ($(grep -c "Invalid\|ERROR SUMMARY" "$OUT/memcheck.log") error lines)"; tail -5 "$OUT/memcheck.log"
+echo "memcheck: rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -1) $(grep -E '(passed|failed)' "$OUT/memcheck.log" | tail -1)"
 echo "total: $(( $(date +%s) - start )) s"
