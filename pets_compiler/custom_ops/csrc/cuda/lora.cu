@@ -1,8 +1,10 @@
-// Segmented LoRA (SGMV style) and the fused linear_delta: one launch serves every task of a batch. A block takes
-// kTokens tokens of one batch row, so one slot: phase 1 computes h = x @ A[t, :r].T for them into shared memory
-// (fp32, one warp per token and rank chunk, lanes across in_features), phase 2 writes
-// out = y + scale[t] * h @ B[t, :, :r].T (+ bias[t]) with threads across out_features (coalesced y and out).
-// A slot's own rank r bounds both phases, so padding of the tables beyond r is never read.
+// Segmented LoRA (SGMV style) and the fused linear_delta: one launch serves every task of a batch, whatever the mix.
+// fp16 and bf16 with ranks up to 128 take the tensor-core kernel of lora_mma.cuh. Otherwise (fp32, fp64, larger
+// ranks) linear_delta_kernel below: a block takes kTokens tokens of one batch row, so one slot; phase 1 computes
+// h = x @ A[t, :r].T for them into shared memory (fp32, one warp per token pair and rank chunk, lanes across
+// in_features), phase 2 writes out = y + scale[t] * h @ B[t, :, :r].T (+ bias[t]) with threads across out_features
+// (coalesced y and out). A slot's own rank r bounds both phases, so padding of the tables beyond r is never read.
+// A site with a bias delta and no LoRA goes to the row-term kernel (rowwise.cu).
 #include "../common/task_groups.h"
 #include "../lora/lora.h"
 #include "common.cuh"
