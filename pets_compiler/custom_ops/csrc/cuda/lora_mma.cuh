@@ -126,6 +126,15 @@ __global__ void __launch_bounds__(kThreads)
   const scalar_t* b = lora_b + max64(t, 0) * out_features * table_rank;
   const scalar_t* bt = t_bias >= 0 ? bias + t_bias * out_features : nullptr;
   for (int64_t o0 = static_cast<int64_t>(warp) * kTile; o0 < out_features; o0 += kWarps * kTile) {
+    // The epilogue's y (and bias) vectors are loaded first, so they are in flight during the B tile and the mma.
+    const int e_tm = lane / 2, e_oo = (lane % 2) * V;
+    const bool e_in = vec && e_tm < count && o0 + e_oo < out_features;
+    const int64_t e_idx = (m0 + e_tm) * out_features + o0 + e_oo;
+    Vec<scalar_t> yv{}, bias_v{};
+    if (e_in) {
+      yv = load_vec<scalar_t>(y + e_idx, 0);
+      if (bt != nullptr) bias_v = load_vec<scalar_t>(bt + o0 + e_oo, 0);
+    }
     if (chunks > 0) {
       wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc;
       wmma::fill_fragment(acc, 0.f);
@@ -161,23 +170,18 @@ __global__ void __launch_bounds__(kThreads)
       __syncwarp();
     }
     if (vec) {  // lane: token lane / 2, outputs o0 + (lane % 2) * 8 .. + 7: one vector load and store
-      const int tm = lane / 2, oo = (lane % 2) * V;
-      if (tm < count && o0 + oo < out_features) {
-        const int64_t idx = (m0 + tm) * out_features + o0 + oo;
-        const Vec<scalar_t> yv = load_vec<scalar_t>(y + idx, 0);
+      if (e_in) {
         Vec<scalar_t> ov = yv;  // bitwise y when there is no term
         if (chunks > 0 || bt != nullptr) {
-          Vec<scalar_t> bias_v{};
-          if (bt != nullptr) bias_v = load_vec<scalar_t>(bt + o0 + oo, 0);
 #pragma unroll
           for (int e = 0; e < V; ++e) {
             float v = static_cast<float>(yv.v[e]);
-            if (chunks > 0) v += s * red[warp][tm * kTile + oo + e];
+            if (chunks > 0) v += s * red[warp][e_tm * kTile + e_oo + e];
             if (bt != nullptr) v += static_cast<float>(bias_v.v[e]);
             ov.v[e] = static_cast<scalar_t>(v);
           }
         }
-        reinterpret_cast<Vec<scalar_t>*>(out + idx)[0] = ov;
+        reinterpret_cast<Vec<scalar_t>*>(out + e_idx)[0] = ov;
       }
     } else {
       for (int i = lane; i < kTile * kTile; i += kWarp) {
