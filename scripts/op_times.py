@@ -1,5 +1,6 @@
 """Times each pets CUDA op at bert-base sizes (bs64 s128, fp16, 32 slots, rows' slots uniform) against its
-memory floor (bytes it must move / a measured copy bandwidth). A development probe; bench/ has the full harness."""
+memory floor (bytes it must move / a measured copy bandwidth). GPU time only: the calls are replayed from a CUDA
+graph. A development probe; bench/ has the full harness."""
 
 from __future__ import annotations
 
@@ -17,20 +18,30 @@ def rn(*shape: int, std: float = 1.0) -> torch.Tensor:
     return torch.randn(*shape, device=dev, dtype=dt, generator=g) * std
 
 
-def ms(fn, iters: int = 50) -> float:
-    for _ in range(5):
-        fn()
+def ms(fn, iters: int = 20, reps: int = 5) -> float:
+    """GPU milliseconds per call: `iters` calls captured in one CUDA graph, replayed `reps` times (no host time)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(iters):
-        fn()
+    for _ in range(reps):
+        graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    return start.elapsed_time(end) / (iters * reps)
 
 
 big = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
-bw = 2 * big.numel() / (ms(lambda: big.clone(), 20) / 1e3)  # read + write bytes per second
+bw = 2 * big.numel() / (ms(lambda: big.clone(), 4) / 1e3)  # read + write bytes per second
 print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
 ids = torch.randint(0, T, (B,), device=dev, generator=g)
 x, y, xi = rn(B, S, H), rn(B, S, H), rn(B, S, FF)
@@ -52,9 +63,11 @@ for r in (8, 16, 64):
 bias = rn(T, H)
 cases["linear_delta bias"] = (lambda: ops.linear_delta(y, x, ids, None, None, None, None, bias), 2 * act)
 cases["bias_delta"] = (lambda: ops.bias_delta(y, ids, bias), 2 * act)
-cases["scale"] = (lambda: ops.scale(y, ids, rn(T, H, std=0.1)), 2 * act)
+ia3 = rn(T, H, std=0.1)
+cases["scale"] = (lambda: ops.scale(y, ids, ia3), 2 * act)
 w, bb = rn(H) + 1, rn(H)
-cases["layer_norm"] = (lambda: ops.layer_norm(x, ids, w, bb, rn(T, H, std=0.1), rn(T, H, std=0.1), 1e-12), 2 * act)
+wd, bd = rn(T, H, std=0.1), rn(T, H, std=0.1)
+cases["layer_norm"] = (lambda: ops.layer_norm(x, ids, w, bb, wd, bd, 1e-12), 2 * act)
 cases["aten layer_norm"] = (lambda: torch.nn.functional.layer_norm(x, (H,), w, bb), 2 * act)
 for d in (0.01, 0.05):
     rp, c, v = pool(H, H, d)
