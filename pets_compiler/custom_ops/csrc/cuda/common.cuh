@@ -11,6 +11,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
 
+#include <array>
+#include <atomic>
+
 namespace pets::cuda {
 
 template <typename scalar_t>
@@ -51,9 +54,8 @@ __device__ __forceinline__ Vec<scalar_t> load_vec(const scalar_t* row, int64_t v
 }
 
 // Whether rows of `features` elements of contiguous `t` can be read as 16-byte vectors.
-template <typename scalar_t>
-bool vectorizable(const at::Tensor& t, int64_t features) {
-  return (features * static_cast<int64_t>(sizeof(scalar_t))) % kVecBytes == 0 &&
+inline bool vectorizable(const at::Tensor& t, int64_t features) {
+  return (features * static_cast<int64_t>(t.element_size())) % kVecBytes == 0 &&
          reinterpret_cast<uintptr_t>(t.const_data_ptr()) % kVecBytes == 0;
 }
 
@@ -61,14 +63,25 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// The current device's largest opt-in shared memory per block, queried once per device.
+inline size_t shared_memory_optin() {
+  static std::array<std::atomic<int>, 64> known{};  // 0: not queried yet
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  std::atomic<int>& slot = known.at(static_cast<size_t>(device));
+  int optin = slot.load(std::memory_order_relaxed);
+  if (optin == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    slot.store(optin, std::memory_order_relaxed);
+  }
+  return static_cast<size_t>(optin);
+}
+
 // Dynamic shared memory above the default 48 KiB must be opted into per kernel; fails with the op's name when
 // the device cannot give `bytes` at all.
 template <typename Kernel>
 void allow_shared_memory(const char* op, Kernel kernel, size_t bytes, const char* what) {
-  int device = 0, optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const size_t limit = static_cast<size_t>(optin);
+  const size_t limit = shared_memory_optin();
   TORCH_CHECK(bytes <= limit, op, ": ", what, " needs ", bytes, " bytes of shared memory per block; this device ",
               "allows ", limit);
   if (bytes > 48 * 1024) {

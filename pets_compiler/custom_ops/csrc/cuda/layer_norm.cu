@@ -64,7 +64,7 @@ at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& task_ids, const at:
   if (out.numel() == 0) return out;
   const int64_t warps = kThreads / kWarp;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pets::layer_norm", [&] {
-    const auto kernel = rows_fit<scalar_t>(x3.size(2), {&x3, &w, &b, &wd, &bd, &out}) ? layer_norm_regs_kernel<scalar_t>
+    const auto kernel = rows_fit(x3.size(2), {&x3, &w, &b, &wd, &bd, &out}) ? layer_norm_regs_kernel<scalar_t>
                                                                                       : layer_norm_kernel<scalar_t>;
     kernel<<<static_cast<unsigned>(ceil_div(rows, warps)), kThreads, 0, stream()>>>(
         x3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(), w.const_data_ptr<scalar_t>(),

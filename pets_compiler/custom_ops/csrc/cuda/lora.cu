@@ -38,16 +38,13 @@ __global__ void __launch_bounds__(kThreads)
 
   int r = 0;
   acc s = 0;
-  int64_t t_lora = -1;
-  if (lora_a != nullptr) {
-    t_lora = slot_of(task_ids, row, lora_slots);
-    if (t_lora >= 0) {
-      const int64_t rk = lora_rank[t_lora];
-      CUDA_KERNEL_ASSERT(rk >= 0 && rk <= table_rank && "pets: a LoRA rank is outside [0, R]");
-      r = static_cast<int>(max64(0, min64(rk, table_rank)));
-      s = static_cast<acc>(lora_scale[t_lora]);
-      if (s == acc(0)) r = 0;  // a slot without LoRA here: its rows are y (+ bias) exactly
-    }
+  const int64_t t_lora = slot_of(task_ids, row, lora_slots);
+  if (t_lora >= 0) {
+    const int64_t rk = lora_rank[t_lora];
+    CUDA_KERNEL_ASSERT(rk >= 0 && rk <= table_rank && "pets: a LoRA rank is outside [0, R]");
+    r = static_cast<int>(max64(0, min64(rk, table_rank)));
+    s = static_cast<acc>(lora_scale[t_lora]);
+    if (s == acc(0)) r = 0;  // a slot without LoRA here: its rows are y (+ bias) exactly
   }
   const int64_t t_bias = bias != nullptr ? slot_of(task_ids, row, bias_slots) : -1;
 
@@ -151,8 +148,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor* lora_a,
-                  const at::Tensor* lora_b, const at::Tensor* lora_scale, const at::Tensor* lora_rank,
+// y + the LoRA term (tables with padded rank R > 0) + the bias term if `bias` is given.
+at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& lora_a,
+                  const at::Tensor& lora_b, const at::Tensor& lora_scale, const at::Tensor& lora_rank,
                   const at::Tensor* bias) {
   const c10::cuda::OptionalCUDAGuard guard(y.device());
   const at::Tensor y3 = as_rows(y).contiguous();
@@ -161,18 +159,15 @@ at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& ta
   at::Tensor out = at::empty(y.sizes(), y.options());
   const int64_t batch = y3.size(0), tokens = y3.size(1);
   if (out.numel() == 0) return out;
-  const bool with_lora = lora_a != nullptr && lora_a->size(1) > 0;
-  const at::Tensor a = with_lora ? lora_a->contiguous() : at::Tensor();
-  const at::Tensor b = with_lora ? lora_b->contiguous() : at::Tensor();
-  const at::Tensor sc = with_lora ? lora_scale->contiguous() : at::Tensor();
-  const at::Tensor rk = with_lora ? lora_rank->contiguous() : at::Tensor();
+  const at::Tensor a = lora_a.contiguous(), b = lora_b.contiguous();
+  const at::Tensor sc = lora_scale.contiguous(), rk = lora_rank.contiguous();
   const at::Tensor bs = bias != nullptr ? bias->contiguous() : at::Tensor();
-  const int64_t table_rank = with_lora ? a.size(1) : 0;
+  const int64_t table_rank = a.size(1);
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(ceil_div(tokens, kTokens)));
   TORCH_CHECK(grid.y <= 65535, "pets::linear_delta: ", tokens, " tokens per row is more than the kernel's ",
               65535 * kTokens);
   const at::ScalarType dtype = y.scalar_type();
-  if (with_lora && table_rank <= mma_lora::kMaxRank && (dtype == at::kHalf || dtype == at::kBFloat16)) {
+  if (table_rank <= mma_lora::kMaxRank && (dtype == at::kHalf || dtype == at::kBFloat16)) {
     AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "pets::linear_delta", [&] {
       mma_lora::kernel<scalar_t><<<grid, mma_lora::kThreads, 0, stream()>>>(
           y3.const_data_ptr<scalar_t>(), x3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
@@ -180,23 +175,22 @@ at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& ta
           rk.const_data_ptr<int64_t>(), a.size(0), table_rank,
           bias != nullptr ? bs.const_data_ptr<scalar_t>() : nullptr, bias != nullptr ? bs.size(0) : 0,
           out.mutable_data_ptr<scalar_t>(), tokens, x3.size(2), y3.size(2),
-          vectorizable<scalar_t>(x3, x3.size(2)) && vectorizable<scalar_t>(y3, y3.size(2)) &&
-              vectorizable<scalar_t>(out, y3.size(2)) && vectorizable<scalar_t>(a, a.size(2)) &&
-              vectorizable<scalar_t>(b, table_rank) && (bias == nullptr || vectorizable<scalar_t>(bs, bs.size(1))));
+          vectorizable(x3, x3.size(2)) && vectorizable(y3, y3.size(2)) &&
+              vectorizable(out, y3.size(2)) && vectorizable(a, a.size(2)) &&
+              vectorizable(b, table_rank) && (bias == nullptr || vectorizable(bs, bs.size(1))));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "pets::linear_delta", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::linear_delta", [&] {
     const size_t shared = static_cast<size_t>(kTokens) * table_rank * sizeof(acc_t<scalar_t>);
     allow_shared_memory("pets::linear_delta", linear_delta_kernel<scalar_t>, shared, "the LoRA rank");
     linear_delta_kernel<scalar_t><<<grid, kThreads, shared, stream()>>>(
         y3.const_data_ptr<scalar_t>(), x3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
-        with_lora ? a.const_data_ptr<scalar_t>() : nullptr, with_lora ? b.const_data_ptr<scalar_t>() : nullptr,
-        with_lora ? sc.const_data_ptr<scalar_t>() : nullptr, with_lora ? rk.const_data_ptr<int64_t>() : nullptr,
-        with_lora ? a.size(0) : 0, table_rank, bias != nullptr ? bs.const_data_ptr<scalar_t>() : nullptr,
+        a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
+        rk.const_data_ptr<int64_t>(), a.size(0), table_rank, bias != nullptr ? bs.const_data_ptr<scalar_t>() : nullptr,
         bias != nullptr ? bs.size(0) : 0, out.mutable_data_ptr<scalar_t>(), tokens, x3.size(2), y3.size(2),
-        with_lora && vectorizable<scalar_t>(x3, x3.size(2)) && vectorizable<scalar_t>(a, a.size(2)));
+        vectorizable(x3, x3.size(2)) && vectorizable(a, a.size(2)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -209,7 +203,8 @@ at::Tensor lora_delta(const at::Tensor& y, const at::Tensor& x, const at::Tensor
   constexpr const char* op = "pets::lora_delta";
   check_site_inputs(op, y, x, task_ids);
   check_lora_tables(op, y, x, lora_a, lora_b, scale, rank);
-  return launch(y, x, task_ids, &lora_a, &lora_b, &scale, &rank, nullptr);
+  if (lora_a.size(1) == 0) return y.clone(at::MemoryFormat::Contiguous);  // rank 0: no term at all
+  return launch(y, x, task_ids, lora_a, lora_b, scale, rank, nullptr);
 }
 
 at::Tensor linear_delta(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids,
@@ -217,13 +212,12 @@ at::Tensor linear_delta(const at::Tensor& y, const at::Tensor& x, const at::Tens
                         const std::optional<at::Tensor>& lora_scale, const std::optional<at::Tensor>& lora_rank,
                         const std::optional<at::Tensor>& bias) {
   check_linear_delta_inputs(y, x, task_ids, lora_a, lora_b, lora_scale, lora_rank, bias);
-  const bool with_lora = lora_a.has_value();
-  if ((!with_lora || lora_a->size(1) == 0) && bias.has_value()) {
-    return add_row_bias("pets::linear_delta", y, task_ids, *bias);  // no LoRA term at this site
+  if (lora_a.has_value() && lora_a->size(1) > 0) {
+    return launch(y, x, task_ids, *lora_a, *lora_b, *lora_scale, *lora_rank, bias.has_value() ? &*bias : nullptr);
   }
-  return launch(y, x, task_ids, with_lora ? &*lora_a : nullptr, with_lora ? &*lora_b : nullptr,
-                with_lora ? &*lora_scale : nullptr, with_lora ? &*lora_rank : nullptr,
-                bias.has_value() ? &*bias : nullptr);
+  // No LoRA term at this site: the bias term alone (rowwise.cu), or y itself.
+  if (bias.has_value()) return add_row_bias("pets::linear_delta", y, task_ids, *bias);
+  return y.clone(at::MemoryFormat::Contiguous);
 }
 
 }  // namespace pets::cuda

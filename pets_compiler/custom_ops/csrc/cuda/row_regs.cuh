@@ -14,22 +14,14 @@ constexpr int vec_elems() {
   return kVecBytes / static_cast<int>(sizeof(scalar_t));
 }
 
-// Whether every row of `hidden` features of the given tensors can live in registers as 16-byte vectors.
-template <typename scalar_t>
-bool rows_fit(int64_t hidden, std::initializer_list<const at::Tensor*> tensors) {
-  if (hidden % vec_elems<scalar_t>() != 0 || hidden / vec_elems<scalar_t>() > kWarp * kMaxVec) return false;
+// Whether every row of `hidden` features of the given tensors (one dtype) can live in registers as 16-byte vectors.
+inline bool rows_fit(int64_t hidden, std::initializer_list<const at::Tensor*> tensors) {
+  const int64_t row_bytes = hidden * static_cast<int64_t>((*tensors.begin())->element_size());
+  if (row_bytes % kVecBytes != 0 || row_bytes / kVecBytes > kWarp * kMaxVec) return false;
   for (const at::Tensor* t : tensors) {
-    if (!vectorizable<scalar_t>(*t, hidden)) return false;
+    if (!vectorizable(*t, hidden)) return false;
   }
   return true;
-}
-
-// rows_fit for the dtype of a dispatch that has not happened yet.
-inline bool rows_fit_any(at::ScalarType dtype, int64_t hidden, std::initializer_list<const at::Tensor*> tensors) {
-  bool fit = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::rows_fit",
-                                  [&] { fit = rows_fit<scalar_t>(hidden, tensors); });
-  return fit;
 }
 
 template <typename scalar_t>

@@ -78,8 +78,8 @@ at::Tensor launch(const char* op, const at::Tensor& y, const at::Tensor& task_id
   const dim3 grid(static_cast<unsigned>(y3.size(0)), static_cast<unsigned>(ceil_div(tokens, kTokens)));
   TORCH_CHECK(grid.y <= 65535, op, ": ", tokens, " tokens per row is more than the kernel's ", 65535 * kTokens);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "pets::row_term", [&] {
-    const bool vec = vectorizable<scalar_t>(y3, y3.size(2)) && vectorizable<scalar_t>(tab, tab.size(1)) &&
-                     vectorizable<scalar_t>(out, y3.size(2));
+    const bool vec = vectorizable(y3, y3.size(2)) && vectorizable(tab, tab.size(1)) &&
+                     vectorizable(out, y3.size(2));
     const auto kernel = vec ? row_term_vec_kernel<scalar_t, term> : row_term_kernel<scalar_t, term>;
     kernel<<<grid, kThreads, 0, stream()>>>(
         y3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(), tab.const_data_ptr<scalar_t>(), tab.size(0),
