@@ -22,6 +22,19 @@ def _sources(pattern: str) -> list[str]:
     return sorted(f"{CSRC}/{p}" for p in glob.glob(f"**/{pattern}", root_dir=ROOT / CSRC, recursive=True))
 
 
+def _library_include_dirs() -> list[str]:
+    """Where the toolkit has no cuBLAS headers (a compiler-only CUDA install), those of the CUDA library wheels
+    torch depends on (site-packages/nvidia/*/include); none where the toolkit has them."""
+    if CUDA_HOME is None or (Path(CUDA_HOME) / "include" / "cublas_v2.h").exists():
+        return []
+    try:
+        import nvidia  # the namespace package of torch's nvidia-* dependencies
+    except ImportError:
+        return []
+    dirs = (d for root in nvidia.__path__ for d in Path(root).glob("*/include"))
+    return sorted(str(d) for d in dirs if (d / "cublas_v2.h").exists())
+
+
 def _extension() -> Extension:
     # A CPU-only torch has CUDA_HOME None even with nvcc on PATH, and CUDAExtension then fails: decide by
     # both, never by torch.cuda.is_available() (a build machine need not have a GPU).
@@ -38,6 +51,7 @@ def _extension() -> Extension:
         "pets_compiler._C",
         _sources("*.cpp") + _sources("*.cu"),
         define_macros=[("PETS_WITH_CUDA", None)],
+        include_dirs=_library_include_dirs(),  # slot_gemm.cu calls cuBLAS
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},  # lineinfo: profilers, sanitizer
         py_limited_api=True,
     )

@@ -8,15 +8,17 @@
 #include "common.cuh"
 #include "ops.h"
 #include "row_regs.cuh"
+#include "slot_gemm.h"
 
 namespace pets::cuda {
 namespace {
 
 constexpr int kThreads = 256;  // 8 warps: one per token
 
-// The tensor-core path (rows_fit): adapter_in_kernel, the down projection as one batched matmul over the rows'
-// gathered tables, adapter_act_kernel, the up projection likewise, adapter_out_kernel. Intermediates are rounded
-// to the input dtype where the CPU kernel's matmuls and adds round them.
+// The tensor-core path (rows_fit): adapter_in_kernel, the down projection as per-slot matmuls (slot_gemm.h: each
+// row reads its own slot's table in place), adapter_act_kernel (+ the down bias), the up projection likewise,
+// adapter_out_kernel. Intermediates are rounded to the input dtype where the CPU kernel's matmuls and adds round
+// them.
 
 // LN_t(h + residual) per token: the output of rows without an adapter; else the adapter input a_in.
 template <typename scalar_t>
@@ -53,9 +55,9 @@ __global__ void __launch_bounds__(kThreads)
 
 // In place on down [rows, R]: act_t(d) for the slot's first r units, 0 beyond (and for rows without an adapter).
 template <typename scalar_t>
-__global__ void adapter_act_kernel(scalar_t* __restrict__ down, const int64_t* __restrict__ task_ids,
-                                   const int64_t* __restrict__ config, int64_t slots, int64_t total, int64_t tokens,
-                                   int64_t padded) {
+__global__ void adapter_act_kernel(scalar_t* __restrict__ down, const scalar_t* __restrict__ down_b,
+                                   const int64_t* __restrict__ task_ids, const int64_t* __restrict__ config,
+                                   int64_t slots, int64_t total, int64_t tokens, int64_t padded) {
   using acc = acc_t<scalar_t>;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= total) return;
@@ -66,7 +68,10 @@ __global__ void adapter_act_kernel(scalar_t* __restrict__ down, const int64_t* _
   const int64_t act = c[kAdapterActivation];
   CUDA_KERNEL_ASSERT(act >= 0 && act < kAdapterActivationCount && "pets: unknown adapter activation code");
   const bool keep = c[kAdapterEnabled] != 0 && u < c[kAdapterBottleneck];
-  down[i] = keep ? static_cast<scalar_t>(activate(static_cast<acc>(down[i]), act)) : scalar_t(0);
+  // The down matmul's output (rounded by cuBLAS) plus the slot's bias, rounded as the bias add would be.
+  const acc z = static_cast<acc>(
+      static_cast<scalar_t>(static_cast<acc>(down[i]) + static_cast<acc>(down_b[t * padded + u])));
+  down[i] = keep ? static_cast<scalar_t>(activate(z, act)) : scalar_t(0);
 }
 
 // z = (up + up_b[t]) * scaling[t] + res, then LN_t(z + residual) when ln_after; rows without an adapter are done.
@@ -148,16 +153,18 @@ at::Tensor adapter(const at::Tensor& h, const at::Tensor& residual, const at::Te
           out.mutable_data_ptr<scalar_t>(), a_in.mutable_data_ptr<scalar_t>(), rows, tokens, hidden);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    // Gathers by task id: an id outside the tables trips the index kernels' device assert, like the kernels'.
-    at::Tensor down = at::baddbmm(db.index_select(0, ids).unsqueeze(1), a_in, dw.index_select(0, ids).transpose(1, 2));
+    // A task id outside the tables trips slot_gemm's device assert, like the kernels'.
+    at::Tensor down = at::empty({h3.size(0), tokens, padded}, h3.options());
+    slot_gemm(a_in, dw, ids, down);  // each row times its own slot's down_w, read in place
     const int64_t total = down.numel();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::adapter", [&] {
       adapter_act_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(total, 256)), 256, 0, stream()>>>(
-          down.mutable_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(), cfg.const_data_ptr<int64_t>(),
-          cfg.size(0), total, tokens, padded);
+          down.mutable_data_ptr<scalar_t>(), db.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
+          cfg.const_data_ptr<int64_t>(), cfg.size(0), total, tokens, padded);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    const at::Tensor up = at::bmm(down, uw.index_select(0, ids).transpose(1, 2));  // [B, N, H]
+    at::Tensor up = at::empty_like(h3);  // [B, N, H]
+    slot_gemm(down, uw, ids, up);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::adapter", [&] {
       adapter_out_kernel<scalar_t><<<blocks, kThreads, 0, stream()>>>(
           h3.const_data_ptr<scalar_t>(), res3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),

@@ -59,7 +59,7 @@ inline bool vectorizable(const at::Tensor& t, int64_t features) {
          reinterpret_cast<uintptr_t>(t.const_data_ptr()) % kVecBytes == 0;
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 

@@ -13,8 +13,8 @@ namespace pets::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kTileBytes = 32;
-constexpr int kUnroll = 4;  // CSR entries in flight per thread  // one staged column: kTile tokens of sizeof(scalar_t) bytes
+constexpr int kTileBytes = 32;  // one staged column: kTile tokens of sizeof(scalar_t) bytes
+constexpr int kUnroll = 4;      // CSR entries in flight per thread
 
 template <typename scalar_t>
 constexpr int tile_tokens() {
@@ -31,7 +31,7 @@ __device__ __forceinline__ void row_range(const int64_t* p, int64_t pool, int64_
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
     sparse_delta_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ x,
                         const int64_t* __restrict__ task_ids, const int64_t* __restrict__ row_ptr,
                         const int64_t* __restrict__ col, const scalar_t* __restrict__ val, int64_t slots,
@@ -67,10 +67,6 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t o = threadIdx.x; o < out_features; o += blockDim.x) {
     int64_t k0 = 0, k1 = 0;
     if (!empty) row_range(p + o, pool, k0, k1);
-    if (k0 == k1) {
-      for (int tm = 0; tm < count; ++tm) out[(m0 + tm) * out_features + o] = y[(m0 + tm) * out_features + o];
-      continue;  // bitwise y (y + 0 would turn -0 into +0)
-    }
     acc sum[kTile];
 #pragma unroll
     for (int tm = 0; tm < kTile; ++tm) sum[tm] = 0;
@@ -96,9 +92,17 @@ __global__ void __launch_bounds__(kThreads)
         for (int tm = 0; tm < kTile; ++tm) sum[tm] += v[u] * static_cast<acc>(xv[tm]);
       }
     }
-    for (int tm = 0; tm < count; ++tm) {
-      const int64_t i = (m0 + tm) * out_features + o;
-      out[i] = static_cast<scalar_t>(static_cast<acc>(y[i]) + sum[tm]);
+    // The tile's y column: kTile independent loads in flight together, then the stores. An empty row stores y
+    // itself (y + 0 would turn -0 into +0).
+    scalar_t yv[kTile];
+#pragma unroll
+    for (int tm = 0; tm < kTile; ++tm) yv[tm] = tm < count ? y[(m0 + tm) * out_features + o] : scalar_t(0);
+    const bool term = k0 != k1;
+#pragma unroll
+    for (int tm = 0; tm < kTile; ++tm) {
+      if (tm < count) {
+        out[(m0 + tm) * out_features + o] = term ? static_cast<scalar_t>(static_cast<acc>(yv[tm]) + sum[tm]) : yv[tm];
+      }
     }
   }
 }
