@@ -1,6 +1,7 @@
-// Segmented LoRA (SGMV style) and the fused linear_delta: one launch serves every task of a batch, whatever the mix.
-// fp16 and bf16 with ranks up to 128 take the tensor-core kernel of lora_mma.cuh. Otherwise (fp32, fp64, larger
-// ranks) linear_delta_kernel below: a block takes kTokens tokens of one batch row, so one slot; phase 1 computes
+// Segmented LoRA (SGMV style) and the fused linear_delta: one launch per kernel serves every task of a batch,
+// whatever the mix. Tables of padded rank up to 16 with 16-byte-aligned rows (fp16, bf16, fp32) take the two
+// streaming kernels of lora_split.cuh; other fp16 and bf16 tables with ranks up to 128 the tensor-core kernel of
+// lora_mma.cuh. Otherwise (fp64, larger ranks, unaligned rows) linear_delta_kernel below: a block takes kTokens tokens of one batch row, so one slot; phase 1 computes
 // h = x @ A[t, :r].T for them into shared memory (fp32, one warp per token pair and rank chunk, lanes across
 // in_features), phase 2 writes out = y + scale[t] * h @ B[t, :, :r].T (+ bias[t]) with threads across out_features
 // (coalesced y and out). A slot's own rank r bounds both phases, so padding of the tables beyond r is never read.
@@ -9,6 +10,7 @@
 #include "../lora/lora.h"
 #include "common.cuh"
 #include "lora_mma.cuh"
+#include "lora_split.cuh"
 #include "ops.h"
 #include "rowwise.h"
 
@@ -167,6 +169,33 @@ at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& ta
   TORCH_CHECK(grid.y <= 65535, "pets::linear_delta: ", tokens, " tokens per row is more than the kernel's ",
               65535 * kTokens);
   const at::ScalarType dtype = y.scalar_type();
+  const int64_t in_features = x3.size(2), out_features = y3.size(2);
+  const size_t split_shared = static_cast<size_t>(table_rank * out_features) * y.element_size();
+  if (table_rank <= split_lora::kMaxRank && dtype != at::kDouble && vectorizable(x3, in_features) &&
+      vectorizable(y3, out_features) && vectorizable(out, out_features) && vectorizable(a, in_features) &&
+      vectorizable(b, out_features * table_rank) && (bias == nullptr || vectorizable(bs, out_features)) &&
+      split_shared <= shared_memory_optin()) {
+    at::Tensor h = at::empty({batch * tokens, table_rank}, y.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::linear_delta", [&] {
+      const dim3 shrink_grid(static_cast<unsigned>(batch),
+                             static_cast<unsigned>(ceil_div(tokens, split_lora::kShrinkTokens)));
+      split_lora::shrink_kernel<scalar_t><<<shrink_grid, split_lora::kThreads, 0, stream()>>>(
+          x3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(), a.const_data_ptr<scalar_t>(),
+          sc.const_data_ptr<scalar_t>(), rk.const_data_ptr<int64_t>(), a.size(0), table_rank,
+          h.mutable_data_ptr<scalar_t>(), tokens, in_features);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const dim3 expand_grid(static_cast<unsigned>(batch),
+                             static_cast<unsigned>(ceil_div(tokens, split_lora::kExpandTokens)));
+      allow_shared_memory("pets::linear_delta", split_lora::expand_kernel<scalar_t>, split_shared, "the LoRA tables");
+      split_lora::expand_kernel<scalar_t><<<expand_grid, split_lora::kThreads, split_shared, stream()>>>(
+          y3.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
+          b.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(), rk.const_data_ptr<int64_t>(), a.size(0),
+          table_rank, bias != nullptr ? bs.const_data_ptr<scalar_t>() : nullptr, bias != nullptr ? bs.size(0) : 0,
+          out.mutable_data_ptr<scalar_t>(), tokens, out_features);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return out;
+  }
   if (table_rank <= mma_lora::kMaxRank && (dtype == at::kHalf || dtype == at::kBFloat16)) {
     AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "pets::linear_delta", [&] {
       mma_lora::kernel<scalar_t><<<grid, mma_lora::kThreads, 0, stream()>>>(
