@@ -97,6 +97,13 @@ def _elementwise(s: Shapes, b: BatchStats) -> tuple[float, float]:
     return b.act_bytes * (2 * m * f + b.distinct_tasks * f), m * f
 
 
+def _gelu_delta(s: Shapes, b: BatchStats) -> tuple[float, float]:
+    """gelu(y + bias[t]) * (1 + scale[t]): y read and written, a row of F per task present of each table given."""
+    m, f = _tokens(s[0]), s[0][-1]
+    tables = sum(1 for shape in s[2:4] if shape)
+    return b.act_bytes * (2 * m * f + tables * b.distinct_tasks * f), (1 + tables) * m * f
+
+
 def _layer_norm(s: Shapes, b: BatchStats) -> tuple[float, float]:
     m, h = _tokens(s[0]), s[0][-1]
     return b.act_bytes * (2 * m * h + 2 * h + 2 * b.distinct_tasks * h), 7 * m * h
@@ -128,6 +135,7 @@ FLOORS: dict[str, Callable[[Shapes, BatchStats], tuple[float, float]]] = {
     "linear_delta": lambda s, b: _lora(s, b, 3, 7),
     "bias_delta": _elementwise,
     "scale": _elementwise,
+    "gelu_delta": _gelu_delta,
     "layer_norm": _layer_norm,
     "segmented_linear": _segmented_linear,
     "sparse_delta": _sparse,

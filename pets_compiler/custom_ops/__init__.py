@@ -14,6 +14,8 @@ that uses the ops. The ops, their schemas and semantics:
 - `pets::segmented_linear(x, task_ids, weight, bias)`: x @ weight[t].T + bias[t] (per-task heads)
 - `pets::scale(y, task_ids, delta)`: y * (1 + delta[t]) (IA3; a scale l is stored as l - 1, so a zero slot is the
   identity, bitwise)
+- `pets::gelu_delta(y, task_ids, bias?, scale?, approximate)`: gelu(y + bias[t]) * (1 + scale[t]) (a BERT FFN's
+  activation with BitFit's bias delta before it and IA3's input scale after it, in one pass; either may be None)
 - `pets::sparse_delta(y, x, task_ids, row_ptr, col, val)`: y + x @ D_t.T, D_t [out, in] the CSR matrix
   (row_ptr[t], col, val) of slot t, all slots' nonzeros in one pool (diff-pruning, MaskBERT)
 - `pets::embedding_delta(y, ids, task_ids, row_ptr, col, val)`: y + D_t[ids], D_t [V, H] in the same pooled CSR
@@ -47,6 +49,7 @@ from pets_compiler.custom_ops.reference import (
     adapter_ref,
     bias_delta_ref,
     embedding_delta_ref,
+    gelu_delta_ref,
     layer_norm_ref,
     linear_delta_ref,
     lora_delta_ref,
@@ -61,6 +64,7 @@ __all__ = [
     "adapter_ref",
     "bias_delta_ref",
     "embedding_delta_ref",
+    "gelu_delta_ref",
     "layer_norm_ref",
     "linear_delta_ref",
     "lora_delta_ref",

@@ -111,6 +111,19 @@ def scale_ref(y: Tensor, task_ids: Tensor, delta: Tensor) -> Tensor:
     return (_as_rows(y) * (1 + delta[task_ids]).unsqueeze(1)).reshape(y.shape)
 
 
+def gelu_delta_ref(y: Tensor, task_ids: Tensor, bias: Tensor | None, scale: Tensor | None, approximate: str) -> Tensor:
+    """A BERT FFN's activation with the per-task row terms around it, either of which may be absent: BitFit's
+    bias delta of the intermediate linear before it, IA3's input scale (stored as l - 1) of the output linear after.
+
+    Semantics: out[i] = gelu(y[i] + bias[t], approximate) * (1 + scale[t])  where t = task_ids[i], the same for
+    every token of row i; approximate is aten.gelu's ("none" or "tanh")
+    Shapes: y [B, ..., F], task_ids int64 [B], bias and scale [T, F] or None -> [B, ..., F].
+    """
+    out = y if bias is None else bias_delta_ref(y, task_ids, bias)
+    out = F.gelu(out, approximate=approximate)
+    return out if scale is None else scale_ref(out, task_ids, scale)
+
+
 def _pool_rows(row_ptr: Tensor, task_ids: Tensor, pool: int) -> tuple[Tensor, Tensor]:
     """For every batch row i and pool entry k: the row o of D_t (t = task_ids[i]) that k belongs to, and whether
     it belongs to D_t at all (row_ptr[t, 0] <= k < row_ptr[t, -1]). Both [B, P]."""

@@ -19,6 +19,7 @@ from pets_compiler.passes.check_graph import check_graph
 from pets_compiler.passes.context import CompileContext, PassResult, SitePlan
 from pets_compiler.passes.drop_training_nodes import drop_training_nodes
 from pets_compiler.passes.find_sites import find_sites
+from pets_compiler.passes.fuse_activation import fuse_activation
 from pets_compiler.passes.fuse_site_ops import fuse_site_ops
 
 Pass = Callable[[GraphModule, CompileContext], PassResult]
@@ -34,6 +35,7 @@ PIPELINE: tuple[Pass, ...] = (
     attach_ia3,
     attach_adapters,
     attach_layer_norm_delta,
+    fuse_activation,
     attach_heads,
     check_graph,
 )

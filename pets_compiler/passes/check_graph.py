@@ -21,7 +21,12 @@ def check_graph(gm: GraphModule, ctx: CompileContext) -> PassResult:
     if any(n.target is torch.ops.aten.dropout.default for n in gm.graph.nodes):
         raise RuntimeError("a dropout node is left in the graph")
     ops = Counter(str(n.target) for n in gm.graph.nodes if str(n.target).startswith("pets."))
-    linear_ops = ops["pets.lora_delta.default"] + ops["pets.bias_delta.default"] + ops["pets.linear_delta.default"]
+    terms = ops.copy()  # a gelu_delta carries a site's bias delta and / or an IA3 scale (fuse_activation)
+    for n in gm.graph.nodes:
+        if n.target is torch.ops.pets.gelu_delta.default:
+            terms["pets.bias_delta.default"] += n.args[2] is not None
+            terms["pets.scale.default"] += n.args[3] is not None
+    linear_ops = sum(terms[f"pets.{op}.default"] for op in ("lora_delta", "bias_delta", "linear_delta"))
     expected = len(set(ctx.plan.lora) | set(ctx.plan.bias))
     if linear_ops != expected:
         raise RuntimeError(f"{linear_ops} linear task ops in the graph, the plan has {expected} linear sites")
@@ -33,8 +38,8 @@ def check_graph(gm: GraphModule, ctx: CompileContext) -> PassResult:
     counts["sparse_delta"] = sum(s in ctx.linear_nodes for s in ctx.plan.sparse)
     counts["embedding_delta"] = len(ctx.plan.sparse) - counts["sparse_delta"]
     for op, n in counts.items():
-        if ops[f"pets.{op}.default"] != n:
-            raise RuntimeError(f"{ops[f'pets.{op}.default']} pets.{op} ops in the graph, the plan asks for {n}")
+        if terms[f"pets.{op}.default"] != n:
+            raise RuntimeError(f"{terms[f'pets.{op}.default']} pets.{op} terms in the graph, the plan asks for {n}")
     out = next(n for n in gm.graph.nodes if n.op == "output")
     if len(out.args[0]) != 2:
         raise RuntimeError("the program must return (logits, embedding)")

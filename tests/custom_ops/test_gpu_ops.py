@@ -15,6 +15,7 @@ from pets_compiler.custom_ops import (
     adapter_ref,
     bias_delta_ref,
     embedding_delta_ref,
+    gelu_delta_ref,
     layer_norm_ref,
     linear_delta_ref,
     lora_delta_ref,
@@ -109,6 +110,41 @@ def test_row_ops_and_layer_norm(mix: str, dtype: torch.dtype, tokens: tuple[int,
     check("segmented_linear", segmented_linear_ref, (x, ids, *head), dtype)
 
 
+def gelu_tables(terms: str, dtype: torch.dtype, slots: int = SLOTS, f: int = OUT) -> tuple[Tensor | None, ...]:
+    """BitFit bias deltas and IA3 scales (l - 1) around an FFN's GELU, as `terms` asks."""
+    bias = randn(slots, f, dtype=dtype, seed=6, std=0.5) if "bias" in terms else None
+    scale = randn(slots, f, dtype=dtype, seed=7, std=0.3) if "scale" in terms else None
+    return bias, scale
+
+
+# (terms, approximate): both forms with both terms, each term alone, and neither (aten's own kernel).
+GELU_CASES = [("bias+scale", "none"), ("bias+scale", "tanh"), ("bias", "none"), ("scale", "tanh"), ("none", "none")]
+
+
+@pytest.mark.parametrize(("terms", "approximate"), GELU_CASES, ids=[f"{t}-{a}" for t, a in GELU_CASES])
+@pytest.mark.parametrize("tokens", GPU_TOKENS, ids=["2d", "3d", "3d-long"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("mix", MIXES)
+def test_gelu_delta(mix: str, dtype: torch.dtype, tokens: tuple[int, ...], terms: str, approximate: str) -> None:
+    y = randn(BATCH, *tokens, OUT, dtype=dtype, seed=5, std=2.0)
+    check("gelu_delta", gelu_delta_ref, (y, task_ids_for(mix), *gelu_tables(terms, dtype), approximate), dtype)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gelu_delta_scalar_path(dtype: torch.dtype, approximate: str) -> None:
+    """Features that are not a multiple of a 16-byte vector, and a table that is not 16-byte aligned."""
+    ids = task_ids_for("uniform")
+    y = randn(BATCH, 37, 75, dtype=dtype, seed=5, std=2.0)
+    bias, scale = gelu_tables("bias+scale", dtype, f=75)
+    check("gelu_delta", gelu_delta_ref, (y, ids, bias, scale, approximate), dtype)
+    y = randn(BATCH, 37, OUT, dtype=dtype, seed=5)
+    bias = randn(SLOTS * OUT + 1, dtype=dtype, seed=6).cuda()[1:].view(SLOTS, OUT)  # made on the device: offset kept
+    got = ops.gelu_delta(y.cuda(), ids.cuda(), bias, None, approximate)
+    want = gelu_delta_ref(*f64(y, ids, bias.cpu()), None, approximate)
+    torch.testing.assert_close(got.cpu(), want.to(dtype), **TOLERANCE[dtype])
+
+
 @pytest.mark.parametrize("tokens", GPU_TOKENS, ids=["2d", "3d", "3d-long"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("mix", MIXES)
@@ -147,6 +183,8 @@ def test_bert_base_sizes(dtype: torch.dtype) -> None:
     ln = ln_params(dtype, slots=slots, hidden=hidden)
     args = (h, y, ids, *ln, 1e-12, *adapter_tables(64, dtype, slots=slots, hidden=hidden))
     check("adapter", adapter_ref, args, dtype)
+    ffn = randn(batch, seq, inter, dtype=dtype, seed=6, std=2.0)
+    check("gelu_delta", gelu_delta_ref, (ffn, ids, *gelu_tables("bias+scale", dtype, slots, inter), "none"), dtype)
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
@@ -172,6 +210,17 @@ def test_what_must_stay_bitwise(dtype: torch.dtype) -> None:
     out = ops.adapter(h, res, ids, *ln, 1e-5, *tables)
     plain = tables[-1][:, 0][ids] == 0  # slots 0 and 6
     assert torch.equal(bits(out[plain]), bits(ops.layer_norm(h + res, ids, *ln, 1e-5)[plain]))
+    # gelu_delta: rows of zero slots are aten.gelu's (the same formula, rounded once); no bias keeps a -0.0.
+    y[:, 0, 0] = -0.0
+    bias, scale = (t.cuda() for t in gelu_tables("bias+scale", dtype))
+    bias[::3], scale[::3] = 0, 0
+    for approximate in ("none", "tanh"):
+        plain = torch.nn.functional.gelu(y, approximate=approximate)
+        for terms in [(bias, scale), (None, scale), (bias, None)]:
+            out = ops.gelu_delta(y, ids, *terms, approximate)
+            assert torch.equal(out[::3], plain[::3]) and not torch.equal(out[1::3], plain[1::3])
+        out = ops.gelu_delta(y, ids, None, scale, approximate)
+        assert torch.equal(bits(out[::3]), bits(plain[::3]))
 
 
 def test_rows_do_not_depend_on_the_rest_of_the_batch() -> None:
@@ -189,6 +238,10 @@ def test_rows_do_not_depend_on_the_rest_of_the_batch() -> None:
         one = getattr(ops, op)(*cuda(y, x, ids, *rest))
         two = getattr(ops, op)(*cuda(y2, x2, ids2, *rest))
         assert torch.equal(bits(one[0]), bits(two[0])), op
+    terms = gelu_tables("bias+scale", dtype)
+    one = ops.gelu_delta(*cuda(y, ids, *terms), "tanh")
+    two = ops.gelu_delta(*cuda(y2, ids2, *terms), "tanh")
+    assert torch.equal(bits(one[0]), bits(two[0]))
     one = ops.adapter(*cuda(y, y, ids, *adapter))
     two = ops.adapter(*cuda(y2, y2, ids2, *adapter))
     assert torch.equal(bits(one[0]), bits(two[0]))
@@ -204,6 +257,10 @@ def test_checks_name_the_wrong_input() -> None:
         ops.lora_delta(y, x, ids, a, b.cpu(), s, r)
     with pytest.raises(RuntimeError, match=r"task_ids must be int64"):
         ops.bias_delta(y, ids.int(), randn(SLOTS, OUT, dtype=torch.float16).cuda())
+    with pytest.raises(RuntimeError, match=r"gelu_delta: scale is on cpu, y is on cuda"):
+        ops.gelu_delta(y, ids, None, randn(SLOTS, OUT, dtype=torch.float16), "none")
+    with pytest.raises(RuntimeError, match=r"gelu_delta: bias has out_features 5, y has 200"):
+        ops.gelu_delta(y, ids, randn(SLOTS, 5, dtype=torch.float16).cuda(), None, "tanh")
     with pytest.raises(RuntimeError, match=r"row_ptr must be an int64 \[T, out \+ 1\]"):
         row_ptr, col, val = (t.cuda() for t in sparse_pool(SLOTS, OUT, IN, torch.float16))
         ops.sparse_delta(y, x, ids, row_ptr[:, :-1], col, val)

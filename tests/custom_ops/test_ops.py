@@ -18,6 +18,7 @@ from pets_compiler.custom_ops import (
     adapter_ref,
     bias_delta_ref,
     embedding_delta_ref,
+    gelu_delta_ref,
     layer_norm_ref,
     linear_delta_ref,
     lora_delta_ref,
@@ -164,6 +165,11 @@ def test_references_match_a_row_by_row_loop() -> None:
     close(layer_norm_ref(x, ids, w, bb, wd, bd, 1e-5), torch.stack([ln_row(x[i], t) for i, t in rows]))
     hw, hb = randn(SLOTS, LABELS, IN, dtype=torch.float64, seed=11), randn(SLOTS, LABELS, dtype=torch.float64)
     close(segmented_linear_ref(x, ids, hw, hb), torch.stack([x[i] @ hw[t].T + hb[t] for i, t in rows]))
+    ia3 = randn(SLOTS, OUT, dtype=torch.float64, seed=12, std=0.3)
+    close(
+        gelu_delta_ref(y, ids, bias, ia3, "tanh"),
+        torch.stack([F.gelu(y[i] + bias[t], approximate="tanh") * (1 + ia3[t]) for i, t in rows]),
+    )
 
 
 def test_lora_rows_of_zero_scale_slots_are_exactly_y() -> None:
@@ -199,6 +205,65 @@ def test_scale_rows_of_zero_slots_are_bitwise_y(dtype: torch.dtype) -> None:
     assert torch.equal(bits(out[zero]), bits(y[zero]))
     assert not torch.equal(out[~zero], y[~zero])
     torch.testing.assert_close(scale_ref(y, ids, delta)[zero], y[zero], equal_nan=True, rtol=0, atol=0)
+
+
+GELU_TERMS = ["bias+scale", "bias", "scale", "none"]
+
+
+def _gelu_tables(terms: str, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    """BitFit bias deltas and IA3 scales (l - 1) of the FFN activation, as `terms` asks."""
+    bias = randn(SLOTS, OUT, dtype=dtype, seed=6, std=0.5) if "bias" in terms else None
+    scale = randn(SLOTS, OUT, dtype=dtype, seed=7, std=0.3) if "scale" in terms else None
+    return bias, scale
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("terms", GELU_TERMS)
+@pytest.mark.parametrize("tokens", TOKENS, ids=["2d", "3d"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mix", MIXES)
+def test_gelu_delta_matches_reference(
+    mix: str, dtype: torch.dtype, tokens: tuple[int, ...], terms: str, approximate: str
+) -> None:
+    ids = task_ids_for(mix)
+    y = randn(BATCH, *tokens, OUT, dtype=dtype, seed=5, std=2.0)
+    bias, scale = _gelu_tables(terms, dtype)
+    out = ops.gelu_delta(y, ids, bias, scale, approximate)
+    assert_matches(out, gelu_delta_ref(*f64(y, ids, bias, scale), approximate), dtype)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("terms", GELU_TERMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gelu_delta_rows_of_zero_slots_are_aten_gelu_bitwise(dtype: torch.dtype, terms: str, approximate: str) -> None:
+    """Slot 0 (and any slot whose terms are zero) computes what the base model's aten.gelu does, bit for bit."""
+    ids = task_ids_for("uniform")
+    y = randn(BATCH, 5, OUT, dtype=dtype, seed=5, std=3.0)
+    y[:, 0, :3] = torch.tensor([1e4, -30.0, -1e4], dtype=dtype)  # gelu: y, -0.0, -0.0
+    bias, scale = _gelu_tables(terms, dtype)
+    for table in (bias, scale):
+        if table is not None:
+            table[ids[::2]] = 0
+    zero = torch.isin(ids, ids[::2])
+    out = ops.gelu_delta(y, ids, bias, scale, approximate)
+    plain = F.gelu(y, approximate=approximate)
+    assert torch.equal(bits(out[zero]), bits(plain[zero]))
+    assert torch.equal(bits(out[~zero]), bits(plain[~zero])) == (terms == "none")
+    if scale is not None and bias is None:  # no bias add: a -0.0 stays -0.0, as in aten.gelu
+        y[:, 1, 0] = -0.0
+        out = ops.gelu_delta(y, ids, None, scale, approximate)
+        assert torch.equal(bits(out[zero]), bits(F.gelu(y, approximate=approximate)[zero]))
+
+
+def test_gelu_delta_is_the_unfused_ops_bitwise_on_the_cpu() -> None:
+    """The CPU kernel does the unfused ops' arithmetic, so fusing them changes no CPU result."""
+    ids = task_ids_for("zipf")
+    y = randn(BATCH, 5, OUT, seed=5, std=2.0)
+    bias, scale = _gelu_tables("bias+scale", torch.float32)
+    assert bias is not None and scale is not None
+    for approximate in ("none", "tanh"):
+        unfused = ops.scale(F.gelu(ops.bias_delta(y, ids, bias), approximate=approximate), ids, scale)
+        assert torch.equal(bits(ops.gelu_delta(y, ids, bias, scale, approximate)), bits(unfused))
 
 
 @pytest.mark.parametrize("tokens", TOKENS, ids=["2d", "3d"])
@@ -486,6 +551,11 @@ def test_non_contiguous_inputs_of_the_pet_ops() -> None:
     tol = TOLERANCE[torch.float32]
     delta = randn(OUT, SLOTS, seed=6).T
     torch.testing.assert_close(ops.scale(y, ids, delta), scale_ref(y, ids, delta), **tol)
+    bias = randn(2 * SLOTS, OUT, seed=7)[::2]
+    assert not (delta.is_contiguous() or bias.is_contiguous())
+    for terms in [(bias, delta), (bias, None), (None, delta)]:
+        expected = gelu_delta_ref(y, ids, *terms, "tanh")
+        torch.testing.assert_close(ops.gelu_delta(y, ids, *terms, "tanh"), expected, **tol)
     row_ptr, col, val = sparse_pool(SLOTS, OUT, IN, torch.float32)
     row_ptr, col, val = row_ptr.T.contiguous().T, col.repeat_interleave(2)[::2], val.repeat_interleave(2)[::2]
     assert not (row_ptr.is_contiguous() or col.is_contiguous() or val.is_contiguous())
@@ -516,6 +586,8 @@ def test_empty_batch() -> None:
     head_w, head_b = randn(SLOTS, LABELS, IN), randn(SLOTS, LABELS)
     assert ops.segmented_linear(x, ids, head_w, head_b).shape == (0, 5, LABELS)
     assert ops.scale(y, ids, bias).shape == (0, 5, OUT)
+    assert ops.gelu_delta(y, ids, bias, bias, "none").shape == (0, 5, OUT)
+    assert ops.gelu_delta(y, ids, None, None, "tanh").shape == (0, 5, OUT)
     assert ops.sparse_delta(y, x, ids, *sparse_pool(SLOTS, OUT, IN, torch.float32)).shape == (0, 5, OUT)
     vocab_ids = torch.empty(0, 5, dtype=torch.long)
     assert ops.embedding_delta(x, vocab_ids, ids, *sparse_pool(SLOTS, VOCAB, IN, torch.float32)).shape == (0, 5, IN)
@@ -545,6 +617,9 @@ def _samples() -> dict[str, tuple[Callable[..., Tensor], tuple[object, ...]]]:
         "layer_norm": (ops.layer_norm.default, (x, ids, randn(24), randn(24, seed=1), wd, bd, 1e-5)),
         "segmented_linear": (ops.segmented_linear.default, (x[:, 0], ids, hw, hb)),
         "scale": (ops.scale.default, (y, ids, randn(4, 40, seed=6))),
+        "gelu_delta": (ops.gelu_delta.default, (y, ids, bias, randn(4, 40, seed=7), "none")),
+        "gelu_delta_bias_only": (ops.gelu_delta.default, (y, ids, bias, None, "tanh")),
+        "gelu_delta_scale_only": (ops.gelu_delta.default, (y, ids, None, randn(4, 40, seed=7), "none")),
         "sparse_delta": (ops.sparse_delta.default, (y, x, ids, *pool)),
         "sparse_delta_empty_pool": (ops.sparse_delta.default, (y, x, ids, *no_pool)),
         "embedding_delta": (ops.embedding_delta.default, (x, vocab_ids, ids, *e_pool)),
@@ -607,6 +682,7 @@ def _bad(op: str, **changes: object) -> Callable[[], Tensor]:
         "up_b": randn(4, 8),
         "scaling": randn(4),
         "config": _bad_config(),
+        "approximate": "none",
     }
     k.update(changes)
     calls: dict[str, Callable[[], Tensor]] = {
@@ -622,6 +698,7 @@ def _bad(op: str, **changes: object) -> Callable[[], Tensor]:
         ),
         "segmented_linear": lambda: ops.segmented_linear(k["x"], k["task_ids"], k["weight"], k["head_bias"]),
         "scale": lambda: ops.scale(k["y"], k["task_ids"], k["delta"]),
+        "gelu_delta": lambda: ops.gelu_delta(k["y"], k["task_ids"], k["bias"], k["delta"], k["approximate"]),
         "sparse_delta": lambda: ops.sparse_delta(k["y"], k["x"], k["task_ids"], k["row_ptr"], k["col"], k["val"]),
         "embedding_delta": lambda: ops.embedding_delta(
             k["x"], k["ids"], k["task_ids"], k["emb_row_ptr"], k["col"], k["val"]
@@ -678,6 +755,18 @@ BAD_CALLS += [
     ("scale", {"delta": randn(3, 6)}, r"task_ids\[1\] = 3 is not a slot of delta, which has T = 3"),
     ("scale", {"delta": randn(4, 6, dtype=torch.float64)}, r"delta has dtype Double, y has Float"),
     ("scale", {"delta": randn(6)}, r"delta must be a 2-D table .*got shape \[6\]"),
+    ("gelu_delta", {"bias": randn(4, 5)}, r"gelu_delta: bias has out_features 5, y has 6"),
+    ("gelu_delta", {"delta": randn(4, 7)}, r"gelu_delta: scale has features 7, y has 6 \(scale \[4, 7\], y \[2, 6\]\)"),
+    ("gelu_delta", {"delta": randn(4, 6, dtype=torch.float64)}, r"gelu_delta: scale has dtype Double, y has Float"),
+    ("gelu_delta", {"bias": randn(4, 6, dtype=torch.float16)}, r"gelu_delta: bias has dtype Half, y has Float"),
+    ("gelu_delta", {"delta": randn(4, 6, 1)}, r"scale must be a 2-D table .*got shape \[4, 6, 1\]"),
+    ("gelu_delta", {"task_ids": torch.tensor([0, 3, 1])}, r"gelu_delta: task_ids must be \[B\] .*got shape \[3\]"),
+    ("gelu_delta", {"task_ids": torch.tensor([[0, 3]])}, r"B = y.size\(0\) = 2, got shape \[1, 2\]"),
+    ("gelu_delta", {"task_ids": torch.tensor([0, 3], dtype=torch.int32)}, r"gelu_delta: task_ids must be int64"),
+    ("gelu_delta", {"delta": randn(3, 6)}, r"task_ids\[1\] = 3 is not a slot of scale, which has T = 3"),
+    ("gelu_delta", {"bias": randn(2, 6)}, r"task_ids\[1\] = 3 is not a slot of bias, which has T = 2"),
+    ("gelu_delta", {"y": randn(6)}, r"gelu_delta: y must be \[B, ..., features\] .*got shape \[6\]"),
+    ("gelu_delta", {"approximate": "erf"}, r"approximate must be \"none\" or \"tanh\" \(aten.gelu's\), got \"erf\""),
     (
         "sparse_delta",
         {"row_ptr": torch.zeros(4, 6, dtype=torch.long)},
@@ -795,6 +884,7 @@ def test_only_the_slots_a_batch_uses_are_checked() -> None:
         "layer_norm",
         "segmented_linear",
         "scale",
+        "gelu_delta",
         "sparse_delta",
         "embedding_delta",
         "adapter",
@@ -857,6 +947,8 @@ class _SiteModule(nn.Module):
             return ops.layer_norm(y, task_ids, w, b, self.ln_delta[0], self.ln_delta[1], 1e-12)
         if self.op == "scale":
             return ops.scale(y, task_ids, self.ia3)
+        if self.op == "gelu_delta":
+            return ops.gelu_delta(y, task_ids, self.bias, self.ia3, "tanh")
         if self.op == "sparse_delta":
             return ops.sparse_delta(y, x, task_ids, self.row_ptr, self.col, self.val)
         if self.op == "embedding_delta":
@@ -879,6 +971,8 @@ class _SiteModule(nn.Module):
             return layer_norm_ref(y, task_ids, w, b, self.ln_delta[0], self.ln_delta[1], 1e-12)
         if self.op == "scale":
             return scale_ref(y, task_ids, self.ia3)
+        if self.op == "gelu_delta":
+            return gelu_delta_ref(y, task_ids, self.bias, self.ia3, "tanh")
         if self.op == "sparse_delta":
             return sparse_delta_ref(y, x, task_ids, self.row_ptr, self.col, self.val)
         if self.op == "embedding_delta":
@@ -891,7 +985,7 @@ class _SiteModule(nn.Module):
 
 EXPORTED_OPS = [
     *("lora_delta", "bias_delta", "linear_delta", "layer_norm", "segmented_linear"),
-    *("scale", "sparse_delta", "embedding_delta", "adapter"),
+    *("scale", "gelu_delta", "sparse_delta", "embedding_delta", "adapter"),
 ]
 
 

@@ -9,17 +9,22 @@ import pytest
 import torch
 from torch.fx import GraphModule
 
+import pets_compiler
 from pets_compiler import passes
 from pets_compiler.capture import capture
 from pets_compiler.compiler import plan_sites
 from pets_compiler.errors import CompileError
 from pets_compiler.frontend.base import BaseModel, load_base
+from pets_compiler.oracle import merged_model, peft_model
 from pets_compiler.passes import CompileContext, SitePlan
 from pets_compiler.passes.attach_heads import pool_embedding
+from pets_compiler.runtime.requests import pad
 
-from builders import rel_err
+from builders import make_bitfit, make_peft_ia3, make_small_base, mixed_rows, own_output, rel_err
 
 ATEN = torch.ops.aten
+PETS = torch.ops.pets
+INTERMEDIATE, FFN_OUT = "encoder.layer.{}.intermediate.dense", "encoder.layer.{}.output.dense"
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +153,121 @@ def test_adapter_pattern_mismatch_is_named(base: BaseModel) -> None:
     ln.args = (ln.args[0].args[1], *ln.args[1:])  # LayerNorm(residual) alone: not the sublayer pattern
     with pytest.raises(RuntimeError, match=r"encoder.layer.0.output: expected LayerNorm\(dense\(x\) \+ residual\)"):
         passes.attach_adapters(gm, ctx)
+
+
+def test_fuse_activation(base: BaseModel) -> None:
+    """BitFit's bias delta before a GELU and IA3's input scale after it become one gelu_delta, each alone too; a
+    GELU that another op also reads keeps its scale apart."""
+    plan = SitePlan(
+        bias=(INTERMEDIATE.format(0), INTERMEDIATE.format(1)),
+        ia3_in=(FFN_OUT.format(0), FFN_OUT.format(2)),
+        sparse=(FFN_OUT.format(2),),  # reads the GELU's output unscaled
+    )
+    gm = capture(base)
+    ctx = CompileContext(base, plan, base.pooling)
+    run_until(gm, ctx, "attach_layer_norm_delta")
+    assert ops(gm)["aten.gelu.default"] == 3 and ops(gm)["pets.scale.default"] == 2
+    result = passes.fuse_activation(gm, ctx)
+    counts = ops(gm)
+    assert result.changed == 2 and "2 bias deltas, 1 IA3 scales" in result.detail
+    assert counts["pets.gelu_delta.default"] == 2 and counts["aten.gelu.default"] == 1
+    assert counts["pets.bias_delta.default"] == 0 and counts["pets.scale.default"] == 1
+    fused = {n.args[0]: n for n in gm.graph.nodes if n.target is PETS.gelu_delta.default}
+    both = fused[ctx.linear_nodes[INTERMEDIATE.format(0)]]
+    _, task_ids, bias, scale, approximate = both.args
+    assert task_ids is ctx.task_ids and approximate == "none"
+    assert bias.name.endswith("layer_0_intermediate_dense_bias") and scale.name.endswith("layer_0_output_dense_ia3_in")
+    assert list(both.users) == [ctx.linear_nodes[FFN_OUT.format(0)]]
+    bias_only = fused[ctx.linear_nodes[INTERMEDIATE.format(1)]]
+    assert bias_only.args[2] is not None and bias_only.args[3] is None
+    assert list(bias_only.users) == [ctx.linear_nodes[FFN_OUT.format(1)]]
+    (gelu,) = [n for n in gm.graph.nodes if n.target is ATEN.gelu.default]
+    assert gelu.args[0] is ctx.linear_nodes[INTERMEDIATE.format(2)]
+    assert {u.target for u in gelu.users} == {PETS.scale.default, PETS.sparse_delta.default}
+    assert passes.fuse_activation(gm, ctx).changed == 0 and ops(gm) == counts
+
+
+def _random_tables(ctx: CompileContext, slots: int = 3) -> list[torch.Tensor]:
+    """table_inputs with random float rows in slots 1.. (slot 0 stays zero)."""
+    g = torch.Generator().manual_seed(0)
+    tables = table_inputs(ctx, slots)
+    for t in tables:
+        if t.is_floating_point():
+            t[1:] = torch.randn(t[1:].shape, generator=g) * 0.3
+    return tables
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+def test_fuse_activation_changes_no_cpu_result(act: str, tmp_path: Path) -> None:
+    """The program with the pass equals the one without it bitwise on the CPU, for both of aten.gelu's forms."""
+    base = load_base(make_small_base(tmp_path / "base", hidden_act=act))  # type: ignore[arg-type]
+    layers = range(base.config.num_hidden_layers)
+    plan = SitePlan(
+        bias=tuple(INTERMEDIATE.format(i) for i in layers),
+        ia3_in=tuple(FFN_OUT.format(i) for i in layers),
+        layer_norm=tuple(base.sites.layer_norm),
+    )
+    graphs = []
+    for pipeline in (passes.PIPELINE, tuple(p for p in passes.PIPELINE if p is not passes.fuse_activation)):
+        gm = capture(base)
+        ctx = CompileContext(base, plan, base.pooling)
+        for p in pipeline:
+            p(gm, ctx)
+        graphs.append((gm, ctx))
+    (fused, ctx), (unfused, _) = graphs
+    approximate = "tanh" if act == "gelu_pytorch_tanh" else "none"
+    assert [n.args[4] for n in fused.graph.nodes if n.target is PETS.gelu_delta.default] == [approximate] * len(layers)
+    assert ops(unfused)["pets.gelu_delta.default"] == 0
+    ids = torch.randint(5, 1000, (4, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    args = (ids, mask, torch.tensor([0, 1, 2, 1]), *_random_tables(ctx))
+    with torch.no_grad():
+        for got, want in zip(fused(*args), unfused(*args), strict=True):
+            assert torch.equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def ffn_sources(small_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ffn_terms")
+    ia3_targets = ["key", "value", "output.dense"]
+    return {
+        "bitfit": make_bitfit(small_base, root / "bitfit", num_labels=2, seed=2),
+        "ia3": make_peft_ia3(small_base, root / "ia3", targets=ia3_targets, feedforward=["output.dense"]),
+    }
+
+
+@pytest.mark.parametrize("tasks", [("bitfit",), ("ia3",), ("bitfit", "ia3")], ids=["bitfit", "ia3", "mix"])
+def test_bitfit_and_ia3_serve_through_gelu_delta(
+    small_base: Path, ffn_sources: dict[str, Path], tasks: tuple[str, ...]
+) -> None:
+    """Each FFN's GELU and the terms around it are one gelu_delta in the served program, and every row (the base's
+    too) still equals its task's own model."""
+    sources = {name: ffn_sources[name] for name in tasks} | {"plain": small_base}
+    runtime = pets_compiler.compile(small_base, sources)
+    nodes = list(runtime.program.graph.nodes)
+    fused = [n for n in nodes if n.target is PETS.gelu_delta.default]
+    assert len(fused) == runtime.base.config.num_hidden_layers
+    assert not [n for n in nodes if n.target is ATEN.gelu.default]
+    for n in fused:  # the intermediate linear in, the output linear out: no bias_delta or scale between
+        assert n.args[0].target is ATEN.linear.default and [u.target for u in n.users] == [ATEN.linear.default]
+        assert (n.args[2] is not None, n.args[3] is not None) == ("bitfit" in tasks, "ia3" in tasks)
+    base = runtime.base
+    own = {
+        name: peft_model(base, src)
+        if (src / "adapter_config.json").is_file()
+        else merged_model(base, runtime.task(name))
+        for name, src in sources.items()
+    }
+    rows, names = mixed_rows(base.config.vocab_size, sorted(sources), 10, seed=5)
+    assert set(names) == set(sources)
+    ids, mask = pad(rows)
+    logits, embedding = runtime.forward(ids, mask, names)
+    for i, name in enumerate(names):
+        want_logits, want_emb = own_output(own[name], rows[i])
+        head = runtime.task(name).head
+        got, want = (embedding[i], want_emb) if head is None else (logits[i, : head.num_labels], want_logits)
+        assert want is not None and rel_err(got, want) < 1e-5, (name, i)
 
 
 def test_full_pipeline_with_zero_tables_is_the_base_model(base: BaseModel) -> None:

@@ -10,6 +10,7 @@
 
 #include "adapter/adapter.h"
 #include "bias/bias.h"
+#include "gelu/gelu.h"
 #include "head/head.h"
 #include "layer_norm/layer_norm.h"
 #include "lora/lora.h"
@@ -47,6 +48,9 @@ TORCH_LIBRARY(pets, m) {
   m.def("segmented_linear(Tensor x, Tensor task_ids, Tensor weight, Tensor bias) -> Tensor", tags);
   // out[i] = y[i] * (1 + delta[t]) (every token of row i), t = task_ids[i]; IA3 scale l stored as l - 1
   m.def("scale(Tensor y, Tensor task_ids, Tensor delta) -> Tensor", tags);
+  // out[i] = gelu(y[i] + bias[t], approximate) * (1 + scale[t]) (every token of row i), t = task_ids[i]; no bias:
+  // gelu(y[i]), no scale: no product; approximate as aten.gelu's ("none" or "tanh")
+  m.def("gelu_delta(Tensor y, Tensor task_ids, Tensor? bias, Tensor? scale, str approximate) -> Tensor", tags);
   // out[i, n, o] = y[i, n, o] + sum_{row_ptr[t, o] <= k < row_ptr[t, o + 1]} val[k] * x[i, n, col[k]], t = task_ids[i]
   m.def(
       "sparse_delta(Tensor y, Tensor x, Tensor task_ids, Tensor row_ptr, Tensor col, Tensor val) -> Tensor",
@@ -70,6 +74,7 @@ TORCH_LIBRARY_IMPL(pets, CPU, m) {
   m.impl("layer_norm", &pets::layer_norm_cpu);
   m.impl("segmented_linear", &pets::segmented_linear_cpu);
   m.impl("scale", &pets::scale_cpu);
+  m.impl("gelu_delta", &pets::gelu_delta_cpu);
   m.impl("sparse_delta", &pets::sparse_delta_cpu);
   m.impl("embedding_delta", &pets::embedding_delta_cpu);
   m.impl("adapter", &pets::adapter_cpu);

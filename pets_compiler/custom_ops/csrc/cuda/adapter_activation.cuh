@@ -3,6 +3,7 @@
 
 #include "../adapter/adapter.h"
 #include "common.cuh"
+#include "gelu.cuh"
 
 namespace pets::cuda {
 
@@ -14,11 +15,9 @@ __device__ __forceinline__ acc activate(acc v, int64_t code) {
     case kActSilu:
       return v / (acc(1) + exp(-v));
     case kActGelu:
-      return acc(0.5) * v * (acc(1) + erf(v * acc(M_SQRT1_2)));
-    case kActGeluTanh: {
-      const acc k = acc(0.7978845608028654);  // sqrt(2 / pi)
-      return acc(0.5) * v * (acc(1) + tanh(k * (v + acc(0.044715) * v * v * v)));
-    }
+      return gelu_erf(v);
+    case kActGeluTanh:
+      return gelu_tanh(v);
     case kActTanh:
       return tanh(v);
     case kActSigmoid:

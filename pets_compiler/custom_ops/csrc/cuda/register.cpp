@@ -10,6 +10,7 @@ TORCH_LIBRARY_IMPL(pets, CUDA, m) {
   m.impl("linear_delta", &pets::cuda::linear_delta);
   m.impl("bias_delta", &pets::cuda::bias_delta);
   m.impl("scale", &pets::cuda::scale);
+  m.impl("gelu_delta", &pets::cuda::gelu_delta);
   m.impl("layer_norm", &pets::cuda::layer_norm);
   m.impl("segmented_linear", &pets::cuda::segmented_linear);
   m.impl("sparse_delta", &pets::cuda::sparse_delta);
