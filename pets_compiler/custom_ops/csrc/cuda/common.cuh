@@ -84,7 +84,12 @@ void allow_shared_memory(const char* op, Kernel kernel, size_t bytes, const char
   const size_t limit = shared_memory_optin();
   TORCH_CHECK(bytes <= limit, op, ": ", what, " needs ", bytes, " bytes of shared memory per block; this device ",
               "allows ", limit);
-  if (bytes > 48 * 1024) {
+  // The default limit (48 KiB) is on static and dynamic shared memory together.
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  TORCH_CHECK(bytes + attributes.sharedSizeBytes <= limit, op, ": ", what, " needs ", bytes, " bytes of shared ",
+              "memory per block besides the kernel's own ", attributes.sharedSizeBytes, "; this device allows ", limit);
+  if (bytes + attributes.sharedSizeBytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   }
 }

@@ -1,7 +1,8 @@
 // Segmented LoRA (SGMV style) and the fused linear_delta: one launch per kernel serves every task of a batch,
-// whatever the mix. Tables of padded rank up to 16 with 16-byte-aligned rows (fp16, bf16, fp32) take the two
-// streaming kernels of lora_split.cuh; other fp16 and bf16 tables with ranks up to 128 the tensor-core kernel of
-// lora_mma.cuh. Otherwise (fp64, larger ranks, unaligned rows) linear_delta_kernel below: a block takes kTokens tokens of one batch row, so one slot; phase 1 computes
+// whatever the mix. Tables of padded rank up to 16 with 16-byte-aligned rows (fp16, bf16, fp32) take the shrink
+// on cuBLAS + expand kernel of lora_split.cuh; other fp16 and bf16 tables with ranks up to 128 the tensor-core kernel of
+// lora_mma.cuh. Otherwise (fp64, larger ranks, unaligned rows) linear_delta_kernel below: a block takes kTokens
+// tokens of one batch row, so one slot; phase 1 computes
 // h = x @ A[t, :r].T for them into shared memory (fp32, one warp per token pair and rank chunk, lanes across
 // in_features), phase 2 writes out = y + scale[t] * h @ B[t, :, :r].T (+ bias[t]) with threads across out_features
 // (coalesced y and out). A slot's own rank r bounds both phases, so padding of the tables beyond r is never read.
@@ -11,6 +12,7 @@
 #include "common.cuh"
 #include "lora_mma.cuh"
 #include "lora_split.cuh"
+#include "slot_gemm.h"
 #include "ops.h"
 #include "rowwise.h"
 
@@ -175,15 +177,10 @@ at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& ta
       vectorizable(y3, out_features) && vectorizable(out, out_features) && vectorizable(a, in_features) &&
       vectorizable(b, out_features * table_rank) && (bias == nullptr || vectorizable(bs, out_features)) &&
       split_shared <= shared_memory_optin()) {
-    at::Tensor h = at::empty({batch * tokens, table_rank}, y.options());
+    // Shrink on tensor cores: h [B, N, R] = each row's x @ its slot's A.T (cuBLAS, tables read in place).
+    at::Tensor h = at::empty({batch, tokens, table_rank}, y.options());
+    slot_gemm(x3, a, ids, h);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::linear_delta", [&] {
-      const dim3 shrink_grid(static_cast<unsigned>(batch),
-                             static_cast<unsigned>(ceil_div(tokens, split_lora::kShrinkTokens)));
-      split_lora::shrink_kernel<scalar_t><<<shrink_grid, split_lora::kThreads, 0, stream()>>>(
-          x3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(), a.const_data_ptr<scalar_t>(),
-          sc.const_data_ptr<scalar_t>(), rk.const_data_ptr<int64_t>(), a.size(0), table_rank,
-          h.mutable_data_ptr<scalar_t>(), tokens, in_features);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       const dim3 expand_grid(static_cast<unsigned>(batch),
                              static_cast<unsigned>(ceil_div(tokens, split_lora::kExpandTokens)));
       allow_shared_memory("pets::linear_delta", split_lora::expand_kernel<scalar_t>, split_shared, "the LoRA tables");
