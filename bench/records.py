@@ -31,8 +31,10 @@ def environment(device: str) -> dict[str, Any]:
     import peft
     import transformers
 
-    # The GPU machine gets a copy of the tree without .git: the caller passes the commit in PETS_COMMIT.
+    # The GPU machine's copy of the tree may carry no .git, or a stale one (seen: it named the commit the session
+    # started from): the caller passes the commit in PETS_COMMIT, and the record says which source it used.
     head, dirty = _git("rev-parse", "--short", "HEAD"), _git("status", "--porcelain")
+    given = os.environ.get("PETS_COMMIT")
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "versions": {
@@ -42,8 +44,9 @@ def environment(device: str) -> dict[str, Any]:
             "peft": peft.__version__,
             "python": platform.python_version(),
         },
-        "commit": os.environ.get("PETS_COMMIT") or head or "unknown",
-        "worktree_dirty": None if head is None else bool(dirty),
+        "commit": given or head or "unknown",
+        "commit_source": "PETS_COMMIT" if given else ("git" if head else None),
+        "worktree_dirty": None if given or head is None else bool(dirty),
     }
 
 

@@ -26,7 +26,7 @@ from pets_compiler.runtime.tables import TableSpec
 
 FORMAT = "pets-artifact"
 VERSION = 1
-OP_LIBRARY_VERSION = 1
+OP_LIBRARY_VERSION = 2  # 2: pets::gelu_delta (programs compiled since use it)
 MANIFEST = "manifest.json"
 PROGRAM = "program.pt2"
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
