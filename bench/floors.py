@@ -158,6 +158,32 @@ def _outermost(event: object) -> bool:
     return True
 
 
+def kernel_name(full: str) -> str:
+    """A kernel's function name without namespaces, template arguments and parameters:
+    'void pets::cuda::split_lora::expand_kernel<c10::Half>(const c10::Half*, ...)' -> 'expand_kernel'."""
+    depth, kept = 0, []
+    for ch in full.replace("(anonymous namespace)", "anonymous").split("(", 1)[0]:
+        depth += ch == "<"
+        if depth == 0:
+            kept.append(ch)
+        depth -= ch == ">" and depth > 0
+    words = "".join(kept).split()
+    return words[-1].rsplit("::", 1)[-1] if words else full
+
+
+def kernel_times(event: object) -> dict[str, float]:
+    """Device time (us) of each kernel an op launched, itself or through the ops it called, by kernel name."""
+    times: dict[str, float] = {}
+    stack = [event]
+    while stack:
+        e = stack.pop()
+        for k in getattr(e, "kernels", None) or []:
+            name = kernel_name(str(k.name))
+            times[name] = times.get(name, 0.0) + float(k.duration)
+        stack.extend(getattr(e, "cpu_children", None) or [])
+    return times
+
+
 def profile_ops(
     forward: Callable[[], object], device: str, stats: BatchStats, floors: DeviceFloors, forwards: int = 3
 ) -> dict[str, object]:
@@ -188,6 +214,10 @@ def profile_ops(
         row = ops.setdefault(op, {"calls": 0, "time_us": 0.0, "bytes": 0.0, "flops": 0.0, "floor_us": 0.0})
         row["calls"] += 1
         row["time_us"] += spent(e)
+        if device == "cuda":  # which kernels the op's time went to (e.g. LoRA: pointers, cuBLAS GEMM, expand)
+            kernels = row.setdefault("kernels_us", {})
+            for name, us in kernel_times(e).items():
+                kernels[name] = kernels.get(name, 0.0) + us
         try:
             nbytes, flops = FLOORS[op]([list(x) for x in getattr(e, "input_shapes", [])], stats)
         except (KeyError, IndexError, TypeError) as err:
@@ -200,6 +230,8 @@ def profile_ops(
         for key in ("calls", "time_us", "bytes", "flops", "floor_us"):
             row[key] /= forwards
         row["time_over_floor"] = row["time_us"] / row["floor_us"] if row["floor_us"] > 0 else None
+        if "kernels_us" in row:
+            row["kernels_us"] = {k: v / forwards for k, v in sorted(row["kernels_us"].items(), key=lambda kv: -kv[1])}
     if device == "cuda":  # the kernels (and copies) themselves: CPU ops only count the kernels they launched
         total = sum(float(e.device_time_total) for e in events if e.device_type == DeviceType.CUDA) / forwards
     else:
