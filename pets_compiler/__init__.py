@@ -11,6 +11,7 @@ from pets_compiler.compiler import compile
 from pets_compiler.errors import PetsError
 from pets_compiler.runtime.artifact import load
 from pets_compiler.runtime.runtime import Runtime
+from pets_compiler.serving import Engine
 
-__all__ = ["PetsError", "Runtime", "compile", "load"]
+__all__ = ["Engine", "PetsError", "Runtime", "compile", "load"]
 __version__ = "0.1.0"

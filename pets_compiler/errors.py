@@ -52,3 +52,23 @@ class SiteNotServedError(PetsError, ValueError):
 
 class CompileError(PetsError, RuntimeError):
     """A graph pass failed; the message names the pass and the ones before it."""
+
+
+class TaskRemovedError(UnknownTaskError):
+    """A request's task was removed after the request was accepted and before it ran."""
+
+
+class QueueFullError(PetsError, RuntimeError):
+    """Engine.submit with the queue at max_queue: the request was not accepted."""
+
+
+class RequestTimeoutError(PetsError, TimeoutError):
+    """An accepted request whose timeout passed before it ran; it never runs later."""
+
+
+class RequestCancelledError(PetsError, RuntimeError):
+    """An accepted request the engine dropped unrun (Engine.close(cancel_pending=True))."""
+
+
+class EngineClosedError(PetsError, RuntimeError):
+    """Engine.submit after close()."""

@@ -230,11 +230,14 @@ class Runtime:
         answers: list[dict[str, Any]] = []
         starts = range(0, len(prepared), batch_size)
         for start in tqdm(starts, desc="pets run", unit="batch", disable=not progress or len(starts) < 2):
-            chunk = prepared[start : start + batch_size]
-            ids, mask = pad([p.ids for p in chunk])
-            logits, embedding = self.forward(ids, mask, [p.task for p in chunk])
-            answers.extend(self._answer(p, logits[i], embedding[i]) for i, p in enumerate(chunk))
+            answers.extend(self.run_prepared(prepared[start : start + batch_size]))
         return answers
+
+    def run_prepared(self, batch: Sequence[Prepared]) -> list[dict[str, Any]]:
+        """One padded batch of checked requests (see prepare), answered in order as `pets run` lines."""
+        ids, mask = pad([p.ids for p in batch])
+        logits, embedding = self.forward(ids, mask, [p.task for p in batch])
+        return [self._answer(p, logits[i], embedding[i]) for i, p in enumerate(batch)]
 
     def _answer(self, p: Prepared, logits: Tensor, embedding: Tensor) -> dict[str, Any]:
         head = self._entry(p.task).spec.head

@@ -1,0 +1,323 @@
+"""The serving engine: requests arrive one by one, for any task and of any length; a background loop forms batches
+with a policy (policies.py) and runs them on the runtime; each request gets a concurrent.futures.Future of its
+`pets run` answer.
+
+What a caller may count on: `submit` checks the request at once (a bad one raises and is not accepted), refuses
+beyond `max_queue` (QueueFullError) and after `close()` (EngineClosedError); every accepted request ends exactly
+once, as a result or as one of the typed errors (timeout, removed task, cancelled, or the runtime's own error), so
+accepted = succeeded + failed; a timed-out request is answered when its time passes (not after the batch in
+flight) and never runs later; `close()` runs or (cancel_pending=True) cancels everything accepted, then returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any
+
+from pets_compiler.errors import (
+    EngineClosedError,
+    InputError,
+    QueueFullError,
+    RequestCancelledError,
+    RequestTimeoutError,
+    TaskRemovedError,
+    UnknownTaskError,
+)
+from pets_compiler.runtime.requests import Prepared
+from pets_compiler.serving.policies import FixedPolicy, Policy, policy_named
+
+LATENCY_WINDOW = 100_000  # latencies kept for the percentiles (the most recent)
+
+
+@dataclass(eq=False)
+class _Request:
+    prepared: Prepared
+    future: Future[dict[str, Any]]
+    arrived: float
+    deadline: float | None
+
+    @property
+    def length(self) -> int:
+        return len(self.prepared.ids)
+
+
+@dataclass
+class Metrics:
+    """Counts since the engine started; Engine.metrics() gives a snapshot with the derived figures."""
+
+    started: float
+    accepted: int = 0
+    rejected: int = 0  # queue full: never accepted
+    succeeded: int = 0
+    failed: int = 0  # timed out, task removed, cancelled, or the runtime's error
+    batches: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # size -> batches of that size
+    real_tokens: int = 0
+    padded_tokens: int = 0  # tokens the padded batches ran, real ones included
+    policy_errors: int = 0  # selections a policy got wrong (the engine ran FIFO instead)
+    latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+
+    def snapshot(self, queue_depth: int) -> dict[str, Any]:
+        lat = sorted(self.latencies_s)
+        elapsed = time.monotonic() - self.started
+        return {
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "queue_depth": queue_depth,
+            "batches": self.batches,
+            "batch_sizes": dict(sorted(self.batch_sizes.items())),
+            "mean_batch_size": self.succeeded / self.batches if self.batches else None,
+            "padding_fraction": 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else None,
+            "latency_p50_ms": 1e3 * statistics.median(lat) if lat else None,
+            "latency_p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+            "throughput_rps": self.succeeded / elapsed if elapsed > 0 else None,
+            "policy_errors": self.policy_errors,
+        }
+
+
+class Engine:
+    """Serve `runtime` (a pets_compiler.Runtime) to requests submitted from any thread.
+
+    policy: "fixed", "sorted" or a Policy object; max_queue: accepted requests waiting at most; max_batch: requests
+    per batch at most; max_delay_ms: how long the oldest waiting request may wait for a fuller batch.
+    """
+
+    def __init__(
+        self,
+        runtime: Any,
+        policy: str | Policy = "sorted",
+        max_queue: int = 1024,
+        max_batch: int = 32,
+        max_delay_ms: float = 5.0,
+    ) -> None:
+        for name, value, least in (("max_queue", max_queue, 1), ("max_batch", max_batch, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
+        if not isinstance(max_delay_ms, int | float) or isinstance(max_delay_ms, bool) or not max_delay_ms >= 0:
+            raise InputError(f"max_delay_ms must be a number >= 0, got {max_delay_ms!r}")
+        self.runtime = runtime
+        self.policy = policy_named(policy)
+        self.max_queue, self.max_batch, self.max_delay_s = max_queue, max_batch, max_delay_ms / 1e3
+        self._cv = threading.Condition()
+        self._queue: list[_Request] = []
+        self._closed = False
+        self._metrics = Metrics(started=time.monotonic())
+        self._worker = threading.Thread(target=self._serve, name="pets-engine", daemon=True)
+        self._reaper = threading.Thread(target=self._reap, name="pets-engine-timeouts", daemon=True)
+        self._worker.start()
+        self._reaper.start()
+
+    # ---- the caller's side ----------------------------------------------------------------------------------
+    def submit(
+        self,
+        task: str,
+        text: str | None = None,
+        input_ids: Sequence[int] | None = None,
+        timeout_s: float | None = None,
+        **fields: Any,
+    ) -> Future[dict[str, Any]]:
+        """Accept one request (exactly one of text / input_ids; `fields`, e.g. id=..., come back in the answer).
+        Raises at once, accepting nothing: InputError, UnknownTaskError, QueueFullError, EngineClosedError."""
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float)):
+            raise InputError(f"timeout_s must be a number of seconds or None, got {timeout_s!r}")
+        if timeout_s is not None and not timeout_s > 0:
+            raise InputError(f"timeout_s must be > 0, got {timeout_s!r}")
+        request: dict[str, Any] = {**fields, "task": task}
+        if text is not None:
+            request["text"] = text
+        if input_ids is not None:
+            request["input_ids"] = list(input_ids)
+        prepared = self.runtime.prepare([request])[0]
+        future: Future[dict[str, Any]] = Future()
+        with self._cv:
+            if self._closed:
+                raise EngineClosedError("the engine is closed: it accepts no new requests")
+            if len(self._queue) >= self.max_queue:
+                self._metrics.rejected += 1
+                raise QueueFullError(f"the queue is full ({self.max_queue} requests, max_queue): request not accepted")
+            now = time.monotonic()
+            self._queue.append(_Request(prepared, future, now, None if timeout_s is None else now + timeout_s))
+            self._metrics.accepted += 1
+            self._cv.notify_all()
+        return future
+
+    async def submit_async(self, task: str, **kwargs: Any) -> dict[str, Any]:
+        """submit, awaited on the running event loop."""
+        return await asyncio.wrap_future(self.submit(task, **kwargs))
+
+    def metrics(self) -> dict[str, Any]:
+        """Counts, queue depth, batch sizes, padding fraction, latency p50/p99 and throughput so far."""
+        with self._cv:
+            return self._metrics.snapshot(len(self._queue))
+
+    def close(self, cancel_pending: bool = False, timeout_s: float | None = None) -> None:
+        """Accept nothing more; run what was accepted (or end it with RequestCancelledError), then stop."""
+        dropped: list[_Request] = []
+        with self._cv:
+            self._closed = True
+            if cancel_pending:
+                dropped, self._queue = self._queue, []
+            self._cv.notify_all()
+        self._fail(dropped, lambda r: RequestCancelledError("the engine closed with cancel_pending=True"))
+        self._worker.join(timeout_s)
+        self._reaper.join(timeout_s)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def _serve(self) -> None:
+        while True:
+            with self._cv:
+                batch, expired = self._next_batch()
+            self._fail(expired, _timed_out)
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _next_batch(self) -> tuple[list[_Request] | None, list[_Request]]:
+        """(the next batch, or None once closed and drained; requests expired meanwhile). Holds the lock."""
+        expired: list[_Request] = []
+        while True:
+            expired += self._take_expired(time.monotonic())
+            if not self._queue:
+                if self._closed:
+                    self._cv.notify_all()  # the reaper stops once closed and drained
+                    return None, expired
+                self._cv.wait()
+                continue
+            ready_at = self._queue[0].arrived + self.max_delay_s
+            now = time.monotonic()
+            if len(self._queue) < self.max_batch and not self._closed and now < ready_at:
+                self._cv.wait(ready_at - now)
+                continue
+            picked = self._select()
+            chosen = set(picked)
+            batch = [self._queue[i] for i in sorted(chosen)]
+            self._queue = [r for i, r in enumerate(self._queue) if i not in chosen]
+            self._cv.notify_all()  # the reaper's nearest deadline may have left the queue
+            return batch, expired
+
+    def _select(self) -> list[int]:
+        picked = self.policy.select(self._queue, self.max_batch)
+        ok = (
+            0 < len(picked) <= self.max_batch
+            and 0 in picked
+            and len(set(picked)) == len(picked)
+            and all(isinstance(i, int) and 0 <= i < len(self._queue) for i in picked)
+        )
+        if ok:
+            return list(picked)
+        self._metrics.policy_errors += 1
+        return FixedPolicy().select(self._queue, self.max_batch)
+
+    def _take_expired(self, now: float) -> list[_Request]:
+        """Remove and return the queued requests whose deadline passed or that the caller cancelled. Holds the lock."""
+        gone = [r for r in self._queue if r.future.cancelled() or (r.deadline is not None and now >= r.deadline)]
+        if gone:
+            ids = {id(r) for r in gone}
+            self._queue = [r for r in self._queue if id(r) not in ids]
+        return gone
+
+    def _reap(self) -> None:
+        """Answers timed-out requests when their time passes, also while the worker runs a batch."""
+        while True:
+            with self._cv:
+                if self._closed and not self._queue:
+                    return
+                now = time.monotonic()
+                expired = self._take_expired(now)
+                if not expired:
+                    deadlines = [r.deadline for r in self._queue if r.deadline is not None]
+                    self._cv.wait(max(0.0, min(deadlines) - now) if deadlines else None)
+            self._fail(expired, _timed_out)
+
+    def _run(self, batch: list[_Request]) -> None:
+        now = time.monotonic()
+        late = [r for r in batch if r.deadline is not None and now >= r.deadline]
+        self._fail(late, _timed_out)
+        live: list[_Request] = []
+        for r in batch:
+            if r in late:
+                continue
+            if r.future.set_running_or_notify_cancel():  # False: cancelled by the caller while queued
+                live.append(r)
+            else:
+                self._count(failed=1)
+        loaded = set(self.runtime.task_names())
+        removed = [r for r in live if r.prepared.task not in loaded]
+        self._fail(removed, lambda r: TaskRemovedError(f"task {r.prepared.task!r} was removed before the request ran"))
+        todo = [r for r in live if r.prepared.task in loaded]
+        for attempt in range(2):
+            if not todo:
+                return
+            try:
+                answers = self.runtime.run_prepared([r.prepared for r in todo])
+            except UnknownTaskError as e:  # removed between the check and the run: drop those rows, run the rest
+                loaded = set(self.runtime.task_names())
+                gone = [r for r in todo if r.prepared.task not in loaded]
+                if attempt == 1 or not gone:
+                    self._fail(todo, _same(e))
+                    return
+                self._fail(gone, lambda r: TaskRemovedError(f"task {r.prepared.task!r} was removed before it ran"))
+                todo = [r for r in todo if r.prepared.task in loaded]
+                continue
+            except Exception as e:  # the runtime's own error reaches every request of the batch
+                self._fail(todo, _same(e))
+                return
+            self._succeed(todo, answers)
+            return
+
+    # ---- ending requests ------------------------------------------------------------------------------------
+    def _succeed(self, batch: list[_Request], answers: list[dict[str, Any]]) -> None:
+        done = time.monotonic()
+        longest = max(r.length for r in batch)
+        with self._cv:
+            m = self._metrics
+            m.batches += 1
+            m.batch_sizes[len(batch)] = m.batch_sizes.get(len(batch), 0) + 1
+            m.real_tokens += sum(r.length for r in batch)
+            m.padded_tokens += longest * len(batch)
+            m.succeeded += len(batch)
+            m.latencies_s.extend(done - r.arrived for r in batch)
+        for r, answer in zip(batch, answers, strict=True):
+            r.future.set_result(answer)
+
+    def _fail(self, requests: list[_Request], error: Callable[[_Request], BaseException]) -> None:
+        if not requests:
+            return
+        self._count(failed=len(requests))
+        for r in requests:
+            if r.future.cancelled():
+                continue
+            try:
+                if not r.future.running():
+                    r.future.set_running_or_notify_cancel()
+                r.future.set_exception(error(r))
+            except InvalidStateError:  # cancelled by the caller in between: it ends as cancelled
+                pass
+
+    def _count(self, failed: int) -> None:
+        with self._cv:
+            self._metrics.failed += failed
+
+
+def _same(error: BaseException) -> Callable[[_Request], BaseException]:
+    return lambda _r: error
+
+
+def _timed_out(r: _Request) -> RequestTimeoutError:
+    waited = time.monotonic() - r.arrived
+    return RequestTimeoutError(f"request for task {r.prepared.task!r} timed out after {waited:.3f} s unrun")

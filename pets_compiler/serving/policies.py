@@ -1,0 +1,61 @@
+"""Batch policies: which queued requests run together next. One interface, chosen by name."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from pets_compiler.errors import InputError
+
+
+class Queued(Protocol):
+    """What a policy sees of a queued request."""
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def arrived(self) -> float: ...
+
+
+class Policy(Protocol):
+    """select(queue, max_batch): indices into `queue` (oldest first) of the next batch, 1..max_batch of them.
+    The engine calls it with a non-empty queue; a policy must include the oldest request (index 0), so none waits
+    behind newer ones for ever."""
+
+    name: str
+
+    def select(self, queue: Sequence[Queued], max_batch: int) -> list[int]: ...
+
+
+class FixedPolicy:
+    """FIFO: the oldest max_batch requests, whatever their lengths (the padded baseline)."""
+
+    name = "fixed"
+
+    def select(self, queue: Sequence[Queued], max_batch: int) -> list[int]:
+        return list(range(min(max_batch, len(queue))))
+
+
+class SortedPolicy:
+    """Length-aware: the oldest request and the max_batch - 1 queued requests closest to it in length (ties to
+    the older), so a batch pads little and the oldest request is never passed over."""
+
+    name = "sorted"
+
+    def select(self, queue: Sequence[Queued], max_batch: int) -> list[int]:
+        anchor = queue[0].length
+        others = sorted(range(1, len(queue)), key=lambda i: (abs(queue[i].length - anchor), i))
+        return [0, *sorted(others[: max_batch - 1])]
+
+
+POLICIES: dict[str, type[FixedPolicy] | type[SortedPolicy]] = {"fixed": FixedPolicy, "sorted": SortedPolicy}
+
+
+def policy_named(policy: str | Policy) -> Policy:
+    """A policy object from its name (or the object itself)."""
+    if not isinstance(policy, str):
+        return policy
+    if policy not in POLICIES:
+        raise InputError(f"unknown batch policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    return POLICIES[policy]()
