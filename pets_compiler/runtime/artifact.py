@@ -23,12 +23,14 @@ from pets_compiler.frontend.native import read_task, write_task
 from pets_compiler.passes.context import SitePlan
 from pets_compiler.runtime.runtime import ProgramInfo, Runtime
 from pets_compiler.runtime.tables import TableSpec
+from pets_compiler.serving.coordinated import CostModel
 
 FORMAT = "pets-artifact"
 VERSION = 1
 OP_LIBRARY_VERSION = 2  # 2: pets::gelu_delta (programs compiled since use it)
 MANIFEST = "manifest.json"
 PROGRAM = "program.pt2"
+COST_MODEL = "cost_model.json"  # the coordinated batch policy's, where the runtime has one
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -117,6 +119,9 @@ def save_artifact(runtime: Runtime, directory: Path) -> None:
         "tables": [t.to_json() for t in info.tables],
         "tasks": tasks,
     }
+    if runtime.cost_model is not None:
+        _write_json(directory / COST_MODEL, runtime.cost_model.to_json())
+        manifest["cost_model"] = COST_MODEL
     _write_json(directory / MANIFEST, manifest)
     for stale in set(old_tasks) - set(tasks):
         shutil.rmtree(directory / "tasks" / check_task_name(stale), ignore_errors=True)
@@ -167,6 +172,8 @@ def _load(directory: Path, manifest: dict[str, Any]) -> Runtime:
     )
     runtime = Runtime(program, info, base)
     runtime.program_sha256 = digest
+    if "cost_model" in manifest:
+        runtime.cost_model = CostModel.load(directory / COST_MODEL)
     for name, entry in manifest["tasks"].items():
         check_task_name(name)
         spec = read_task(directory / "tasks" / name, name, base)

@@ -24,6 +24,7 @@ from pets_compiler.passes.context import SitePlan
 from pets_compiler.runtime.graphs import CudaGraphs, Eager, Executor, GraphConfig
 from pets_compiler.runtime.requests import Prepared, Tokenizer, pad, prepare
 from pets_compiler.runtime.tables import TableSpec, TaskTables
+from pets_compiler.serving.coordinated import CostModel
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Runtime:
         self.tokenizer = Tokenizer(base.tokenizer_dir, info.max_length)
         self.report: list[str] = []
         self.program_sha256: str | None = None  # set once the program is saved or loaded
+        self.cost_model: CostModel | None = None  # the coordinated policy's (serving/profile.py), saved with it
         self._module = program.module()
         self.device = torch.device("cpu")
         self._tasks: dict[str, _Task] = {}

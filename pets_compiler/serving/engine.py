@@ -87,8 +87,9 @@ class Metrics:
 class Engine:
     """Serve `runtime` (a pets_compiler.Runtime) to requests submitted from any thread.
 
-    policy: "fixed", "sorted" or a Policy object; max_queue: accepted requests waiting at most; max_batch: requests
-    per batch at most; max_delay_ms: how long the oldest waiting request may wait for a fuller batch.
+    policy: "fixed", "sorted", "coordinated" (needs runtime.cost_model) or a Policy object; max_queue: accepted
+    requests waiting at most; max_batch: requests per batch at most; max_delay_ms: how long the oldest waiting
+    request may wait for a fuller batch.
     """
 
     def __init__(
@@ -105,7 +106,7 @@ class Engine:
         if not isinstance(max_delay_ms, int | float) or isinstance(max_delay_ms, bool) or not max_delay_ms >= 0:
             raise InputError(f"max_delay_ms must be a number >= 0, got {max_delay_ms!r}")
         self.runtime = runtime
-        self.policy = policy_named(policy)
+        self.policy = policy_named(policy, runtime)
         self.max_queue, self.max_batch, self.max_delay_s = max_queue, max_batch, max_delay_ms / 1e3
         self._cv = threading.Condition()
         self._queue: list[_Request] = []

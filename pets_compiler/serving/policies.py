@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from pets_compiler.errors import InputError
 
@@ -52,10 +52,20 @@ class SortedPolicy:
 POLICIES: dict[str, type[FixedPolicy] | type[SortedPolicy]] = {"fixed": FixedPolicy, "sorted": SortedPolicy}
 
 
-def policy_named(policy: str | Policy) -> Policy:
-    """A policy object from its name (or the object itself)."""
+def policy_named(policy: str | Policy, runtime: Any = None) -> Policy:
+    """A policy object from its name (or the object itself); "coordinated" uses the runtime's cost model."""
     if not isinstance(policy, str):
         return policy
+    if policy == "coordinated":
+        from pets_compiler.serving.coordinated import CoordinatedPolicy
+
+        cost = getattr(runtime, "cost_model", None)
+        if cost is None:
+            raise InputError(
+                "the coordinated policy needs the runtime's cost model: runtime.cost_model = "
+                "pets_compiler.serving.profile_costs(runtime) (saved with the artifact by runtime.save)"
+            )
+        return CoordinatedPolicy(cost)
     if policy not in POLICIES:
-        raise InputError(f"unknown batch policy {policy!r}: choose one of {', '.join(POLICIES)}")
+        raise InputError(f"unknown batch policy {policy!r}: choose one of {', '.join([*POLICIES, 'coordinated'])}")
     return POLICIES[policy]()

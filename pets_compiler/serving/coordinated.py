@@ -1,0 +1,167 @@
+"""PetS's coordinated batching (its research/python_scripts/pet_scheduler.py, rebuilt): a cost model of the shared
+time alpha(rows, length) and the task-op time beta(kind, rows, length), then two dynamic programs over
+length-sorted requests. Intra-task: each task's requests, sorted by length, split into mini-batches minimising
+sum beta(kind, size, longest). Inter-task: the mini-batches, sorted by their longest request, merged into
+macro-batches of at most max_batch rows minimising sum alpha(rows, longest). Look-ups round up to the next
+profiled entry (past the last, the last is scaled linearly), as PetS's tables do.
+
+In this runtime the task ops run inside the one compiled program for every row, so their time is part of alpha;
+beta is zero unless a cost model gives a table for a kind, and intra-task batching then leaves each request its
+own mini-batch (the inter-task program alone decides).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pets_compiler.errors import InputError
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds per batch: alpha[(rows, length)] for the shared program, beta[kind][(rows, length)] for task ops."""
+
+    rows: tuple[int, ...]
+    lengths: tuple[int, ...]
+    alpha_s: tuple[tuple[float, ...], ...]  # [len(rows)][len(lengths)]
+    beta_s: dict[str, tuple[tuple[float, ...], ...]] = field(default_factory=dict)
+    device: str = "unknown"
+
+    def __post_init__(self) -> None:
+        for name, axis in (("rows", self.rows), ("lengths", self.lengths)):
+            if not axis or list(axis) != sorted(set(axis)) or axis[0] < 1:
+                raise InputError(f"cost model {name} must be increasing positive integers, got {list(axis)}")
+        for name, table in (("alpha", self.alpha_s), *((f"beta[{k}]", t) for k, t in self.beta_s.items())):
+            if len(table) != len(self.rows) or any(len(r) != len(self.lengths) for r in table):
+                raise InputError(f"cost model {name} must be {len(self.rows)} x {len(self.lengths)}")
+            if any(not v >= 0 for r in table for v in r):
+                raise InputError(f"cost model {name} holds a negative or NaN time")
+
+    def alpha(self, rows: int, length: int) -> float:
+        return _look_up(self.alpha_s, self.rows, self.lengths, rows, length)
+
+    def beta(self, kind: str | None, rows: int, length: int) -> float:
+        table = self.beta_s.get(kind) if kind is not None else None
+        return 0.0 if table is None else _look_up(table, self.rows, self.lengths, rows, length)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "rows": list(self.rows),
+            "lengths": list(self.lengths),
+            "alpha_s": [list(r) for r in self.alpha_s],
+            "beta_s": {k: [list(r) for r in t] for k, t in self.beta_s.items()},
+        }
+
+    @staticmethod
+    def from_json(data: Any) -> CostModel:
+        try:
+            return CostModel(
+                rows=tuple(int(x) for x in data["rows"]),
+                lengths=tuple(int(x) for x in data["lengths"]),
+                alpha_s=tuple(tuple(float(v) for v in r) for r in data["alpha_s"]),
+                beta_s={
+                    str(k): tuple(tuple(float(v) for v in r) for r in t) for k, t in data.get("beta_s", {}).items()
+                },
+                device=str(data.get("device", "unknown")),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"not a cost model: {e!r}") from e
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=1))
+
+    @staticmethod
+    def load(path: Path) -> CostModel:
+        try:
+            return CostModel.from_json(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"cannot read the cost model {path}: {e}") from e
+
+
+def _table(rows: Any) -> tuple[tuple[float, ...], ...]:
+    return tuple(tuple(float(v) for v in r) for r in rows)
+
+
+def _look_up(
+    table: Sequence[Sequence[float]], rows_axis: Sequence[int], len_axis: Sequence[int], rows: int, length: int
+) -> float:
+    """The entry at the next profiled (rows, length) at or above the asked one; beyond the last, scaled linearly."""
+    i = min(bisect.bisect_left(rows_axis, rows), len(rows_axis) - 1)
+    j = min(bisect.bisect_left(len_axis, length), len(len_axis) - 1)
+    scale = max(1.0, rows / rows_axis[i]) * max(1.0, length / len_axis[j])
+    return table[i][j] * scale
+
+
+def split_sorted(
+    longest: Sequence[int], sizes: Sequence[int], cost: Callable[[int, int], float], max_rows: int
+) -> list[tuple[int, int]]:
+    """PetS's program over items sorted by length (requests, or mini-batches of `sizes` rows): the split into
+    consecutive groups [start, end) of at most max_rows rows that minimises sum cost(rows, longest), with
+    state[j] = min over k of state[k] + cost(rows of items k..j-1, longest[j-1]). An item alone above max_rows is
+    a group of its own."""
+    n = len(longest)
+    prefix = [0]
+    for s in sizes:
+        prefix.append(prefix[-1] + s)
+    best = [0.0] + [float("inf")] * n
+    cut = list(range(-1, n))  # the fallback: item j-1 alone
+    for j in range(1, n + 1):
+        k = j - 1
+        while k >= 0 and (k == j - 1 or prefix[j] - prefix[k] <= max_rows):
+            c = best[k] + cost(prefix[j] - prefix[k], longest[j - 1])
+            if c < best[j]:
+                best[j], cut[j] = c, k
+            k -= 1
+    groups: list[tuple[int, int]] = []
+    j = n
+    while j > 0:
+        groups.append((cut[j], j))
+        j = cut[j]
+    return groups[::-1]
+
+
+@dataclass
+class CoordinatedPolicy:
+    """The next batch is the macro-batch (of PetS's two programs over the whole queue) that holds the oldest
+    request. `kind_of(task)` names a task's PET kind for beta (None: beta is zero)."""
+
+    cost: CostModel
+    kind_of: Callable[[str], str | None] = lambda task: None
+    name: str = "coordinated"
+
+    def select(self, queue: Sequence[Any], max_batch: int) -> list[int]:
+        return next(m for m in self.plan(queue, max_batch) if 0 in m)
+
+    def plan(self, queue: Sequence[Any], max_batch: int) -> list[list[int]]:
+        """Every macro-batch of the queue, as lists of queue indices."""
+        by_task: dict[str, list[int]] = {}
+        for i, r in enumerate(queue):
+            by_task.setdefault(_task(r), []).append(i)
+        minis: list[list[int]] = []
+        for task, idx in by_task.items():
+            idx.sort(key=lambda i: (queue[i].length, i))
+            kind = self.kind_of(task)
+            if self.cost.beta_s.get(kind or "") is None:
+                minis.extend([i] for i in idx)  # no task-op cost: each request its own mini-batch
+                continue
+            lengths = [queue[i].length for i in idx]
+            beta = self._beta(kind)
+            minis.extend(idx[a:b] for a, b in split_sorted(lengths, [1] * len(idx), beta, max_batch))
+        minis.sort(key=lambda m: (max(queue[i].length for i in m), min(m)))
+        longest = [max(queue[i].length for i in m) for m in minis]
+        sizes = [len(m) for m in minis]
+        return [[i for m in minis[a:b] for i in m] for a, b in split_sorted(longest, sizes, self.cost.alpha, max_batch)]
+
+    def _beta(self, kind: str | None) -> Callable[[int, int], float]:
+        return lambda rows, length: self.cost.beta(kind, rows, length)
+
+
+def _task(r: Any) -> str:
+    prepared = getattr(r, "prepared", None)
+    return str(prepared.task if prepared is not None else getattr(r, "task", ""))

@@ -1,0 +1,132 @@
+"""PetS's coordinated batching: the programs equal brute force, plans cover the queue, the cost model profiles,
+round-trips and travels with the artifact, and the engine serves with it."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pets_compiler
+from pets_compiler.errors import InputError
+from pets_compiler.serving import CoordinatedPolicy, CostModel, Engine, profile_costs, split_sorted
+
+
+def monotone_cost(a: float, b: float, c: float):  # type: ignore[no-untyped-def]
+    """A fixed cost per batch plus terms growing with rows and with length: the shape of a forward's time."""
+    return lambda rows, length: a + b * rows * length + c * length
+
+
+def partitions(items: list[int]):  # type: ignore[no-untyped-def]
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for p in partitions(rest):
+        yield [[first], *p]
+        for i in range(len(p)):
+            yield [*p[:i], [first, *p[i]], *p[i + 1 :]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(1, 128), min_size=1, max_size=7),
+    st.integers(1, 7),
+    st.floats(0, 5),
+    st.floats(0, 1),
+    st.floats(0, 1),
+)
+def test_program_equals_brute_force(lengths: list[int], max_rows: int, a: float, b: float, c: float) -> None:
+    lengths = sorted(lengths)
+    cost = monotone_cost(a, b, c)
+    got = split_sorted(lengths, [1] * len(lengths), cost, max_rows)
+    assert [i for s, e in got for i in range(s, e)] == list(range(len(lengths)))
+    assert all(0 < e - s <= max_rows for s, e in got)
+    dp = sum(cost(e - s, lengths[e - 1]) for s, e in got)
+    # every partition into groups of at most max_rows, contiguous or not
+    best = min(
+        sum(cost(len(g), max(lengths[i] for i in g)) for g in p)
+        for p in partitions(list(range(len(lengths))))
+        if all(len(g) <= max_rows for g in p)
+    )
+    assert dp == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_groups_of_sizes_and_an_oversized_item() -> None:
+    got = split_sorted([4, 8, 16], [3, 5, 2], lambda rows, length: 1.0 + rows * length, 6)
+    assert [i for s, e in got for i in range(s, e)] == [0, 1, 2] and got[0] == (0, 1)
+    assert split_sorted([4], [9], lambda rows, length: 1.0, 6) == [(0, 1)]  # alone above max_rows: its own group
+
+
+@dataclass
+class R:
+    task: str
+    length: int
+    arrived: float = 0.0
+
+
+def model() -> CostModel:
+    rows, lengths = (1, 2, 4, 8), (8, 16, 32, 64, 128)
+    return CostModel(rows, lengths, tuple(tuple(0.001 + 1e-6 * r * n for n in lengths) for r in rows))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(1, 128)), min_size=1, max_size=40), st.integers(1, 9))
+def test_plans_cover_the_queue(stream: list[tuple[str, int]], max_batch: int) -> None:
+    queue = [R(t, n, float(i)) for i, (t, n) in enumerate(stream)]
+    policy = CoordinatedPolicy(model())
+    plan = policy.plan(queue, max_batch)
+    assert sorted(i for m in plan for i in m) == list(range(len(queue)))
+    assert all(0 < len(m) <= max_batch for m in plan)
+    picked = policy.select(queue, max_batch)
+    assert 0 in picked and len(picked) <= max_batch
+
+
+def test_beta_forms_single_task_mini_batches() -> None:
+    base = model()
+    beta = {"lora": tuple(tuple(0.01 for _ in base.lengths) for _ in base.rows)}  # a fixed cost per mini-batch
+    cost = CostModel(base.rows, base.lengths, base.alpha_s, beta)
+    policy = CoordinatedPolicy(cost, kind_of=lambda task: "lora" if task == "a" else None)
+    queue = [R("a", 10), R("b", 10), R("a", 12), R("a", 11)]
+    plan = policy.plan(queue, 8)
+    assert sorted(i for m in plan for i in m) == [0, 1, 2, 3]
+
+
+def test_cost_model_look_up_and_json(tmp_path: Path) -> None:
+    m = model()
+    assert m.alpha(3, 10) == m.alpha(4, 16)  # rounds up to the next profiled entry
+    assert m.alpha(16, 128) == pytest.approx(2 * m.alpha(8, 128))  # beyond the last: scaled
+    assert m.beta("anything", 2, 8) == 0.0
+    m.save(tmp_path / "c.json")
+    assert CostModel.load(tmp_path / "c.json") == m
+    with pytest.raises(InputError, match="increasing"):
+        CostModel((2, 1), (8,), ((1.0,), (1.0,)))
+    with pytest.raises(InputError, match="2 x 1"):
+        CostModel((1, 2), (8,), ((1.0,),))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(InputError, match="cannot read the cost model"):
+        CostModel.load(tmp_path / "bad.json")
+
+
+def test_engine_serves_with_a_profiled_cost_model(small_base: Path, tmp_path: Path) -> None:
+    rt = pets_compiler.compile(small_base, {"plain": small_base})
+    with pytest.raises(InputError, match="cost model"):
+        Engine(rt, policy="coordinated")
+    rt.cost_model = profile_costs(rt, rows=(1, 2, 4), lengths=(8, 16, 32), repeats=1)
+    assert rt.cost_model.device == "cpu" and all(v > 0 for r in rt.cost_model.alpha_s for v in r)
+    reqs = [{"task": "plain", "input_ids": list(range(5, 5 + n)), "id": i} for i, n in enumerate([3, 30, 4, 29, 5])]
+    want = rt.run(reqs, batch_size=1)
+    with Engine(rt, policy="coordinated", max_batch=4, max_delay_ms=1) as engine:
+        got = [engine.submit("plain", input_ids=r["input_ids"], id=r["id"]).result(timeout=60) for r in reqs]
+    assert [g["id"] for g in got] == [w["id"] for w in want]
+    rt.save(tmp_path / "art")
+    assert pets_compiler.load(tmp_path / "art").cost_model == rt.cost_model
+
+
+def test_partitions_helper_counts() -> None:
+    assert sum(1 for _ in partitions([0, 1, 2, 3])) == 15  # Bell(4)
+    assert len(list(itertools.islice(partitions([]), 3))) == 1
