@@ -1,0 +1,204 @@
+"""Batch policies on PetS's batching workload (its Fig. 12) and a wider one (issue 5): every policy of the engine
+serves the same queries, all submitted at once, and the throughput of each is timed in the same process.
+
+Fig. 12: `queries` queries over 32, 64 and 128 tasks (each query's task uniform), lengths ~ N(32, s) for s in 1, 2,
+4, 8, clipped to [1, 128]. Wide: lengths ~ N(64, 32) clipped to [8, 256], whose padded batches of 64 in arrival
+order are about 60% padding; there the HF backbone alone (one task, those padded batches) is timed too. The
+coordinated policy's cost model is profiled on the runtime first (serving/profile.py). One JSON record per
+(workload, tasks, s) in bench/results/; a short table last. `--smoke`: a tiny model on the CPU (CI runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.baselines import backbone_model
+from bench.kinds import KINDS, make_kinds
+from bench.loading import Served
+from bench.models import MODELS, VOCAB, make_base
+from bench.records import RecordFile, environment
+from bench.throughput import DTYPES, RESULTS
+from pets_compiler.serving import Engine, profile_costs
+
+POLICIES = ("fixed", "sorted", "coordinated")
+
+
+@dataclass
+class Config:
+    model: str = "bert-base"
+    device: str = "cuda"
+    dtype: str = "float16"
+    kind: str = "mix"  # PetS gives each task a random PET type: the mix cycles through every kind
+    tasks: tuple[int, ...] = (32, 64, 128)
+    sigmas: tuple[float, ...] = (1, 2, 4, 8)
+    queries: int = 1024
+    wide: bool = True
+    policies: tuple[str, ...] = POLICIES
+    fixed_batch: int = 32  # PetS's fixed-size baseline
+    max_batch: int = 64
+    max_delay_ms: float = 20.0  # all queries are submitted at once: the first batch waits for the queue to fill
+    seed: int = 0
+    out: Path = RESULTS
+    smoke: bool = False
+
+
+SMOKE = Config(
+    model="tiny", device="cpu", dtype="float32", kind="mix_dense", tasks=(4,), sigmas=(1, 8), queries=48, smoke=True
+)
+
+
+def lengths(workload: str, n: int, sigma: float, rng: random.Random) -> list[int]:
+    if workload == "fig12":
+        return [min(128, max(1, round(rng.gauss(32, sigma)))) for _ in range(n)]
+    return [min(256, max(8, round(rng.gauss(64, 32)))) for _ in range(n)]
+
+
+def queries(workload: str, tasks: list[str], cfg: Config, sigma: float) -> list[tuple[str, list[int]]]:
+    rng = random.Random(cfg.seed)
+    return [
+        (rng.choice(tasks), [rng.randrange(1000, VOCAB) for _ in range(n)])
+        for n in lengths(workload, cfg.queries, sigma, rng)
+    ]
+
+
+def serve(runtime: Any, qs: list[tuple[str, list[int]]], policy: str, cfg: Config) -> dict[str, Any]:
+    """Submit every query at once, wait for all: queries/s and the engine's metrics."""
+    max_batch = cfg.fixed_batch if policy == "fixed" else cfg.max_batch
+    engine = Engine(runtime, policy=policy, max_queue=len(qs) + 1, max_batch=max_batch, max_delay_ms=cfg.max_delay_ms)
+    start = time.perf_counter()
+    futures = [engine.submit(task, input_ids=ids) for task, ids in qs]
+    for f in futures:
+        f.result()
+    elapsed = time.perf_counter() - start
+    engine.close()
+    m = engine.metrics()
+    return {"policy": policy, "max_batch": max_batch, "seconds": elapsed, "queries_per_s": len(qs) / elapsed, **m}
+
+
+def padded_backbone(model: Any, qs: list[tuple[str, list[int]]], device: str, batch: int) -> dict[str, Any]:
+    """The HF backbone alone on the same queries, padded batches of `batch` in arrival order."""
+    start = time.perf_counter()
+    padded = real = 0
+    with torch.inference_mode():
+        for i in range(0, len(qs), batch):
+            rows = [ids for _, ids in qs[i : i + batch]]
+            longest = max(len(r) for r in rows)
+            ids = torch.zeros(len(rows), longest, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, r in enumerate(rows):
+                ids[j, : len(r)], mask[j, : len(r)] = torch.tensor(r), 1
+            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            padded, real = padded + ids.numel(), real + sum(len(r) for r in rows)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "queries_per_s": len(qs) / elapsed, "padding_fraction": 1 - real / padded}
+
+
+def run(cfg: Config) -> list[dict[str, Any]]:
+    base = make_base(MODELS[cfg.model], cfg.seed)
+    kind = make_kinds(base, (cfg.kind,))[cfg.kind]
+    served = Served(kind, base, cfg.device, cfg.dtype, "default")
+    stem = f"batching{'-smoke' if cfg.smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = RecordFile(cfg.out, stem)
+    env = environment(cfg.device)
+    hf = None
+    for n in cfg.tasks:
+        served.load(n)
+        runtime = served.runtime
+        assert runtime is not None
+        t0 = time.perf_counter()
+        runtime.cost_model = profile_costs(runtime, rows=(1, 2, 4, 8, 16, 32, 64), lengths=(8, 16, 32, 64, 128, 256))
+        profile_s = time.perf_counter() - t0
+        names = runtime.task_names()
+        runs = [("fig12", s) for s in cfg.sigmas] + ([("wide", 32.0)] if cfg.wide else [])
+        for workload, sigma in runs:
+            qs = queries(workload, names, cfg, sigma)
+            serve(runtime, qs[: cfg.fixed_batch], "fixed", cfg)  # warm-up: shapes, graphs
+            results = {p: serve(runtime, qs, p, cfg) for p in cfg.policies}
+            rate = {p: r["queries_per_s"] for p, r in results.items()}
+            record: dict[str, Any] = {
+                "experiment": "batching",
+                "workload": workload,
+                "sigma": sigma,
+                "tasks": n,
+                "kind": cfg.kind,
+                "model": cfg.model,
+                "dtype": cfg.dtype,
+                **env,
+                "setup": {**asdict(cfg), "out": str(cfg.out)},
+                "cost_model_profile_s": profile_s,
+                "policies": results,
+                "ratios": {f"{p}_over_fixed": rate[p] / rate["fixed"] for p in rate if "fixed" in rate},
+                "packed": {"available": False, "reason": "the packed (padding-free) policy is not built yet"},
+            }
+            if workload == "wide":
+                if hf is None:
+                    hf = backbone_model(base, cfg.device, DTYPES[cfg.dtype])
+                record["hf_padded_backbone"] = padded_backbone(hf, qs, cfg.device, cfg.max_batch)
+                record["ratios"].update(
+                    {f"{p}_over_hf_padded": rate[p] / record["hf_padded_backbone"]["queries_per_s"] for p in rate}
+                )
+            out.write(record)
+            print(f"  {workload} s={sigma:g} tasks={n}: " + ", ".join(f"{p} {rate[p]:.0f} q/s" for p in rate))
+    print(f"\n{len(out.records)} records -> {out.path}")
+    print(table(out.records))
+    return out.records
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    lines = ["workload    s  tasks " + " ".join(f"{p:>11}" for p in POLICIES) + "  coord/fixed  best/HF-padded"]
+    for r in records:
+        rate = {p: v["queries_per_s"] for p, v in r["policies"].items()}
+        cols = " ".join(f"{rate[p]:>9.0f}/s" if p in rate else f"{'-':>11}" for p in POLICIES)
+        coord = r["ratios"].get("coordinated_over_fixed")
+        hf = max((v for k, v in r["ratios"].items() if k.endswith("_over_hf_padded")), default=None)
+        lines.append(
+            f"{r['workload']:<8} {r['sigma']:>4g} {r['tasks']:>6} {cols}  "
+            f"{'-' if coord is None else f'{coord:.2f}':>11}  {'-' if hf is None else f'{hf:.2f}':>14}"
+        )
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, fp32, 4 tasks, 48 queries")
+    p.add_argument("--kind", choices=KINDS, help="the tasks' PET kind (default: mix, every kind in turn)")
+    p.add_argument("--tasks", help="comma-separated task counts (default 32,64,128)")
+    p.add_argument("--sigmas", help="comma-separated s of the Fig. 12 lengths N(32, s) (default 1,2,4,8)")
+    p.add_argument("--queries", type=int, help="queries per workload (default 1024)")
+    p.add_argument("--no-wide", action="store_true", help="skip the wide workload")
+    p.add_argument("--out", type=Path, help="directory for the JSON Lines records (default bench/results)")
+    args = p.parse_args(argv)
+    cfg = SMOKE if args.smoke else Config()
+    if args.kind:
+        cfg = replace(cfg, kind=args.kind)
+    if args.tasks:
+        cfg = replace(cfg, tasks=tuple(int(t) for t in args.tasks.split(",")))
+    if args.sigmas:
+        cfg = replace(cfg, sigmas=tuple(float(s) for s in args.sigmas.split(",")))
+    if args.queries is not None:
+        cfg = replace(cfg, queries=args.queries)
+    if args.no_wide:
+        cfg = replace(cfg, wide=False)
+    if args.out is not None:
+        cfg = replace(cfg, out=args.out)
+    if any(t < 1 for t in cfg.tasks) or cfg.queries < 1:
+        p.error("--tasks and --queries must be at least 1")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

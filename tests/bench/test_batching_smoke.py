@@ -1,0 +1,35 @@
+"""The batching bench's smoke run, in process: every policy serves every query, records are complete."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bench.batching import POLICIES, SMOKE, parse, run
+
+
+@pytest.mark.slow
+def test_smoke_records(tmp_path: Path) -> None:
+    cfg = replace(SMOKE, tasks=(3,), sigmas=(2,), queries=24, out=tmp_path)
+    records = run(cfg)
+    lines = [json.loads(x) for f in tmp_path.glob("batching-smoke-*.jsonl") for x in f.read_text().splitlines()]
+    assert [(r["workload"], r["tasks"]) for r in lines] == [("fig12", 3), ("wide", 3)] and len(records) == 2
+    for r in lines:
+        assert set(r["policies"]) == set(POLICIES) and r["device"].startswith("cpu") and r["commit"]
+        for p in r["policies"].values():
+            assert p["succeeded"] == 24 and p["failed"] == 0 and p["accepted"] == 24 and p["queries_per_s"] > 0
+            assert 0 <= p["padding_fraction"] < 1 and max(map(int, p["batch_sizes"])) <= p["max_batch"]
+        assert r["ratios"]["coordinated_over_fixed"] > 0 and r["packed"]["available"] is False
+    wide = lines[1]
+    assert 0 < wide["hf_padded_backbone"]["padding_fraction"] < 1 and wide["ratios"]["sorted_over_hf_padded"] > 0
+
+
+def test_parse() -> None:
+    cfg = parse(["--tasks", "32,64", "--sigmas", "1,8", "--queries", "100", "--no-wide", "--kind", "lora_r8"])
+    assert cfg.tasks == (32, 64) and cfg.sigmas == (1.0, 8.0) and cfg.queries == 100 and not cfg.wide
+    assert cfg.kind == "lora_r8" and cfg.device == "cuda"
+    with pytest.raises(SystemExit):
+        parse(["--queries", "0"])
