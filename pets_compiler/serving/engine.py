@@ -135,8 +135,8 @@ class Engine:
         request: dict[str, Any] = {**fields, "task": task}
         if text is not None:
             request["text"] = text
-        if input_ids is not None:
-            request["input_ids"] = list(input_ids)
+        if input_ids is not None:  # a tuple is taken as a list; anything else reaches the checks as given
+            request["input_ids"] = list(input_ids) if isinstance(input_ids, list | tuple) else input_ids
         prepared = self.runtime.prepare([request])[0]
         future: Future[dict[str, Any]] = Future()
         with self._cv:

@@ -151,3 +151,29 @@ def test_batch_invariance_check_can_fail(rt: pets_compiler.Runtime) -> None:
     other = rt.run([{"task": "bitfit", "input_ids": [7, 8, 9]}])[0]
     nudged = {**batched, "logits": [v + 1e-3 for v in batched["logits"]]}
     assert not same_answer(alone, other) and not same_answer(alone, nudged)
+
+
+junk = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 40000),
+    st.floats(allow_nan=True),
+    st.text(max_size=5),
+    st.lists(st.one_of(st.integers(-3, 40000), st.floats(), st.text(max_size=2)), max_size=6),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.sampled_from(["plain", "bitfit", "nope", "../x"]), junk), junk, junk, junk)
+def test_fuzzed_submits_raise_typed_errors_only(
+    rt: pets_compiler.Runtime, task: Any, ids: Any, text: Any, timeout: Any
+) -> None:
+    engine = Engine(rt, max_delay_ms=0.5)
+    try:
+        f = engine.submit(task, input_ids=ids, text=text if isinstance(text, str) else None, timeout_s=timeout)
+    except PetsError:
+        f = None
+    engine.close()
+    if f is not None:
+        assert f.done() and (f.exception() is None or isinstance(f.exception(), PetsError))
+    balanced(engine)
