@@ -4,7 +4,9 @@ serves the same queries, all submitted at once, and the throughput of each is ti
 Fig. 12: `queries` queries over 32, 64 and 128 tasks (each query's task uniform), lengths ~ N(32, s) for s in 1, 2,
 4, 8, clipped to [1, 128]. Wide: lengths ~ N(64, 32) clipped to [8, 256], whose padded batches of 64 in arrival
 order are about 60% padding; there the HF backbone alone (one task, those padded batches) is timed too. The
-coordinated policy's cost model is profiled on the runtime first (serving/profile.py). One JSON record per
+coordinated policy's cost model is profiled on the runtime first (serving/profile.py). A steady run (the first
+Fig. 12 workload, queries arriving one by one at 70% of the sorted policy's measured rate) checks latency p99
+against 2 x max_delay + the longest batch. One JSON record per
 (workload, tasks, s) in bench/results/; a short table last. `--smoke`: a tiny model on the CPU (CI runs it).
 """
 
@@ -45,6 +47,8 @@ class Config:
     fixed_batch: int = 32  # PetS's fixed-size baseline
     max_batch: int = 64
     max_delay_ms: float = 20.0  # all queries are submitted at once: the first batch waits for the queue to fill
+    steady_load: float = 0.7  # the steady run's arrival rate, as a share of the sorted policy's measured capacity
+    steady_delay_ms: float = 5.0
     seed: int = 0
     out: Path = RESULTS
     smoke: bool = False
@@ -81,6 +85,32 @@ def serve(runtime: Any, qs: list[tuple[str, list[int]]], policy: str, cfg: Confi
     engine.close()
     m = engine.metrics()
     return {"policy": policy, "max_batch": max_batch, "seconds": elapsed, "queries_per_s": len(qs) / elapsed, **m}
+
+
+def steady(runtime: Any, qs: list[tuple[str, list[int]]], policy: str, cfg: Config, rate: float) -> dict[str, Any]:
+    """Queries submitted one by one at `rate` per second (below capacity): latency p99 against issue 5's bound,
+    2 x max_delay + the longest batch."""
+    engine = Engine(
+        runtime, policy=policy, max_queue=len(qs) + 1, max_batch=cfg.max_batch, max_delay_ms=cfg.steady_delay_ms
+    )
+    start = time.perf_counter()
+    futures = []
+    for i, (task, ids) in enumerate(qs):
+        time.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        futures.append(engine.submit(task, input_ids=ids))
+    for f in futures:
+        f.result()
+    engine.close()
+    m = engine.metrics()
+    bound = 2 * cfg.steady_delay_ms + m["batch_time_max_ms"]
+    return {
+        "policy": policy,
+        "rate_qps": rate,
+        "max_delay_ms": cfg.steady_delay_ms,
+        **m,
+        "p99_bound_ms": bound,
+        "p99_within_bound": m["latency_p99_ms"] <= bound,
+    }
 
 
 def padded_backbone(model: Any, qs: list[tuple[str, list[int]]], device: str, batch: int) -> dict[str, Any]:
@@ -140,6 +170,8 @@ def run(cfg: Config) -> list[dict[str, Any]]:
                 "ratios": {f"{p}_over_fixed": rate[p] / rate["fixed"] for p in rate if "fixed" in rate},
                 "packed": {"available": False, "reason": "the packed (padding-free) policy is not built yet"},
             }
+            if workload == "fig12" and sigma == cfg.sigmas[0]:
+                record["steady"] = steady(runtime, qs, "sorted", cfg, cfg.steady_load * rate_of(results, "sorted"))
             if workload == "wide":
                 if hf is None:
                     hf = backbone_model(base, cfg.device, DTYPES[cfg.dtype])
@@ -149,9 +181,19 @@ def run(cfg: Config) -> list[dict[str, Any]]:
                 )
             out.write(record)
             print(f"  {workload} s={sigma:g} tasks={n}: " + ", ".join(f"{p} {rate[p]:.0f} q/s" for p in rate))
+            if "steady" in record:
+                st = record["steady"]
+                p99, bound = st["latency_p99_ms"], st["p99_bound_ms"]
+                print(f"    steady {st['rate_qps']:.0f} q/s: p99 {p99:.1f} ms, bound {bound:.1f} ms")
     print(f"\n{len(out.records)} records -> {out.path}")
     print(table(out.records))
     return out.records
+
+
+def rate_of(results: dict[str, Any], policy: str) -> float:
+    """The policy's measured queries/s, or the best measured where it did not run."""
+    chosen = results.get(policy) or max(results.values(), key=lambda r: r["queries_per_s"])
+    return float(chosen["queries_per_s"])
 
 
 def table(records: list[dict[str, Any]]) -> str:

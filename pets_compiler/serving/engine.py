@@ -63,6 +63,7 @@ class Metrics:
     padded_tokens: int = 0  # tokens the padded batches ran, real ones included
     policy_errors: int = 0  # selections a policy got wrong (the engine ran FIFO instead)
     latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    batch_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))  # runtime time per batch
 
     def snapshot(self, queue_depth: int) -> dict[str, Any]:
         lat = sorted(self.latencies_s)
@@ -80,6 +81,8 @@ class Metrics:
             "latency_p50_ms": 1e3 * statistics.median(lat) if lat else None,
             "latency_p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
             "throughput_rps": self.succeeded / elapsed if elapsed > 0 else None,
+            "batch_time_p50_ms": 1e3 * statistics.median(self.batch_s) if self.batch_s else None,
+            "batch_time_max_ms": 1e3 * max(self.batch_s) if self.batch_s else None,
             "policy_errors": self.policy_errors,
         }
 
@@ -265,7 +268,9 @@ class Engine:
             if not todo:
                 return
             try:
+                started = time.monotonic()
                 answers = self.runtime.run_prepared([r.prepared for r in todo])
+                ran_s = time.monotonic() - started
             except UnknownTaskError as e:  # removed between the check and the run: drop those rows, run the rest
                 loaded = set(self.runtime.task_names())
                 gone = [r for r in todo if r.prepared.task not in loaded]
@@ -278,11 +283,11 @@ class Engine:
             except Exception as e:  # the runtime's own error reaches every request of the batch
                 self._fail(todo, _same(e))
                 return
-            self._succeed(todo, answers)
+            self._succeed(todo, answers, ran_s)
             return
 
     # ---- ending requests ------------------------------------------------------------------------------------
-    def _succeed(self, batch: list[_Request], answers: list[dict[str, Any]]) -> None:
+    def _succeed(self, batch: list[_Request], answers: list[dict[str, Any]], ran_s: float) -> None:
         done = time.monotonic()
         longest = max(r.length for r in batch)
         with self._cv:
@@ -293,6 +298,7 @@ class Engine:
             m.padded_tokens += longest * len(batch)
             m.succeeded += len(batch)
             m.latencies_s.extend(done - r.arrived for r in batch)
+            m.batch_s.append(ran_s)
         for r, answer in zip(batch, answers, strict=True):
             r.future.set_result(answer)
 
