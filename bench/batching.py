@@ -28,9 +28,10 @@ from bench.loading import Served
 from bench.models import MODELS, VOCAB, make_base
 from bench.records import RecordFile, environment
 from bench.throughput import DTYPES, RESULTS
+from pets_compiler.serving import POLICIES as SERVING_POLICIES
 from pets_compiler.serving import Engine, profile_costs
 
-POLICIES = ("fixed", "sorted", "coordinated")
+POLICIES = tuple(SERVING_POLICIES)  # every policy the engine has
 
 
 @dataclass

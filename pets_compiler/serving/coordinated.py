@@ -142,7 +142,7 @@ class CoordinatedPolicy:
         """Every macro-batch of the queue, as lists of queue indices."""
         by_task: dict[str, list[int]] = {}
         for i, r in enumerate(queue):
-            by_task.setdefault(_task(r), []).append(i)
+            by_task.setdefault(r.task, []).append(i)
         minis: list[list[int]] = []
         for task, idx in by_task.items():
             idx.sort(key=lambda i: (queue[i].length, i))
@@ -160,8 +160,3 @@ class CoordinatedPolicy:
 
     def _beta(self, kind: str | None) -> Callable[[int, int], float]:
         return lambda rows, length: self.cost.beta(kind, rows, length)
-
-
-def _task(r: Any) -> str:
-    prepared = getattr(r, "prepared", None)
-    return str(prepared.task if prepared is not None else getattr(r, "task", ""))

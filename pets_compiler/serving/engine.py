@@ -44,6 +44,10 @@ class _Request:
     deadline: float | None
 
     @property
+    def task(self) -> str:
+        return self.prepared.task
+
+    @property
     def length(self) -> int:
         return len(self.prepared.ids)
 
@@ -254,16 +258,16 @@ class Engine:
         self._fail(late, _timed_out)
         live: list[_Request] = []
         for r in batch:
-            if r in late:
-                continue
+            if r.deadline is not None and now >= r.deadline:
+                continue  # among `late`
             if r.future.set_running_or_notify_cancel():  # False: cancelled by the caller while queued
                 live.append(r)
             else:
                 self._count(failed=1)
         loaded = set(self.runtime.task_names())
-        removed = [r for r in live if r.prepared.task not in loaded]
-        self._fail(removed, lambda r: TaskRemovedError(f"task {r.prepared.task!r} was removed before the request ran"))
-        todo = [r for r in live if r.prepared.task in loaded]
+        removed = [r for r in live if r.task not in loaded]
+        self._fail(removed, lambda r: TaskRemovedError(f"task {r.task!r} was removed before the request ran"))
+        todo = [r for r in live if r.task in loaded]
         for attempt in range(2):
             if not todo:
                 return
@@ -273,12 +277,12 @@ class Engine:
                 ran_s = time.monotonic() - started
             except UnknownTaskError as e:  # removed between the check and the run: drop those rows, run the rest
                 loaded = set(self.runtime.task_names())
-                gone = [r for r in todo if r.prepared.task not in loaded]
+                gone = [r for r in todo if r.task not in loaded]
                 if attempt == 1 or not gone:
                     self._fail(todo, _same(e))
                     return
-                self._fail(gone, lambda r: TaskRemovedError(f"task {r.prepared.task!r} was removed before it ran"))
-                todo = [r for r in todo if r.prepared.task in loaded]
+                self._fail(gone, lambda r: TaskRemovedError(f"task {r.task!r} was removed before it ran"))
+                todo = [r for r in todo if r.task in loaded]
                 continue
             except Exception as e:  # the runtime's own error reaches every request of the batch
                 self._fail(todo, _same(e))
@@ -327,4 +331,4 @@ def _same(error: BaseException) -> Callable[[_Request], BaseException]:
 
 def _timed_out(r: _Request) -> RequestTimeoutError:
     waited = time.monotonic() - r.arrived
-    return RequestTimeoutError(f"request for task {r.prepared.task!r} timed out after {waited:.3f} s unrun")
+    return RequestTimeoutError(f"request for task {r.task!r} timed out after {waited:.3f} s unrun")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from pets_compiler.errors import InputError
@@ -10,6 +10,9 @@ from pets_compiler.errors import InputError
 
 class Queued(Protocol):
     """What a policy sees of a queued request."""
+
+    @property
+    def task(self) -> str: ...
 
     @property
     def length(self) -> int: ...
@@ -49,23 +52,30 @@ class SortedPolicy:
         return [0, *sorted(others[: max_batch - 1])]
 
 
-POLICIES: dict[str, type[FixedPolicy] | type[SortedPolicy]] = {"fixed": FixedPolicy, "sorted": SortedPolicy}
+def _coordinated(runtime: Any) -> Policy:
+    from pets_compiler.serving.coordinated import CoordinatedPolicy
+
+    cost = getattr(runtime, "cost_model", None)
+    if cost is None:
+        raise InputError(
+            "the coordinated policy needs the runtime's cost model: runtime.cost_model = "
+            "pets_compiler.serving.profile_costs(runtime) (saved with the artifact by runtime.save)"
+        )
+    return CoordinatedPolicy(cost)
+
+
+# Each name's policy for a runtime ("coordinated" uses the runtime's cost model).
+POLICIES: dict[str, Callable[[Any], Policy]] = {
+    "fixed": lambda runtime: FixedPolicy(),
+    "sorted": lambda runtime: SortedPolicy(),
+    "coordinated": _coordinated,
+}
 
 
 def policy_named(policy: str | Policy, runtime: Any = None) -> Policy:
-    """A policy object from its name (or the object itself); "coordinated" uses the runtime's cost model."""
+    """A policy object from its name (or the object itself)."""
     if not isinstance(policy, str):
         return policy
-    if policy == "coordinated":
-        from pets_compiler.serving.coordinated import CoordinatedPolicy
-
-        cost = getattr(runtime, "cost_model", None)
-        if cost is None:
-            raise InputError(
-                "the coordinated policy needs the runtime's cost model: runtime.cost_model = "
-                "pets_compiler.serving.profile_costs(runtime) (saved with the artifact by runtime.save)"
-            )
-        return CoordinatedPolicy(cost)
     if policy not in POLICIES:
-        raise InputError(f"unknown batch policy {policy!r}: choose one of {', '.join([*POLICIES, 'coordinated'])}")
-    return POLICIES[policy]()
+        raise InputError(f"unknown batch policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    return POLICIES[policy](runtime)
