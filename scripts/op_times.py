@@ -90,3 +90,18 @@ cases["aten linear 768x768"] = (lambda: torch.nn.functional.linear(x, wq), 2 * a
 for name, (fn, nbytes) in cases.items():
     t = ms(fn)
     print(f"{name:28s} {t * 1e3:8.1f} us   floor {nbytes / bw * 1e6:7.1f} us   x{t / 1e3 / (nbytes / bw):5.1f}")
+
+# Where the LoRA split spends its time: each kernel's GPU time per call (the pointer kernel, cuBLAS's batched GEMM,
+# the expand), from the profiler over `iters` eager calls.
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+for name in ("lora_delta r8", "lora_delta r16", "adapter 64", "sparse_delta 1% 768x768"):
+    fn, iters = cases[name][0], 20
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / iters) for e in prof.key_averages() if e.device_time_total > 0]
+    print(f"{name}: " + "; ".join(f"{k[:70]} {t:.1f} us" for k, t in sorted(rows, key=lambda r: -r[1])[:6]))
