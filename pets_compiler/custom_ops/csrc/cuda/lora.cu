@@ -172,19 +172,19 @@ at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& ta
               65535 * kTokens);
   const at::ScalarType dtype = y.scalar_type();
   const int64_t in_features = x3.size(2), out_features = y3.size(2);
-  const size_t split_shared = static_cast<size_t>(table_rank * out_features) * y.element_size();
   if (table_rank <= split_lora::kMaxRank && dtype != at::kDouble && vectorizable(x3, in_features) &&
       vectorizable(y3, out_features) && vectorizable(out, out_features) && vectorizable(a, in_features) &&
-      vectorizable(b, out_features * table_rank) && (bias == nullptr || vectorizable(bs, out_features)) &&
-      split_shared <= shared_memory_optin()) {
+      vectorizable(b, out_features * table_rank) && (bias == nullptr || vectorizable(bs, out_features))) {
     // Shrink on tensor cores: h [B, N, R] = each row's x @ its slot's A.T (cuBLAS, tables read in place).
     at::Tensor h = at::empty({batch, tokens, table_rank}, y.options());
     slot_gemm(x3, a, ids, h);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::linear_delta", [&] {
-      const dim3 expand_grid(static_cast<unsigned>(batch),
-                             static_cast<unsigned>(ceil_div(tokens, split_lora::kExpandTokens)));
-      allow_shared_memory("pets::linear_delta", split_lora::expand_kernel<scalar_t>, split_shared, "the LoRA tables");
-      split_lora::expand_kernel<scalar_t><<<expand_grid, split_lora::kThreads, split_shared, stream()>>>(
+      const int64_t tiles = batch * ceil_div(tokens, split_lora::kTileTokens);
+      const int64_t col_tiles = ceil_div(out_features, split_lora::kTileCols);
+      TORCH_CHECK(tiles <= INT32_MAX && col_tiles <= 65535, "pets::linear_delta: ", batch, " x ", tokens,
+                  " tokens and ", out_features, " out_features are more than the kernel's grid");
+      const dim3 expand_grid(static_cast<unsigned>(tiles), static_cast<unsigned>(col_tiles));
+      split_lora::expand_kernel<scalar_t><<<expand_grid, split_lora::kThreads, 0, stream()>>>(
           y3.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
           b.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(), rk.const_data_ptr<int64_t>(), a.size(0),
           table_rank, bias != nullptr ? bs.const_data_ptr<scalar_t>() : nullptr, bias != nullptr ? bs.size(0) : 0,
