@@ -1,6 +1,9 @@
-"""Capture the base BertModel with torch.export (dynamic batch and sequence) into an FX GraphModule."""
+"""Capture the base BertModel with torch.export (dynamic batch and sequence) into an FX GraphModule: the padded
+program (one request per row) or the packed one (several requests per row, see _PackedBert)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,21 +27,51 @@ class _TupleBert(torch.nn.Module):
         return out[0], out[1]
 
 
-def capture(base: BaseModel, dtype: torch.dtype = torch.float32) -> torch.fx.GraphModule:
-    """Export the base and return the unlifted graph: weights are get_attr nodes named by HF parameter names."""
+class _PackedBert(torch.nn.Module):
+    """BertModel over packed rows: `segments` [rows, K, seq] (0/1) says which tokens of a row form its k-th
+    request (contiguous, each starting a fresh sequence); a row holds at most K requests. Positions restart at
+    each request and attention stays within it (a token in no request attends to itself alone, so it stays
+    finite). Returns the last hidden state, the pooler output and the [CLS] hidden state of every (row, k),
+    flattened to [rows * K, hidden]; a (row, k) holding no request gets row's first token (its outputs are
+    dropped)."""
+
+    def __init__(self, bert: BertModel) -> None:
+        super().__init__()
+        for name, child in bert.named_children():
+            self.add_module(name, child)
+        bert.pooler = None  # the encoder only: the pooler runs here, on each request's [CLS]
+        self._forward = bert.forward
+
+    def forward(self, input_ids: Tensor, segments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        member = segments.to(torch.long)
+        positions = ((member.cumsum(-1) - 1) * member).sum(1)  # [rows, seq]: 0 at each request's first token
+        together = torch.einsum("rkq,rkl->rql", member, member) > 0
+        alone = torch.eye(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)
+        mask = (together | alone).unsqueeze(1)  # [rows, 1, seq, seq]
+        hidden = self._forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, return_dict=False)[0]
+        starts = member.argmax(-1)  # [rows, K]: each request's first token
+        cls = hidden.gather(1, starts.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).flatten(0, 1)
+        pooler = self.get_submodule("pooler")
+        return hidden, pooler(cls.unsqueeze(1)), cls
+
+
+def capture(base: BaseModel, dtype: torch.dtype = torch.float32, *, packed: bool = False) -> torch.fx.GraphModule:
+    """Export the base and return the unlifted graph: weights are get_attr nodes named by HF parameter names.
+    Inputs: (input_ids, attention_mask), or (input_ids, segments) when `packed`."""
     bert = build_bert(base.config, base.state_dict)
-    model = _TupleBert(bert).to(dtype).eval()
+    model = (_PackedBert(bert) if packed else _TupleBert(bert)).to(dtype).eval()
     ids = torch.zeros(2, 8, dtype=torch.long)
-    mask = torch.ones(2, 8, dtype=torch.long)
     batch = torch.export.Dim("batch")
     seq = torch.export.Dim("seq", max=int(base.config.max_position_embeddings))
+    if packed:
+        mask = torch.zeros(2, 3, 8, dtype=torch.long)
+        mask[:, 0, :3], mask[:, 1, 3:6] = 1, 1
+        shapes: tuple[dict[int, Any], ...] = ({0: batch, 1: seq}, {0: batch, 1: torch.export.Dim("requests"), 2: seq})
+    else:
+        mask = torch.ones(2, 8, dtype=torch.long)
+        shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
     with torch.no_grad():
-        ep = torch.export.export(
-            model,
-            (ids, mask),
-            dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
-            strict=False,
-        )
+        ep = torch.export.export(model, (ids, mask), dynamic_shapes=shapes, strict=False)
     unlifted = ep.module()
     # A plain GraphModule with positional placeholders and no input-spec hook: passes add inputs, and the
     # program is exported again afterwards.

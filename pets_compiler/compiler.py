@@ -55,8 +55,11 @@ def _example(spec: TableSpec, sizes: dict[str, int], dtype: torch.dtype) -> torc
     return torch.zeros(shape, dtype=torch.long if spec.integer else dtype)
 
 
-def export_program(gm: torch.fx.GraphModule, ctx: CompileContext, dtype: torch.dtype) -> ExportedProgram:
-    """Export the rewritten graph with dynamic batch, sequence, slots, ranks and labels."""
+def export_program(
+    gm: torch.fx.GraphModule, ctx: CompileContext, dtype: torch.dtype, *, packed: bool = False
+) -> ExportedProgram:
+    """Export the rewritten graph with dynamic batch, sequence, slots, ranks and labels (and requests per row,
+    packed)."""
     batch, seq = Dim("batch"), Dim("seq", max=int(ctx.base.config.max_position_embeddings))
     dims: dict[str, Dim] = {}
     for spec in ctx.tables:
@@ -65,26 +68,30 @@ def export_program(gm: torch.fx.GraphModule, ctx: CompileContext, dtype: torch.d
                 dims[d] = Dim(d.replace("@", "_").replace(".", "_"), min=0 if d != SLOTS else 1)
     sizes = {name: 3 for name in dims}  # examples of size 2+ so export does not specialize them
     tables = [_example(spec, sizes, dtype) for spec in ctx.tables]
-    args = (
-        torch.zeros(2, 8, dtype=torch.long),
-        torch.ones(2, 8, dtype=torch.long),
-        torch.zeros(2, dtype=torch.long),
-    )
-    shapes = [{0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch}]
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask_shape: dict[int, Dim] = {0: batch, 1: seq}
+    if packed:
+        mask = torch.zeros(2, 3, 8, dtype=torch.long)
+        mask[:, 0, :3], mask[:, 1, 3:6] = 1, 1
+        mask_shape = {0: batch, 1: Dim("requests"), 2: seq}
+    args = (torch.zeros(2, 8, dtype=torch.long), mask, torch.zeros(2, dtype=torch.long))
+    shapes = [{0: batch, 1: seq}, mask_shape, {0: batch}]
     shapes += [{i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str)} for spec in ctx.tables]
     with torch.no_grad():
         return torch.export.export(gm, (*args, *tables), dynamic_shapes=shapes, strict=False)
 
 
 def build_program(
-    base: BaseModel, plan: SitePlan, dtype: torch.dtype
+    base: BaseModel, plan: SitePlan, dtype: torch.dtype, *, packed: bool = False
 ) -> tuple[ExportedProgram, list[TableSpec], list[PassResult]]:
-    gm = capture(base, dtype)
+    """The program for `plan`: padded (one request per row) or packed (capture.py's _PackedBert); both read the
+    same task tables in the same order."""
+    gm = capture(base, dtype, packed=packed)
     ctx = CompileContext(base=base, plan=plan, pooling=base.pooling)
     results = run_pipeline(gm, ctx)
     for r in results:
         log.info("%s", r)
-    return export_program(gm, ctx, dtype), ctx.tables, results
+    return export_program(gm, ctx, dtype, packed=packed), ctx.tables, results
 
 
 def compile(

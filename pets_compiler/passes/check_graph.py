@@ -14,8 +14,10 @@ def check_graph(gm: GraphModule, ctx: CompileContext) -> PassResult:
     """task_ids is an input, each planned site has exactly one task op, no dropout is left, two outputs."""
     gm.graph.lint()
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    if names[:3] != ["input_ids", "attention_mask", "task_ids"]:
-        raise RuntimeError(f"graph inputs start {names[:3]}, expected input_ids, attention_mask, task_ids")
+    if names[:3] not in (["input_ids", "attention_mask", "task_ids"], ["input_ids", "segments", "task_ids"]):
+        raise RuntimeError(
+            f"graph inputs start {names[:3]}, expected input_ids, attention_mask (or segments), task_ids"
+        )
     if len(names) != 3 + len(ctx.tables):
         raise RuntimeError(f"graph has {len(names) - 3} table inputs, the context records {len(ctx.tables)}")
     if any(n.target is torch.ops.aten.dropout.default for n in gm.graph.nodes):

@@ -59,19 +59,25 @@ def bucket(batch: int, seq: int, config: GraphConfig, max_positions: int) -> tup
 
 
 def pad_inputs(
-    ids: Tensor, mask: Tensor, slots: Tensor, shape: tuple[int, int], pad_id: int
+    ids: Tensor, mask: Tensor, slots: Tensor, shape: tuple[int, ...], pad_id: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Pad a batch to `shape`: new columns are masked `pad_id` tokens; new rows are one unmasked `pad_id` token of
-    slot 0 (a fully masked row would be all -inf in attention)."""
-    batch, seq = shape
+    slot 0 (a fully masked row would be all -inf in attention). Packed batches (mask = segments [rows, K, seq],
+    shape (batch, seq, K)): new columns and requests are empty, new rows one one-token request."""
+    batch, seq = shape[:2]
     rows, cols = ids.shape
-    if (rows, cols) == (batch, seq):
+    if (rows, cols, *mask.shape[1:-1]) == (batch, seq, *shape[2:]):
         return ids, mask, slots
     padded_ids = ids.new_full((batch, seq), pad_id)
     padded_ids[:rows, :cols] = ids
-    padded_mask = mask.new_zeros((batch, seq))
-    padded_mask[:rows, :cols] = mask
-    padded_mask[rows:, 0] = 1
+    if mask.dim() == 3:
+        padded_mask = mask.new_zeros((batch, shape[2], seq))
+        padded_mask[:rows, : mask.shape[1], :cols] = mask
+        padded_mask[rows:, 0, 0] = 1
+    else:
+        padded_mask = mask.new_zeros((batch, seq))
+        padded_mask[:rows, :cols] = mask
+        padded_mask[rows:, 0] = 1
     padded_slots = slots.new_zeros(batch)
     padded_slots[:rows] = slots
     return padded_ids, padded_mask, padded_slots
@@ -159,7 +165,7 @@ class GraphStats:
 
 @dataclass
 class _Entry:
-    inputs: tuple[Tensor, Tensor, Tensor]  # static ids, mask, slots
+    inputs: tuple[Tensor, Tensor, Tensor]  # static ids, mask (or segments), slots
     graph: Graph
 
 
@@ -187,16 +193,20 @@ class CudaGraphs:
         self.eager = Eager(fn, tables, device)
         self.stats = GraphStats()
         self.disabled: str | None = None
-        self._graphs: OrderedDict[tuple[int, int], _Entry] = OrderedDict()
+        self._graphs: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
         self._generation = tables.generation
 
-    def shapes(self) -> list[tuple[int, int]]:
+    def shapes(self) -> list[tuple[int, ...]]:
         """The padded shapes that have a graph, least recently used first."""
         return list(self._graphs)
 
     def __call__(self, ids: Tensor, mask: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
         rows, cols = ids.shape
-        shape = None if self.disabled else bucket(rows, cols, self.config, self.max_positions)
+        packed = mask.dim() == 3  # segments [rows, K, seq]
+        fits = None if self.disabled else bucket(rows, cols, self.config, self.max_positions)
+        shape: tuple[int, ...] | None = fits
+        if fits is not None and packed:
+            shape = (*fits, 1 << max(mask.shape[1] - 1, 0).bit_length())
         if shape is None:
             self.stats.eager += 1
             return self.eager(ids, mask, slots)
@@ -219,9 +229,15 @@ class CudaGraphs:
         self.stats.replays += 1
         logits, embedding = entry.graph.outputs
         # The outputs live in the graphs' shared pool: the next replay of any graph may overwrite them.
+        if packed:  # [rows * K, ...] of the padded shape
+
+            def real(o: Tensor) -> Tensor:
+                return o.unflatten(0, (shape[0], shape[2]))[:rows, : mask.shape[1]].flatten(0, 1).clone()
+
+            return real(logits), real(embedding)
         return logits[:rows].clone(), embedding[:rows].clone()
 
-    def _capture(self, shape: tuple[int, int], padded: tuple[Tensor, Tensor, Tensor]) -> _Entry | None:
+    def _capture(self, shape: tuple[int, ...], padded: tuple[Tensor, Tensor, Tensor]) -> _Entry | None:
         while len(self._graphs) >= self.config.max_graphs:
             self._graphs.popitem(last=False)
         inputs = (

@@ -22,6 +22,7 @@ from pets_compiler.frontend.sources import load_task_source
 from pets_compiler.frontend.taskset import TaskSpec
 from pets_compiler.passes.context import SitePlan
 from pets_compiler.runtime.graphs import CudaGraphs, Eager, Executor, GraphConfig
+from pets_compiler.runtime.packing import ROW_TOKENS, pack, packed_inputs
 from pets_compiler.runtime.requests import Prepared, Tokenizer, pad, prepare
 from pets_compiler.runtime.tables import TableSpec, TaskTables
 from pets_compiler.serving.coordinated import CostModel
@@ -93,6 +94,9 @@ class Runtime:
         self._tasks: dict[str, _Task] = {}
         self._lock = threading.RLock()
         self.executor: Executor = Eager(self._module, self.tables, self.device)  # how forward runs: accelerate()
+        self._execution: tuple[bool, str | None, GraphConfig | None] = (False, None, None)
+        self._packed_module: torch.nn.Module | None = None  # the packed program (run_batch), built on first use
+        self._packed: Executor | None = None
 
     # ---- task registry -------------------------------------------------------------------------------------
     def task_names(self) -> list[str]:
@@ -161,6 +165,8 @@ class Runtime:
             self._module = self.program.module()
             self.tables.to(target)
             self.device = target
+            if self._packed_module is not None:
+                self._packed_module = self._packed_module.to(target)
             self._set_executor(graphs, mode, None)
         return self
 
@@ -181,13 +187,36 @@ class Runtime:
         return self
 
     def _set_executor(self, graphs: bool, mode: str | None, config: GraphConfig | None) -> None:
-        fn = self._module if mode is None else torch.compile(self._module, mode=mode)
+        self._execution = (graphs, mode, config)
+        self.executor = self._executor_of(self._module)
+        self._packed = None if self._packed_module is None else self._executor_of(self._packed_module)
+
+    def _executor_of(self, module: torch.nn.Module) -> Executor:
+        graphs, mode, config = self._execution
+        fn = module if mode is None else torch.compile(module, mode=mode)
         if not graphs:
-            self.executor = Eager(fn, self.tables, self.device)
-            return
-        pad_id = int(getattr(self.base.config, "pad_token_id", None) or 0)
+            return Eager(fn, self.tables, self.device)
         positions = int(self.base.config.max_position_embeddings)
-        self.executor = CudaGraphs(fn, self.tables, self.device, pad_id=pad_id, max_positions=positions, config=config)
+        return CudaGraphs(fn, self.tables, self.device, pad_id=self._pad_id, max_positions=positions, config=config)
+
+    @property
+    def _pad_id(self) -> int:
+        return int(getattr(self.base.config, "pad_token_id", None) or 0)
+
+    def _packed_executor(self) -> Executor:
+        """The packed program (capture.py's _PackedBert through the same passes, on the same tables), built on
+        first use: a few seconds, like a compile."""
+        if self._packed is None:
+            from pets_compiler.compiler import build_program  # compiler imports this module
+
+            program, tables, _ = build_program(self.base, self.info.plan, self.info.dtype, packed=True)
+            if tuple(tables) != self.info.tables:
+                raise RuntimeError("the packed program's task tables differ from the runtime's; recompile the artifact")
+            if self.device.type != "cpu":
+                program = move_to_device_pass(program, str(self.device))
+            self._packed_module = program.module()
+            self._packed = self._executor_of(self._packed_module)
+        return self._packed
 
     def remove_task(self, name: str) -> None:
         """Free the task's slot; other tasks' outputs are unchanged."""
@@ -237,9 +266,27 @@ class Runtime:
 
     def run_prepared(self, batch: Sequence[Prepared]) -> list[dict[str, Any]]:
         """One padded batch of checked requests (see prepare), answered in order as `pets run` lines."""
-        ids, mask = pad([p.ids for p in batch])
-        logits, embedding = self.forward(ids, mask, [p.task for p in batch])
-        return [self._answer(p, logits[i], embedding[i]) for i, p in enumerate(batch)]
+        return self.run_batch(batch)[0]
+
+    def run_batch(self, batch: Sequence[Prepared], *, packed: bool = False) -> tuple[list[dict[str, Any]], int]:
+        """(answers in order, tokens run) for checked requests: one padded batch, or (packed) rows of one task
+        each holding several requests (packing.py), with no padding beyond the ends of rows."""
+        if not packed:
+            ids, mask = pad([p.ids for p in batch])
+            logits, embedding = self.forward(ids, mask, [p.task for p in batch])
+            return [self._answer(p, logits[i], embedding[i]) for i, p in enumerate(batch)], ids.numel()
+        positions = int(self.base.config.max_position_embeddings)
+        packing = pack([len(p.ids) for p in batch], [p.task for p in batch], min(ROW_TOKENS, positions))
+        ids, segments = packed_inputs(batch, packing, self._pad_id)
+        with self._lock, torch.inference_mode():
+            slots = torch.tensor([self._entry(batch[r[0]].task).slot for r in packing.rows], dtype=torch.long)
+            logits, embedding = self._packed_executor()(ids, segments, slots)  # [rows * K, ...]
+        answers: list[dict[str, Any] | None] = [None] * len(batch)
+        for r, members in enumerate(packing.rows):
+            for k, i in enumerate(members):
+                at = r * packing.per_row + k
+                answers[i] = self._answer(batch[i], logits[at], embedding[at])
+        return [a for a in answers if a is not None], packing.tokens
 
     def _answer(self, p: Prepared, logits: Tensor, embedding: Tensor) -> dict[str, Any]:
         head = self._entry(p.task).spec.head

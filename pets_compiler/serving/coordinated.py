@@ -134,6 +134,7 @@ class CoordinatedPolicy:
     cost: CostModel
     kind_of: Callable[[str], str | None] = lambda task: None
     name: str = "coordinated"
+    packed: bool = False
 
     def select(self, queue: Sequence[Any], max_batch: int) -> list[int]:
         return next(m for m in self.plan(queue, max_batch) if 0 in m)

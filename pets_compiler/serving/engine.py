@@ -64,7 +64,7 @@ class Metrics:
     batches: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)  # size -> batches of that size
     real_tokens: int = 0
-    padded_tokens: int = 0  # tokens the padded batches ran, real ones included
+    padded_tokens: int = 0  # tokens the batches ran (padded or packed rows), real ones included
     policy_errors: int = 0  # selections a policy got wrong (the engine ran FIFO instead)
     latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     batch_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))  # runtime time per batch
@@ -114,6 +114,7 @@ class Engine:
             raise InputError(f"max_delay_ms must be a number >= 0, got {max_delay_ms!r}")
         self.runtime = runtime
         self.policy = policy_named(policy, runtime)
+        self._packed = bool(getattr(self.policy, "packed", False))  # its batches run as packed rows
         self.max_queue, self.max_batch, self.max_delay_s = max_queue, max_batch, max_delay_ms / 1e3
         self._cv = threading.Condition()
         self._queue: list[_Request] = []
@@ -273,7 +274,7 @@ class Engine:
                 return
             try:
                 started = time.monotonic()
-                answers = self.runtime.run_prepared([r.prepared for r in todo])
+                answers, tokens = self.runtime.run_batch([r.prepared for r in todo], packed=self._packed)
                 ran_s = time.monotonic() - started
             except UnknownTaskError as e:  # removed between the check and the run: drop those rows, run the rest
                 loaded = set(self.runtime.task_names())
@@ -287,19 +288,18 @@ class Engine:
             except Exception as e:  # the runtime's own error reaches every request of the batch
                 self._fail(todo, _same(e))
                 return
-            self._succeed(todo, answers, ran_s)
+            self._succeed(todo, answers, ran_s, tokens)
             return
 
     # ---- ending requests ------------------------------------------------------------------------------------
-    def _succeed(self, batch: list[_Request], answers: list[dict[str, Any]], ran_s: float) -> None:
+    def _succeed(self, batch: list[_Request], answers: list[dict[str, Any]], ran_s: float, tokens: int) -> None:
         done = time.monotonic()
-        longest = max(r.length for r in batch)
         with self._cv:
             m = self._metrics
             m.batches += 1
             m.batch_sizes[len(batch)] = m.batch_sizes.get(len(batch), 0) + 1
             m.real_tokens += sum(r.length for r in batch)
-            m.padded_tokens += longest * len(batch)
+            m.padded_tokens += tokens
             m.succeeded += len(batch)
             m.latencies_s.extend(done - r.arrived for r in batch)
             m.batch_s.append(ran_s)

@@ -24,9 +24,11 @@ class Queued(Protocol):
 class Policy(Protocol):
     """select(queue, max_batch): indices into `queue` (oldest first) of the next batch, 1..max_batch of them.
     The engine calls it with a non-empty queue; a policy must include the oldest request (index 0), so none waits
-    behind newer ones for ever."""
+    behind newer ones for ever. A policy whose `packed` is true has its batches run padding-free
+    (Runtime.run_batch(packed=True)); others run padded batches."""
 
     name: str
+    packed: bool
 
     def select(self, queue: Sequence[Queued], max_batch: int) -> list[int]: ...
 
@@ -35,6 +37,7 @@ class FixedPolicy:
     """FIFO: the oldest max_batch requests, whatever their lengths (the padded baseline)."""
 
     name = "fixed"
+    packed = False
 
     def select(self, queue: Sequence[Queued], max_batch: int) -> list[int]:
         return list(range(min(max_batch, len(queue))))
@@ -45,11 +48,24 @@ class SortedPolicy:
     the older), so a batch pads little and the oldest request is never passed over."""
 
     name = "sorted"
+    packed = False
 
     def select(self, queue: Sequence[Queued], max_batch: int) -> list[int]:
         anchor = queue[0].length
         others = sorted(range(1, len(queue)), key=lambda i: (abs(queue[i].length - anchor), i))
         return [0, *sorted(others[: max_batch - 1])]
+
+
+class PackedPolicy:
+    """Padding-free: the oldest max_batch requests, whatever their lengths, run as packed rows (several requests
+    of one task to a row, positions and attention per request: runtime/packing.py), so lengths cost no padding
+    beyond the ends of rows."""
+
+    name = "packed"
+    packed = True
+
+    def select(self, queue: Sequence[Queued], max_batch: int) -> list[int]:
+        return list(range(min(max_batch, len(queue))))
 
 
 def _coordinated(runtime: Any) -> Policy:
@@ -69,6 +85,7 @@ POLICIES: dict[str, Callable[[Any], Policy]] = {
     "fixed": lambda runtime: FixedPolicy(),
     "sorted": lambda runtime: SortedPolicy(),
     "coordinated": _coordinated,
+    "packed": lambda runtime: PackedPolicy(),
 }
 
 

@@ -76,7 +76,7 @@ def close_to(got: dict[str, Any], want: dict[str, Any]) -> None:
     assert got.get("label") == want.get("label")
 
 
-@pytest.mark.parametrize("policy", ["fixed", "sorted"])
+@pytest.mark.parametrize("policy", ["fixed", "sorted", "packed"])
 def test_answers_are_pets_run_answers(runtime: pets_compiler.Runtime, policy: str) -> None:
     reqs = requests(40)
     want = runtime.run(reqs, batch_size=1)  # each alone: the answer does not depend on the batch
@@ -125,15 +125,15 @@ def test_queue_full_rejects_exactly_the_excess(runtime: pets_compiler.Runtime) -
 
 def test_timeout_answers_promptly_and_never_runs(runtime: pets_compiler.Runtime) -> None:
     ran: list[str] = []
-    real = runtime.run_prepared
+    real = runtime.run_batch
 
     class Spy:  # the engine's view of the runtime, recording what runs
         def __getattr__(self, name: str) -> Any:
             return getattr(runtime, name)
 
-        def run_prepared(self, batch: Any) -> Any:
+        def run_batch(self, batch: Any, packed: bool = False) -> Any:
             ran.extend(str(p.extra.get("id")) for p in batch)
-            return real(batch)
+            return real(batch, packed=packed)
 
     engine = Engine(Spy(), max_batch=100, max_delay_ms=LONG)
     start = time.monotonic()

@@ -42,7 +42,7 @@ request = st.tuples(
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(request, min_size=1, max_size=25), st.sampled_from(["fixed", "sorted"]), st.integers(1, 8))
+@given(st.lists(request, min_size=1, max_size=25), st.sampled_from(["fixed", "sorted", "packed"]), st.integers(1, 8))
 def test_random_streams_end_every_request(
     rt: pets_compiler.Runtime, stream: list[tuple[str, int, float | None, bool]], policy: str, max_batch: int
 ) -> None:
@@ -131,6 +131,8 @@ def _answer_alone_and_in_batches(rt: pets_compiler.Runtime, seed: int) -> list[t
         gen.shuffle(batch)
         answers = rt.run(batch, batch_size=size)
         pairs.append((alone, answers[batch.index(target)]))
+        packed, _ = rt.run_batch(rt.prepare(batch), packed=True)  # sharing a packed row, or not
+        pairs.append((alone, packed[batch.index(target)]))
     return pairs
 
 

@@ -1,0 +1,75 @@
+"""Padding-free batches: the requests of a batch packed into rows of one task each (a row runs one task's ops),
+several requests to a row, first-fit decreasing. The packed program (capture.py's _PackedBert) restarts positions
+at each request and keeps attention within it, so each request's output is the one it gets alone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pets_compiler.runtime.requests import Prepared
+
+ROW_TOKENS = 128  # the widest packed row tried, unless a request is longer
+WIDTH_STEP = 16  # row widths tried: multiples of this (the CUDA graphs' sequence buckets)
+
+
+@dataclass(frozen=True)
+class Packing:
+    """rows[i]: indices into the batch of the requests in row i, in row order; every row is `width` tokens."""
+
+    rows: tuple[tuple[int, ...], ...]
+    width: int
+
+    @property
+    def per_row(self) -> int:
+        return max(len(r) for r in self.rows)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.rows) * self.width
+
+
+def pack(lengths: Sequence[int], tasks: Sequence[str], row_tokens: int = ROW_TOKENS) -> Packing:
+    """The packing that runs the fewest tokens (then rows) over the row widths from the longest request up to
+    row_tokens, in steps of WIDTH_STEP; each is first-fit decreasing per task."""
+    if not lengths or len(lengths) != len(tasks) or min(lengths) < 1 or row_tokens < 1:
+        raise ValueError(f"pack needs one task per request and lengths >= 1, got {len(lengths)} and {len(tasks)}")
+    longest = max(lengths)
+    widths = {longest, *range(-(-longest // WIDTH_STEP) * WIDTH_STEP, row_tokens + 1, WIDTH_STEP)}
+    packings = (first_fit(lengths, tasks, w) for w in sorted(widths))
+    return min(packings, key=lambda p: (p.tokens, len(p.rows)))
+
+
+def first_fit(lengths: Sequence[int], tasks: Sequence[str], width: int) -> Packing:
+    """First-fit decreasing per task into rows of `width` tokens (each request fits: width >= the longest)."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    by_task: dict[str, list[int]] = {}
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        mine = by_task.setdefault(tasks[i], [])
+        row = next((r for r in mine if free[r] >= lengths[i]), None)
+        if row is None:
+            row = len(rows)
+            rows.append([])
+            free.append(width)
+            mine.append(row)
+        rows[row].append(i)
+        free[row] -= lengths[i]
+    return Packing(tuple(tuple(r) for r in rows), width)
+
+
+def packed_inputs(batch: Sequence[Prepared], packing: Packing, pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """(input_ids [rows, width], segments [rows, K, width]) for the packed program."""
+    ids = torch.full((len(packing.rows), packing.width), pad_id, dtype=torch.long)
+    segments = torch.zeros((len(packing.rows), packing.per_row, packing.width), dtype=torch.long)
+    for r, members in enumerate(packing.rows):
+        at = 0
+        for k, i in enumerate(members):
+            n = len(batch[i].ids)
+            ids[r, at : at + n] = torch.tensor(batch[i].ids, dtype=torch.long)
+            segments[r, k, at : at + n] = 1
+            at += n
+    return ids, segments

@@ -1,0 +1,161 @@
+"""Padding-free (packed) batches: the packing itself, and the packed program's answers against each task's own
+model and against the padded program, for every PET kind, pooling mode and head, eagerly and through graphs."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pets_compiler
+from pets_compiler.frontend.base import POOLING_MODES, Pooling, load_base
+from pets_compiler.runtime.graphs import CudaGraphs, GraphConfig
+from pets_compiler.runtime.packing import first_fit, pack, packed_inputs
+from pets_compiler.runtime.requests import Prepared
+
+from builders import (
+    make_bitfit,
+    make_peft_ia3,
+    make_peft_lora,
+    make_sparse_finetune,
+    mixed_rows,
+    own_output,
+    rel_err,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 300), st.sampled_from("abcd")), min_size=1, max_size=60),
+    st.integers(1, 256),
+)
+def test_pack_places_every_request_once_in_rows_of_one_task(reqs: list[tuple[int, str]], row_tokens: int) -> None:
+    lengths, tasks = [n for n, _ in reqs], [t for _, t in reqs]
+    p = pack(lengths, tasks, row_tokens)
+    placed = sorted(i for row in p.rows for i in row)
+    assert placed == list(range(len(reqs)))
+    assert p.width >= max(lengths)
+    for row in p.rows:
+        assert row and len({tasks[i] for i in row}) == 1
+        assert sum(lengths[i] for i in row) <= p.width
+    # never more tokens than padding every request to the longest (one request per row)
+    assert p.tokens <= len(reqs) * max(lengths)
+    assert p.tokens <= first_fit(lengths, tasks, max(lengths)).tokens
+
+
+def test_pack_fills_rows() -> None:
+    p = pack([64, 64, 32, 32, 100, 28], ["a"] * 6, 128)
+    assert p.width == 128 and len(p.rows) == 3 and p.tokens == 384  # 100+28, 64+64, 32+32
+    with pytest.raises(ValueError, match="lengths >= 1"):
+        pack([3, 0], ["a", "a"])
+
+
+def test_packed_inputs_mark_each_request() -> None:
+    batch = [Prepared("a", [5, 6, 7], {}), Prepared("a", [8, 9], {}), Prepared("b", [4], {})]
+    p = first_fit([3, 2, 1], ["a", "a", "b"], 8)
+    ids, segments = packed_inputs(batch, p, pad_id=0)
+    assert ids.shape == (2, p.width) and segments.shape == (2, 2, p.width)
+    for r, members in enumerate(p.rows):
+        for k, i in enumerate(members):
+            got = ids[r][segments[r, k].bool()].tolist()
+            assert got == batch[i].ids
+    assert int(segments.sum()) == 6
+
+
+def answers_close(got: list[dict[str, Any]], want: list[dict[str, Any]], tol: float = 1e-5) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g["task"] == w["task"] and g.get("label") == w.get("label")
+        key = "logits" if "logits" in w else "embedding"
+        assert rel_err(torch.tensor(g[key]), torch.tensor(w[key])) < tol, (w["task"], key)
+
+
+def prepared(runtime: pets_compiler.Runtime, n: int, seed: int) -> list[Prepared]:
+    rows, names = mixed_rows(1000, runtime.task_names(), n, seed=seed)
+    return [Prepared(t, r, {"id": i}) for i, (t, r) in enumerate(zip(names, rows, strict=True))]
+
+
+def test_packed_answers_equal_own_models(runtime: pets_compiler.Runtime, own_models: dict) -> None:
+    """The one rule: every request of a packed batch gets its own task model's output (fp32, 1e-5)."""
+    batch = prepared(runtime, 24, seed=3)
+    answers, tokens = runtime.run_batch(batch, packed=True)
+    assert tokens < len(batch) * max(len(p.ids) for p in batch)  # fewer tokens than the padded batch
+    for p, a in zip(batch, answers, strict=True):
+        assert a["id"] == p.extra["id"] and a["task"] == p.task
+        logits, emb = own_output(own_models[p.task], p.ids)
+        if "logits" in a:
+            assert logits is not None and rel_err(torch.tensor(a["logits"]), logits) < 1e-5
+        else:
+            assert rel_err(torch.tensor(a["embedding"]), emb) < 1e-5
+
+
+def test_packed_answers_equal_padded_ones(runtime: pets_compiler.Runtime) -> None:
+    batch = prepared(runtime, 40, seed=4)
+    answers_close(runtime.run_batch(batch, packed=True)[0], runtime.run_prepared(batch))
+    one = batch[:1]  # a single request: one row, one segment
+    answers_close(runtime.run_batch(one, packed=True)[0], runtime.run_prepared(one))
+
+
+@pytest.fixture(scope="module")
+def every_kind(small_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("packed_kinds")
+    return {
+        "lora": make_peft_lora(small_base, root / "lora", r=3, alpha=6, targets=["query", "value"], num_labels=3),
+        "bitfit": make_bitfit(small_base, root / "bitfit", num_labels=2, seed=1),
+        "ia3": make_peft_ia3(
+            small_base, root / "ia3", targets=["key", "value", "output.dense"], feedforward=["output.dense"], seed=2
+        ),
+        "diff": make_sparse_finetune(small_base, root / "diff", density=0.02, mask=False, seed=3),
+        "mask": make_sparse_finetune(small_base, root / "mask", density=0.05, mask=True, seed=4),
+        "plain": small_base,
+    }
+
+
+PAIRS = [("cls", False), ("max", True), ("mean", True), ("mean_sqrt_len", False), ("pooler", False)]
+
+
+@pytest.mark.parametrize(("mode", "normalize"), PAIRS)
+def test_packed_pooling_and_kinds(small_base: Path, every_kind: dict[str, Path], mode: str, normalize: bool) -> None:
+    """Every pooling mode (headless tasks) and every PET kind (diff and mask reach the embeddings), packed vs
+    padded."""
+    assert {m for m, _ in PAIRS} == set(POOLING_MODES)
+    base = dataclasses.replace(load_base(small_base), pooling=Pooling(mode, normalize))
+    rt = pets_compiler.compile(base, every_kind)
+    batch = prepared(rt, 30, seed=5)
+    answers_close(rt.run_batch(batch, packed=True)[0], rt.run_prepared(batch))
+
+
+def test_packed_through_graphs_equals_eager(runtime: pets_compiler.Runtime) -> None:
+    """Bucketed (rows, width, requests per row) shapes with padded rows, columns and request slots change no
+    real answer; the stand-in capture runs the forward as a graph replay would."""
+    from tests.runtime.test_graphs import StandInCapture
+
+    batch = prepared(runtime, 19, seed=6)
+    want = runtime.run_batch(batch, packed=True)[0]
+    eager = runtime._packed_executor()
+    capture = StandInCapture()
+    graphs = CudaGraphs(
+        eager.fn,  # type: ignore[attr-defined]
+        runtime.tables,
+        runtime.device,
+        pad_id=0,
+        max_positions=int(runtime.base.config.max_position_embeddings),
+        config=GraphConfig(),
+        capture=capture,
+    )
+    runtime._packed = graphs
+    try:
+        got = runtime.run_batch(batch, packed=True)[0]
+        again = runtime.run_batch(batch, packed=True)[0]  # replayed
+    finally:
+        runtime._packed = eager
+    answers_close(got, want)  # padded widths change float summation orders only
+    answers_close(again, want)
+    assert graphs.stats.captures == 1 and graphs.stats.replays == 2
+    (shape,) = graphs.shapes()
+    assert len(shape) == 3 and shape[2] & (shape[2] - 1) == 0  # requests per row: a power of two
