@@ -159,3 +159,23 @@ def test_packed_through_graphs_equals_eager(runtime: pets_compiler.Runtime) -> N
     assert graphs.stats.captures == 1 and graphs.stats.replays == 2
     (shape,) = graphs.shapes()
     assert len(shape) == 3 and shape[2] & (shape[2] - 1) == 0  # requests per row: a power of two
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_packed_on_gpu_matches_own_models(small_base: Path, every_kind: dict[str, Path], dtype: str) -> None:
+    """On CUDA (graphs on), every request of packed batches against its own model in fp32 (DESIGN.md's tolerances), twice (the
+    second replays the captured graph)."""
+    from pets_compiler.oracle import merged_model
+    from tests.runtime.test_gpu_graphs import OWN  # the GPU tolerances against own models
+
+    rt = pets_compiler.compile(small_base, every_kind, dtype=dtype).to("cuda")
+    batch = prepared(rt, 40, seed=7)
+    base = load_base(small_base)
+    own = {t: merged_model(base, rt.task(t).to(torch.float32)) for t in rt.task_names()}  # fp32, on the CPU
+    for _ in range(2):
+        answers, _ = rt.run_batch(batch, packed=True)
+        for p, a in zip(batch, answers, strict=True):
+            logits, emb = own_output(own[p.task], p.ids)
+            got, want = (a["logits"], logits) if "logits" in a else (a["embedding"], emb)
+            assert want is not None and rel_err(torch.tensor(got), want) < OWN[dtype], p.task
