@@ -164,8 +164,8 @@ def test_packed_through_graphs_equals_eager(runtime: pets_compiler.Runtime) -> N
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_packed_on_gpu_matches_own_models(small_base: Path, every_kind: dict[str, Path], dtype: str) -> None:
-    """On CUDA (graphs on), every request of packed batches against its own model in fp32 (DESIGN.md's tolerances), twice (the
-    second replays the captured graph)."""
+    """On CUDA (graphs on), every request of packed batches against its own model in fp32 (DESIGN.md's
+    tolerances), twice (the second replays the captured graph)."""
     from pets_compiler.oracle import merged_model
     from tests.runtime.test_gpu_graphs import OWN  # the GPU tolerances against own models
 
