@@ -45,7 +45,9 @@ class _PackedBert(torch.nn.Module):
     def forward(self, input_ids: Tensor, segments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         member = segments.to(torch.long)
         positions = ((member.cumsum(-1) - 1) * member).sum(1)  # [rows, seq]: 0 at each request's first token
-        together = torch.einsum("rkq,rkl->rql", member, member) > 0
+        number = torch.arange(1, member.shape[1] + 1, device=member.device).view(1, -1, 1)
+        request = (member * number).sum(1)  # [rows, seq]: 1 + the token's request, 0 outside every request
+        together = (request.unsqueeze(2) == request.unsqueeze(1)) & (request > 0).unsqueeze(1)
         alone = torch.eye(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)
         mask = (together | alone).unsqueeze(1)  # [rows, 1, seq, seq]
         hidden = self._forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, return_dict=False)[0]

@@ -136,8 +136,24 @@ class CoordinatedPolicy:
     name: str = "coordinated"
     packed: bool = False
 
+    _planned: list[list[Any]] = field(default_factory=list, repr=False, compare=False)  # the last plan's batches
+
     def select(self, queue: Sequence[Any], max_batch: int) -> list[int]:
-        return next(m for m in self.plan(queue, max_batch) if 0 in m)
+        """The planned batch of the oldest request while it is whole (none of it ran, timed out or was
+        cancelled); else a new plan of the whole queue (the dynamic programs cost ~50 ms for 1024 queued requests
+        in Python, so one plan serves the batches after it; requests that arrived since wait for the next)."""
+        at = {id(r): i for i, r in enumerate(queue)}
+        oldest = id(queue[0])
+        for batch in self._planned:
+            if any(id(r) == oldest for r in batch):
+                if len(batch) <= max_batch and all(id(r) in at for r in batch):
+                    self._planned.remove(batch)
+                    return sorted(at[id(r)] for r in batch)
+                break
+        self._planned = [[queue[i] for i in m] for m in self.plan(queue, max_batch)]
+        chosen = next(b for b in self._planned if any(id(r) == oldest for r in b))
+        self._planned.remove(chosen)
+        return sorted(at[id(r)] for r in chosen)
 
     def plan(self, queue: Sequence[Any], max_batch: int) -> list[list[int]]:
         """Every macro-batch of the queue, as lists of queue indices."""

@@ -86,6 +86,34 @@ def test_plans_cover_the_queue(stream: list[tuple[str, int]], max_batch: int) ->
     assert 0 in picked and len(picked) <= max_batch
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from("abc"), st.integers(1, 128)), min_size=1, max_size=40),
+    st.integers(1, 9),
+    st.sets(st.integers(0, 39), max_size=5),
+)
+def test_selects_drain_the_queue_from_one_plan(stream: list[tuple[str, int]], max_batch: int, gone: set[int]) -> None:
+    """The engine's loop: each select's batch leaves the queue. Batches come from the first plan while they are
+    whole; a request that leaves otherwise (cancelled, timed out) forces a new plan. Every request runs once."""
+    queue = [R(t, n, float(i)) for i, (t, n) in enumerate(stream)]
+    policy = CoordinatedPolicy(model())
+    first = [[queue[i] for i in m] for m in policy.plan(queue, max_batch)]
+    ran: list[R] = []
+    step = 0
+    while queue:
+        picked = policy.select(queue, max_batch)
+        assert 0 in picked and 0 < len(picked) <= max_batch
+        batch = [queue[i] for i in picked]
+        if not gone:  # nothing left on its own: the batches are the first plan's
+            assert any(sorted(map(id, batch)) == sorted(map(id, b)) for b in first)
+        ran.extend(batch)
+        queue = [r for i, r in enumerate(queue) if i not in picked]
+        if step in gone and len(queue) > 1:
+            ran.append(queue.pop(len(queue) // 2))  # cancelled while queued
+        step += 1
+    assert sorted(id(r) for r in ran) == sorted({id(r) for r in ran}) and len(ran) == len(stream)
+
+
 def test_beta_forms_single_task_mini_batches() -> None:
     base = model()
     beta = {"lora": tuple(tuple(0.01 for _ in base.lengths) for _ in base.rows)}  # a fixed cost per mini-batch
