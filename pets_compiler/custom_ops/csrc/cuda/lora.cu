@@ -179,12 +179,13 @@ at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& ta
     at::Tensor h = at::empty({batch, tokens, table_rank}, y.options());
     slot_gemm(x3, a, ids, h);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::linear_delta", [&] {
-      const int64_t tiles = batch * ceil_div(tokens, split_lora::kTileTokens);
-      const int64_t col_tiles = ceil_div(out_features, split_lora::kTileCols);
+      constexpr bool mma = split_lora::kExpandMma<scalar_t>;
+      const int64_t tiles = batch * ceil_div(tokens, mma ? split_lora::kMmaTokens : split_lora::kTileTokens);
+      const int64_t col_tiles = ceil_div(out_features, mma ? split_lora::kMmaCols : split_lora::kTileCols);
       TORCH_CHECK(tiles <= INT32_MAX && col_tiles <= 65535, "pets::linear_delta: ", batch, " x ", tokens,
                   " tokens and ", out_features, " out_features are more than the kernel's grid");
       const dim3 expand_grid(static_cast<unsigned>(tiles), static_cast<unsigned>(col_tiles));
-      split_lora::expand_kernel<scalar_t><<<expand_grid, split_lora::kThreads, 0, stream()>>>(
+      split_lora::expand<scalar_t>()<<<expand_grid, split_lora::kThreads, 0, stream()>>>(
           y3.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
           b.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(), rk.const_data_ptr<int64_t>(), a.size(0),
           table_rank, bias != nullptr ? bs.const_data_ptr<scalar_t>() : nullptr, bias != nullptr ? bs.size(0) : 0,

@@ -3,12 +3,19 @@
 // at bert-base sizes, r 8, against a 9 us floor), and a CUDA-core shrink costs 2 * in * R fp32 instructions per
 // token (measured: 40 us at r 8, 62 at r 16). shrink (lora.cu): h = x @ A[t].T on tensor cores through cuBLAS
 // (slot_gemm.h), rounded to the input dtype. expand (here): out = y + scale[t] * h[:, :r] @ B[t, :, :r].T
-// (+ bias[t]). A block owns a tile of kTileTokens tokens of one row by kTileCols output features: it issues its
+// (+ bias[t]); fp16 and bf16 on tensor cores (expand_mma_kernel), float on CUDA cores (expand_kernel). In
+// expand_kernel a block owns a tile of kTileTokens tokens of one row by kTileCols output features: it issues its
 // y loads first (16-byte vectors, in flight while it stages), stages its slice of B[t] transposed ([r][cols]) and
 // its tokens' scaled h in shared memory, then each thread adds the term to its column vector of several tokens.
-// (The first expand staged all of B[t] for every 16 tokens: 23.8 us of the 28.6 at r 8, profiled on the H200.)
+// (The first expand staged all of B[t] for every 16 tokens: 23.8 us of the 28.6 at r 8, profiled on the H200;
+// this one, for fp16, 15.0 us at r 8 and 21.8 at r 16 against a 5.2 us streaming kernel, profiled on the H200.)
 // A slot's rank r bounds the expand, so table padding beyond r never reaches the output.
 #pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -26,8 +33,8 @@ __device__ __forceinline__ int slot_rank(int64_t t, const scalar_t* lora_scale, 
   s = 0.f;
   if (t < 0) return 0;
   const int64_t rk = lora_rank[t];
+  s = static_cast<float>(lora_scale[t]);  // loaded before the check, with the rank
   CUDA_KERNEL_ASSERT(rk >= 0 && rk <= table_rank && "pets: a LoRA rank is outside [0, R]");
-  s = static_cast<float>(lora_scale[t]);
   return s == 0.f ? 0 : static_cast<int>(max64(0, min64(rk, table_rank)));
 }
 
@@ -114,6 +121,231 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     reinterpret_cast<Vec<scalar_t>*>(out + (m0 + tm) * out_features)[ov] = o;
+  }
+}
+
+// The expand on tensor cores for fp16 and bf16: a block owns kMmaTokens tokens of one row by kMmaCols output
+// features, a warp 16 of its tokens by kWarpCols features (mma.sync m16n8k16, K = the 16 ranks, fp32). Every load
+// that needs no slot goes first (each lane's y vectors, the tile's h rows), then all the task id gives (B[t]'s rows
+// of the tile, the bias, rank and scale) before the rank is waited for: one dependent step. h and B are staged
+// zero-padded to 16 ranks with zeros from r on in both (table padding, even inf or nan, never reaches the output)
+// and unscaled; a warp stores h @ B.T in fp32 to its own shared rows, and each lane writes y + scale * that
+// (+ bias) for 4 tokens with 16-byte vectors: the scale applied to the fp32 product (one fma), not folded into h.
+// PTX mma and ldmatrix, not wmma: wmma's bf16 fragment loads compiled to generic 4-byte loads (64-bit addresses).
+// 64 registers, no spills, 43 KiB of static shared memory: 4 blocks an SM (nvcc 13, sm_90). Compile-checked only:
+// not yet run or timed on a GPU.
+constexpr int kFrag = 16;                                           // the mma's M and K
+constexpr int kWarpCols = 64;                                       // output features per warp
+constexpr int kColWarps = 2;                                        // warps across a tile's features
+constexpr int kMmaTokens = kFrag * (kThreads / kWarp / kColWarps);  // 64
+constexpr int kMmaCols = kWarpCols * kColWarps;                     // 128
+constexpr int kMmaBlocks = 4;  // blocks an SM holds (launch bound: 64 registers a thread)
+constexpr int kZLd = kWarpCols + 8;  // fp32 row stride of a warp's results: fragment stores free of bank conflicts
+
+// 16-byte vectors of fp16 or bf16 held as 4 words (with Vec<at::Half> here, nvcc kept the halves in separate
+// registers and stored them one by one).
+using Bits = Vec<uint32_t>;
+
+// A word's two fp16 or bf16 values (the lower address in x) as fp32, and back rounded to nearest even (as the
+// casts of at::Half and at::BFloat16).
+template <typename scalar_t>
+__device__ __forceinline__ float2 unpack2(uint32_t w) {
+  if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&w));
+  } else {  // exact: a bf16 is the upper half of its fp32 (on 32-bit words: __bfloat1622float2 split the vectors
+            // into 16-bit registers, and the kernel spilled)
+    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+  }
+}
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t pack2(float2 f) {
+  if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    const __half2 p = __floats2half2_rn(f.x, f.y);
+    return *reinterpret_cast<const uint32_t*>(&p);
+  } else {
+    const __nv_bfloat162 p = __floats2bfloat162_rn(f.x, f.y);
+    return *reinterpret_cast<const uint32_t*>(&p);
+  }
+}
+
+// Ranks j0 .. j0 + 7 of a table row of R 16-bit entries (zeros from R on); one vector load when `vec` (R a
+// multiple of 8, so rows are 16-byte aligned).
+__device__ __forceinline__ Bits load_ranks(const void* row, int j0, int64_t R, bool vec) {
+  Bits v{};
+  if (j0 >= R) return v;
+  const uint16_t* e = static_cast<const uint16_t*>(row) + j0;
+  if (vec) return load_vec<uint32_t>(reinterpret_cast<const uint32_t*>(e), 0);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    if (j0 + i < R) v.v[i / 2] |= static_cast<uint32_t>(e[i]) << (16 * (i % 2));
+  }
+  return v;
+}
+
+// v (ranks j0 .. j0 + 7) with the ranks from r on set to 0.
+__device__ __forceinline__ Bits below_rank(Bits v, int j0, int r) {
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    const int j = j0 + 2 * w;
+    v.v[w] &= j + 1 < r ? 0xffffffffu : (j < r ? 0xffffu : 0u);
+  }
+  return v;
+}
+
+// Where a warp's result column c (of kWarpCols) is in its shared rows: the two float4 halves of each 8 columns
+// from 32 on swapped, so the 8 lanes reading one token's 64 results as float4s hit distinct banks.
+__device__ __forceinline__ int zcol(int c) { return c ^ ((c & 32) >> 3); }
+
+// Four 8x8 blocks of 16-bit values from shared memory; lanes 8i .. 8i + 7 give the rows of block i.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&m)[4], const void* rows) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(m[0]), "=r"(m[1]), "=r"(m[2]), "=r"(m[3])
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(rows))));
+}
+
+// d = a @ b on tensor cores, fp32: a 16x16 (row-major), b 16x8 (col-major), fp16 or bf16 (PTX mma.m16n8k16).
+template <typename scalar_t>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  constexpr bool half = std::is_same_v<scalar_t, at::Half>;
+  if constexpr (half) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %10, %10, %10};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %10, %10, %10};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kMmaBlocks)
+    expand_mma_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ h,
+                      const int64_t* __restrict__ task_ids, const scalar_t* __restrict__ lora_b,
+                      const scalar_t* __restrict__ lora_scale, const int64_t* __restrict__ lora_rank,
+                      int64_t lora_slots, int64_t table_rank, const scalar_t* __restrict__ bias, int64_t bias_slots,
+                      scalar_t* __restrict__ out, int64_t tokens, int64_t out_features) {
+  constexpr int V = kVecBytes / sizeof(scalar_t);  // 8 features or ranks a vector
+  constexpr int kVecs = kWarpCols / V;             // lanes across a warp's features: 8
+  constexpr int kRows = kWarp / kVecs;             // tokens a warp writes at once: 4
+  constexpr int kPer = kFrag / kRows;              // y vectors per lane: 4
+  static_assert(V == 8 && kMaxRank == kFrag && kThreads == 2 * kMmaCols && kMmaTokens <= kMmaCols,
+                "expand_mma: one rank vector of B and h per thread");
+  __shared__ __align__(32) scalar_t hs[kMmaTokens][kMaxRank];  // h, 0 from r on and past the tile's tokens
+  __shared__ __align__(32) scalar_t bs[kMmaCols][kMaxRank];    // the tile's rows of B[t], 0 from r on and past cols
+  __shared__ __align__(32) float zs[kThreads / kWarp][kFrag * kZLd];  // each warp's h @ B.T
+
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int64_t ttiles = ceil_div(tokens, kMmaTokens);
+  const int64_t row = blockIdx.x / ttiles;
+  const int64_t tok0 = (blockIdx.x % ttiles) * kMmaTokens;
+  const int count = static_cast<int>(min64(kMmaTokens, tokens - tok0));
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kMmaCols;
+  const int cols = static_cast<int>(min64(kMmaCols, out_features - c0));  // a multiple of V (16-byte rows)
+  const int64_t m0 = row * tokens + tok0;
+  const int wt = (warp / kColWarps) * kFrag, wc = (warp % kColWarps) * kWarpCols;  // the warp's corner
+  const int lt = wt + lane / kVecs, lc = wc + (lane % kVecs) * V;  // the lane's first token, its features
+  const bool col_ok = lc < cols;
+  // The lane's vector of token lt; its next tokens are `step` further each.
+  const int64_t lane_off = (m0 + lt) * out_features + c0 + lc, step = kRows * out_features;
+
+  Bits yv[kPer];  // tokens lt, lt + kRows, ...: in flight while the block stages and multiplies
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    const int tm = lt + k * kRows;
+    yv[k] = (col_ok && tm < count) ? load_vec<uint32_t>(reinterpret_cast<const uint32_t*>(y + lane_off + k * step), 0)
+                                   : Bits{};
+  }
+  // This thread's rank vector (ranks sj .. sj + 7) of one token's h and of one tile row of B[t].
+  const bool vec = table_rank % V == 0;
+  const int sj = (threadIdx.x % 2) * V, so = threadIdx.x / 2;
+  const Bits hv = so < count ? load_ranks(h + (m0 + so) * table_rank, sj, table_rank, vec) : Bits{};
+  // Everything the task id gives is loaded before the rank is checked: one dependent step.
+  const int64_t t = slot_of(task_ids, row, lora_slots);
+  const int64_t t_bias = bias != nullptr ? slot_of(task_ids, row, bias_slots) : -1;
+  const Bits bv = (t >= 0 && so < cols)
+                      ? load_ranks(lora_b + (t * out_features + c0 + so) * table_rank, sj, table_rank, vec)
+                      : Bits{};
+  const bool has_bias = t_bias >= 0;
+  Bits bias_v{};
+  if (col_ok && has_bias) {
+    bias_v = load_vec<uint32_t>(reinterpret_cast<const uint32_t*>(bias + t_bias * out_features + c0 + lc), 0);
+  }
+  float s;
+  const int r = slot_rank(t, lora_scale, lora_rank, table_rank, s);
+
+  float* z = zs[warp];
+  if (r > 0) {  // the same in the whole block (one row)
+    if (so < kMmaTokens) *reinterpret_cast<Bits*>(&hs[so][sj]) = below_rank(hv, sj, r);
+    *reinterpret_cast<Bits*>(&bs[so][sj]) = below_rank(bv, sj, r);
+    __syncthreads();
+    if (wt < count && wc < cols) {
+      const int g = lane / 4, q = lane % 4;  // the fragments' row and column pair
+      uint32_t a[4];  // h of tokens wt .. wt + 15: 8x8 blocks (tokens 0-7, ranks 0-7), (8-15, 0-7), (0-7, 8-15), ..
+      ldmatrix_x4(a, &hs[wt + lane % 16][(lane / 16) * 8]);
+#pragma unroll
+      for (int n = 0; n < kWarpCols / kFrag; ++n) {
+        const int n0 = wc + n * kFrag;
+        if (n0 >= cols) break;
+        // B[t] rows n0 .. n0 + 15 ([feature][rank]: the col-major rank x feature operand): 8x8 blocks (features
+        // 0-7, ranks 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15).
+        uint32_t b[4];
+        ldmatrix_x4(b, &bs[n0 + lane % 8 + (lane / 16) * 8][((lane / 8) % 2) * 8]);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {  // features n0 + 8i .. + 7; this lane: tokens g, g + 8, features 2q, 2q + 1
+          float d[4];
+          mma_16816<scalar_t>(d, a, b[2 * i], b[2 * i + 1]);
+          float* zd = z + g * kZLd + zcol(n0 - wc + 8 * i + 2 * q);
+          *reinterpret_cast<float2*>(zd) = make_float2(d[0], d[1]);
+          *reinterpret_cast<float2*>(zd + 8 * kZLd) = make_float2(d[2], d[3]);
+        }
+      }
+    }
+    __syncwarp();
+  }
+  if (!col_ok) return;
+
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    const int tm = lt + k * kRows;
+    if (tm >= count) break;
+    Bits o = yv[k];  // bitwise y when there is no term
+    if (r > 0 || has_bias) {
+      float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
+      if (r > 0) {
+        const float* zr = z + (tm - wt) * kZLd;
+        lo = *reinterpret_cast<const float4*>(zr + zcol(lc - wc));
+        hi = *reinterpret_cast<const float4*>(zr + zcol(lc - wc + 4));
+      }
+      const float2 zv[4] = {{lo.x, lo.y}, {lo.z, lo.w}, {hi.x, hi.y}, {hi.z, hi.w}};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        float2 v = unpack2<scalar_t>(yv[k].v[w]);
+        if (r > 0) v = make_float2(v.x + s * zv[w].x, v.y + s * zv[w].y);  // fmas
+        if (has_bias) {
+          const float2 b = unpack2<scalar_t>(bias_v.v[w]);
+          v = make_float2(v.x + b.x, v.y + b.y);
+        }
+        o.v[w] = pack2<scalar_t>(v);
+      }
+    }
+    // __stwb (a plain store): storing a Bits or uint4 compiled to four 4-byte stores.
+    __stwb(reinterpret_cast<uint4*>(out + lane_off + k * step),
+           make_uint4(o.v[0], o.v[1], o.v[2], o.v[3]));
+  }
+}
+
+// The expand of a dtype (both kernels take the same arguments): tensor cores for fp16 and bf16, else CUDA cores.
+template <typename scalar_t>
+constexpr bool kExpandMma = std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+template <typename scalar_t>
+auto expand() {
+  if constexpr (kExpandMma<scalar_t>) {
+    return expand_mma_kernel<scalar_t>;
+  } else {
+    return expand_kernel<scalar_t>;
   }
 }
 
