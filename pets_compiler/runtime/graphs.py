@@ -39,7 +39,7 @@ class GraphConfig:
     max_batch: int = 256
     max_seq: int = 512
     seq_multiple: int = 16
-    max_graphs: int = 16
+    max_graphs: int = 64  # batch buckets x sequence buckets of the shapes a server meets (16 thrashed)
     warmup: int = 3
 
     def __post_init__(self) -> None:

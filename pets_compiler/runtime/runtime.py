@@ -273,14 +273,14 @@ class Runtime:
         each holding several requests (packing.py), with no padding beyond the ends of rows."""
         if not packed:
             ids, mask = pad([p.ids for p in batch])
-            logits, embedding = self.forward(ids, mask, [p.task for p in batch])
+            logits, embedding = _to_host(*self.forward(ids, mask, [p.task for p in batch]))
             return [self._answer(p, logits[i], embedding[i]) for i, p in enumerate(batch)], ids.numel()
         positions = int(self.base.config.max_position_embeddings)
         packing = pack([len(p.ids) for p in batch], [p.task for p in batch], min(ROW_TOKENS, positions))
         ids, segments = packed_inputs(batch, packing, self._pad_id)
         with self._lock, torch.inference_mode():
             slots = torch.tensor([self._entry(batch[r[0]].task).slot for r in packing.rows], dtype=torch.long)
-            logits, embedding = self._packed_executor()(ids, segments, slots)  # [rows * K, ...]
+            logits, embedding = _to_host(*self._packed_executor()(ids, segments, slots))  # [rows * K, ...]
         answers: list[dict[str, Any] | None] = [None] * len(batch)
         for r, members in enumerate(packing.rows):
             for k, i in enumerate(members):
@@ -303,3 +303,9 @@ class Runtime:
         from pets_compiler.runtime.artifact import save_artifact
 
         save_artifact(self, Path(directory))
+
+
+def _to_host(logits: Tensor, embedding: Tensor) -> tuple[Tensor, Tensor]:
+    """A batch's outputs as fp32 on the CPU, in one copy each (answers read them per request: on the GPU each
+    read would be a synchronising copy of its own)."""
+    return logits.float().cpu(), embedding.float().cpu()
