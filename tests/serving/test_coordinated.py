@@ -114,6 +114,15 @@ def test_selects_drain_the_queue_from_one_plan(stream: list[tuple[str, int]], ma
     assert sorted(id(r) for r in ran) == sorted({id(r) for r in ran}) and len(ran) == len(stream)
 
 
+def test_new_arrivals_are_planned_with_the_queue() -> None:
+    """A plan made on a partial queue is not reused once more requests wait: they join the next plan."""
+    policy = CoordinatedPolicy(model())
+    x, y, v = R("a", 100, 0.0), R("a", 10, 1.0), R("a", 100, 2.0)
+    assert policy.select([x, y, v], 2) == [0, 2]  # the plan: [x, v], then y alone
+    z = R("a", 10, 3.0)
+    assert policy.select([y, z], 2) == [0, 1]  # z arrived: y runs with it, not alone as planned
+
+
 def test_beta_forms_single_task_mini_batches() -> None:
     base = model()
     beta = {"lora": tuple(tuple(0.01 for _ in base.lengths) for _ in base.rows)}  # a fixed cost per mini-batch
