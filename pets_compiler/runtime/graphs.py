@@ -2,7 +2,8 @@
 
 Run eagerly, the exported program costs more host time (Python dispatch of hundreds of nodes and task ops) than
 the GPU needs for it; a CUDA graph replays the whole forward in one launch. `CudaGraphs` keeps one graph per
-padded input shape (batch up to a power of two, sequence up to a multiple of 16), least recently used first out.
+padded input shape (batch up to a power of two up to 16 rows, a multiple of 16 above; sequence up to a multiple of
+16), least recently used first out.
 Padding leaves the real rows' outputs alone: extra columns are masked out of attention and pooling, and extra rows
 are one-token rows of slot 0 (the base model) whose outputs are dropped.
 
@@ -39,11 +40,12 @@ class GraphConfig:
     max_batch: int = 256
     max_seq: int = 512
     seq_multiple: int = 16
+    batch_multiple: int = 16  # above it, batches pad to a multiple of it (below, to a power of two)
     max_graphs: int = 64  # batch buckets x sequence buckets of the shapes a server meets (16 thrashed)
     warmup: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_seq", "seq_multiple", "max_graphs", "warmup"):
+        for name in ("max_batch", "max_seq", "seq_multiple", "batch_multiple", "max_graphs", "warmup"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GraphConfig.{name} must be at least 1, got {getattr(self, name)}")
 
@@ -54,6 +56,8 @@ def bucket(batch: int, seq: int, config: GraphConfig, max_positions: int) -> tup
     if batch > config.max_batch or seq > seq_limit:
         return None
     padded_batch = 1 << max(batch - 1, 0).bit_length()
+    if padded_batch > config.batch_multiple:  # powers of two would pad packed rows (any count) by up to 2x
+        padded_batch = -(-batch // config.batch_multiple) * config.batch_multiple
     padded_seq = -(-seq // config.seq_multiple) * config.seq_multiple
     return min(padded_batch, config.max_batch), min(padded_seq, seq_limit)
 

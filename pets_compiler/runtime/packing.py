@@ -4,9 +4,11 @@ at each request and keeps attention within it, so each request's output is the o
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,14 +64,28 @@ def first_fit(lengths: Sequence[int], tasks: Sequence[str], width: int) -> Packi
 
 
 def packed_inputs(batch: Sequence[Prepared], packing: Packing, pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    """(input_ids [rows, width], segments [rows, K, width]) for the packed program."""
-    ids = torch.full((len(packing.rows), packing.width), pad_id, dtype=torch.long)
-    segments = torch.zeros((len(packing.rows), packing.per_row, packing.width), dtype=torch.long)
+    """(input_ids [rows, width], segments [rows, K, width]) for the packed program, built with numpy from each
+    request's place (a tensor write per request cost ~10 ms for 256 requests; torch.tensor of a long list ~1.5)."""
+    rows, width, per_row = len(packing.rows), packing.width, packing.per_row
+    order = [i for members in packing.rows for i in members]  # requests in row order
+    lengths = np.fromiter((len(batch[i].ids) for i in order), dtype=np.int64, count=len(order))
+    starts = np.empty(len(order), dtype=np.int64)  # each request's first column in its row
+    slots = np.empty(len(order), dtype=np.int64)  # row * K + k
+    n = 0
     for r, members in enumerate(packing.rows):
         at = 0
         for k, i in enumerate(members):
-            n = len(batch[i].ids)
-            ids[r, at : at + n] = torch.tensor(batch[i].ids, dtype=torch.long)
-            segments[r, k, at : at + n] = 1
-            at += n
-    return ids, segments
+            starts[n], slots[n] = at, r * per_row + k
+            at += len(batch[i].ids)
+            n += 1
+    tokens = np.fromiter(itertools.chain.from_iterable(batch[i].ids for i in order), dtype=np.int64)
+    first = np.cumsum(lengths) - lengths  # each request's first token in `tokens`
+    dest = np.arange(len(tokens)) + np.repeat((slots // per_row) * width + starts - first, lengths)
+    flat = np.full(rows * width, pad_id, dtype=np.int64)
+    flat[dest] = tokens
+    edges = np.zeros((rows * per_row, 2), dtype=np.int64)  # [start, end) of each (row, k); empty: [0, 0)
+    edges[slots, 0], edges[slots, 1] = starts, starts + lengths
+    column = np.arange(width).reshape(1, 1, width)
+    bound = edges.reshape(rows, per_row, 2, 1)
+    segments = ((column >= bound[:, :, 0]) & (column < bound[:, :, 1])).astype(np.int64)
+    return torch.from_numpy(flat).view(rows, width), torch.from_numpy(segments)

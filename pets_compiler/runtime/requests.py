@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -92,11 +94,11 @@ def _apply_mask(where: str, ids: list[int], mask: Any) -> list[int]:
 
 
 def pad(rows: Sequence[list[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    """Right-pad id lists to one [batch, longest] tensor and its attention mask."""
-    longest = max(len(r) for r in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
+    """Right-pad id lists to one [batch, longest] tensor and its attention mask (built with numpy: a tensor per
+    row cost ~20 us each)."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    longest = int(lengths.max())
+    mask = np.arange(longest).reshape(1, -1) < lengths.reshape(-1, 1)
+    ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
+    ids[mask] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))

@@ -24,7 +24,8 @@ from builders import make_bitfit, make_peft_lora, make_sparse_finetune, mixed_ro
         ((1, 1), None, (1, 16)),
         ((3, 17), None, (4, 32)),
         ((64, 128), None, (64, 128)),
-        ((65, 129), None, (128, 144)),
+        ((65, 129), None, (80, 144)),  # above 16 rows: multiples of 16
+        ((9, 8), None, (16, 16)),  # up to 16: powers of two
         ((2, 49), 50, (2, 50)),  # the sequence never passes the model's positions
         ((40, 8), None, (48, 16)),  # nor the batch max_batch
         ((49, 8), None, None),
