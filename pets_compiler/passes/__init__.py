@@ -43,7 +43,7 @@ PIPELINE: tuple[Pass, ...] = (
 
 def describe() -> str:
     """The pipeline, one pass a line, with its docstring."""
-    return "\n".join(f"{i + 1}. {p.__name__}: {(p.__doc__ or '').strip()}" for i, p in enumerate(PIPELINE))
+    return "\n".join(f"{i + 1}. {p.__name__}: {' '.join((p.__doc__ or '').split())}" for i, p in enumerate(PIPELINE))
 
 
 def run_pipeline(gm: GraphModule, ctx: CompileContext) -> list[PassResult]:

@@ -21,7 +21,7 @@ from pets_compiler.frontend.names import check_task_name
 from pets_compiler.frontend.sources import load_task_source
 from pets_compiler.frontend.taskset import TaskSpec
 from pets_compiler.passes.context import SitePlan
-from pets_compiler.runtime.graphs import CudaGraphs, Eager, Executor, GraphConfig
+from pets_compiler.runtime.graphs import CudaGraphs, Eager, Executor, GraphConfig, pad_inputs
 from pets_compiler.runtime.packing import ROW_TOKENS, pack, packed_inputs
 from pets_compiler.runtime.requests import Prepared, Tokenizer, pad, prepare
 from pets_compiler.runtime.tables import TableSpec, TaskTables
@@ -268,12 +268,27 @@ class Runtime:
         """One padded batch of checked requests (see prepare), answered in order as `pets run` lines."""
         return self.run_batch(batch)[0]
 
-    def run_batch(self, batch: Sequence[Prepared], *, packed: bool = False) -> tuple[list[dict[str, Any]], int]:
+    def run_batch(
+        self, batch: Sequence[Prepared], *, packed: bool = False, shape: tuple[int, int] | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
         """(answers in order, tokens run) for checked requests: one padded batch, or (packed) rows of one task
-        each holding several requests (packing.py), with no padding beyond the ends of rows."""
+        each holding several requests (packing.py), with no padding beyond the ends of rows. `shape` (rows,
+        tokens): pad the batch to exactly that shape (rows of slot 0); with one shape for every batch, a request's
+        answer is bitwise the same whichever requests share its batch (the engine's deterministic mode)."""
+        if packed and shape is not None:
+            raise InputError("a packed batch has no fixed shape: pass packed or shape, not both")
         if not packed:
             ids, mask = pad([p.ids for p in batch])
-            logits, embedding = _to_host(*self.forward(ids, mask, [p.task for p in batch]))
+            if shape is None:
+                logits, embedding = self.forward(ids, mask, [p.task for p in batch])
+            else:
+                if len(batch) > shape[0] or ids.shape[1] > shape[1]:
+                    raise InputError(f"a batch of {tuple(ids.shape)} does not fit the fixed shape {shape}")
+                with self._lock, torch.inference_mode():
+                    slots = torch.tensor([self._entry(p.task).slot for p in batch], dtype=torch.long)
+                    ids, mask, slots = pad_inputs(ids, mask, slots, shape, self._pad_id)
+                    logits, embedding = self.executor(ids, mask, slots)
+            logits, embedding = _to_host(logits, embedding)
             return [self._answer(p, logits[i], embedding[i]) for i, p in enumerate(batch)], ids.numel()
         positions = int(self.base.config.max_position_embeddings)
         packing = pack([len(p.ids) for p in batch], [p.task for p in batch], min(ROW_TOKENS, positions))

@@ -94,9 +94,11 @@ class Metrics:
 class Engine:
     """Serve `runtime` (a pets_compiler.Runtime) to requests submitted from any thread.
 
-    policy: "fixed", "sorted", "coordinated" (needs runtime.cost_model) or a Policy object; max_queue: accepted
-    requests waiting at most; max_batch: requests per batch at most; max_delay_ms: how long the oldest waiting
-    request may wait for a fuller batch.
+    policy: "fixed", "sorted", "coordinated" (needs runtime.cost_model), "packed" or a Policy object; max_queue:
+    accepted requests waiting at most; max_batch: requests per batch at most; max_delay_ms: how long the oldest
+    waiting request may wait for a fuller batch; deterministic: pad every batch to one shape, so that each answer is
+    bitwise independent of the other requests in its batch (by default answers agree within float rounding,
+    ~1e-7 relative in fp32).
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class Engine:
         max_queue: int = 1024,
         max_batch: int = 32,
         max_delay_ms: float = 5.0,
+        deterministic: bool = False,
     ) -> None:
         for name, value, least in (("max_queue", max_queue, 1), ("max_batch", max_batch, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -115,6 +118,13 @@ class Engine:
         self.runtime = runtime
         self.policy = policy_named(policy, runtime)
         self._packed = bool(getattr(self.policy, "packed", False))  # its batches run as packed rows
+        # deterministic: every batch padded to one shape (max_batch rows x the model's positions), so an answer is
+        # bitwise the same whatever shares its batch (at the cost of running that shape every time)
+        self._shape: tuple[int, int] | None = None
+        if deterministic:
+            if self._packed:
+                raise InputError(f"policy {self.policy.name!r} packs rows: it has no deterministic mode")
+            self._shape = (max_batch, int(runtime.base.config.max_position_embeddings))
         self.max_queue, self.max_batch, self.max_delay_s = max_queue, max_batch, max_delay_ms / 1e3
         self._cv = threading.Condition()
         self._queue: list[_Request] = []
@@ -274,7 +284,11 @@ class Engine:
                 return
             try:
                 started = time.monotonic()
-                answers, tokens = self.runtime.run_batch([r.prepared for r in todo], packed=self._packed)
+                prepared = [r.prepared for r in todo]
+                if self._shape is None:
+                    answers, tokens = self.runtime.run_batch(prepared, packed=self._packed)
+                else:
+                    answers, tokens = self.runtime.run_batch(prepared, shape=self._shape)
                 ran_s = time.monotonic() - started
             except UnknownTaskError as e:  # removed between the check and the run: drop those rows, run the rest
                 loaded = set(self.runtime.task_names())

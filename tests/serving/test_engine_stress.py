@@ -147,6 +147,32 @@ def test_batch_invariance(rt: pets_compiler.Runtime) -> None:
             assert same_answer(alone, batched)
 
 
+def test_deterministic_mode_is_bitwise_batch_invariant(rt: pets_compiler.Runtime) -> None:
+    """Every batch padded to one shape: the target's answer is bitwise the same in every batch it shares; the
+    control shows the bitwise check tells a one-ulp nudge, and a run at another shape, apart."""
+    gen = random.Random(5)
+    target = {"task": "bitfit", "input_ids": [gen.randrange(5, 90) for _ in range(11)]}
+    answers = []
+    for size in (1, 3, 6):
+        others = [
+            {"task": gen.choice(["plain", "bitfit"]), "input_ids": [gen.randrange(5, 90) for _ in range(n)]}
+            for n in [gen.randrange(1, 40) for _ in range(size - 1)]
+        ]
+        with Engine(rt, policy="fixed", max_batch=8, max_delay_ms=50, deterministic=True) as engine:
+            futures = [engine.submit(r["task"], input_ids=r["input_ids"]) for r in others]
+            mine = engine.submit(target["task"], input_ids=target["input_ids"])
+            answers.append(mine.result(timeout=60))
+            assert all(f.result(timeout=60) for f in futures)
+        assert max(map(int, balanced(engine)["batch_sizes"])) == size  # it shared its batch with the others
+    first = torch.tensor(answers[0]["logits"])
+    assert all(torch.equal(torch.tensor(a["logits"]), first) for a in answers[1:])
+    nudged = torch.nextafter(first, torch.full_like(first, float("inf")))
+    alone = torch.tensor(rt.run([target])[0]["logits"])  # another shape: equal within rounding, not bitwise
+    assert not torch.equal(nudged, first) and torch.allclose(alone, first, rtol=1e-5, atol=1e-6)
+    with pytest.raises(PetsError, match="no deterministic mode"):
+        Engine(rt, policy="packed", deterministic=True)
+
+
 def test_batch_invariance_check_can_fail(rt: pets_compiler.Runtime) -> None:
     """The control: the same check tells a different request's answer, or a nudged one, apart."""
     (alone, batched), *_ = _answer_alone_and_in_batches(rt, 0)
