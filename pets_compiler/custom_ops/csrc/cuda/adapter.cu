@@ -80,11 +80,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   acc mean, rstd;
   v.ln_stats(nvec, hidden, eps, mean, rstd);
-  if (t == tb) {
-    v.ln_apply(nvec, mean, rstd, ln.v[0], ln.v[1], ln.v[2], ln.v[3]);
-  } else {
-    v.ln_apply(nvec, mean, rstd, ln_weight, ln_bias, ln_weight_delta + t * hidden, ln_bias_delta + t * hidden);
-  }
+  v.ln_apply_slot(nvec, mean, rstd, t == tb, ln.v, ln_weight, ln_bias, ln_weight_delta + t * hidden,
+                  ln_bias_delta + t * hidden);
   v.store((enabled ? a_in : out) + m * hidden, nvec);
 }
 
@@ -234,11 +231,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     acc mean, rstd;
     z.ln_stats(nvec, hidden, eps, mean, rstd);
-    if (t == tb) {
-      z.ln_apply(nvec, mean, rstd, sr.v[1], sr.v[2], sr.v[3], sr.v[4]);
-    } else {
-      z.ln_apply(nvec, mean, rstd, ln_weight, ln_bias, ln_weight_delta + t * hidden, ln_bias_delta + t * hidden);
-    }
+    z.ln_apply_slot(nvec, mean, rstd, t == tb, sr.v + 1, ln_weight, ln_bias, ln_weight_delta + t * hidden,
+                    ln_bias_delta + t * hidden);
   }
   z.store(out + m * hidden, nvec);
 }

@@ -58,11 +58,7 @@ __global__ void __launch_bounds__(kThreads)
   if (t < 0) return;
   acc mean, rstd;
   row.ln_stats(nvec, hidden, eps, mean, rstd);
-  if (t == tb) {
-    row.ln_apply(nvec, mean, rstd, ln.v[0], ln.v[1], ln.v[2], ln.v[3]);
-  } else {
-    row.ln_apply(nvec, mean, rstd, weight, bias, weight_delta + t * hidden, bias_delta + t * hidden);
-  }
+  row.ln_apply_slot(nvec, mean, rstd, t == tb, ln.v, weight, bias, weight_delta + t * hidden, bias_delta + t * hidden);
   row.store(out + m * hidden, nvec);
 }
 

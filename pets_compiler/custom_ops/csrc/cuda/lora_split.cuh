@@ -38,6 +38,22 @@ __device__ __forceinline__ int slot_rank(int64_t t, const scalar_t* lora_scale, 
   return s == 0.f ? 0 : static_cast<int>(max64(0, min64(rk, table_rank)));
 }
 
+// A block's tile of an expand grid: blockIdx.x = (batch row, token tile), blockIdx.y = column tile.
+struct Tile {
+  int64_t row, c0, m0;  // the batch row, the first output feature, the first token's flat index
+  int count, cols;      // tokens and output features in the tile (cols a multiple of V: 16-byte rows)
+};
+
+template <int kTokens, int kCols>
+__device__ __forceinline__ Tile tile_of(int64_t tokens, int64_t out_features) {
+  const int64_t ttiles = ceil_div(tokens, kTokens);
+  const int64_t row = blockIdx.x / ttiles;
+  const int64_t tok0 = (blockIdx.x % ttiles) * kTokens;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kCols;
+  return {row, c0, row * tokens + tok0, static_cast<int>(min64(kTokens, tokens - tok0)),
+          static_cast<int>(min64(kCols, out_features - c0))};
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     expand_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ h,
@@ -54,13 +70,9 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ acc hs[kTileTokens][kMaxRank];                 // scale * h, 0 past the tile's tokens
   __shared__ __align__(kVecBytes) scalar_t bt[kMaxRank][kTileCols];  // B[t] transposed, this tile's columns
 
-  const int64_t ttiles = ceil_div(tokens, kTileTokens);
-  const int64_t row = blockIdx.x / ttiles;
-  const int64_t tok0 = (blockIdx.x % ttiles) * kTileTokens;
-  const int count = static_cast<int>(min64(kTileTokens, tokens - tok0));
-  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTileCols;
-  const int cols = static_cast<int>(min64(kTileCols, out_features - c0));  // a multiple of V (16-byte rows)
-  const int64_t m0 = row * tokens + tok0;
+  const Tile tile = tile_of<kTileTokens, kTileCols>(tokens, out_features);
+  const int64_t row = tile.row, c0 = tile.c0, m0 = tile.m0;
+  const int count = tile.count, cols = tile.cols;
   const int lane_c = threadIdx.x % kColVecs, lane_t = threadIdx.x / kColVecs;
   const bool col_ok = lane_c * V < cols;
   const int64_t ov = c0 / V + lane_c;  // this thread's vector of each token's output row
@@ -238,13 +250,9 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocks)
   __shared__ __align__(32) float zs[kThreads / kWarp][kFrag * kZLd];  // each warp's h @ B.T
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int64_t ttiles = ceil_div(tokens, kMmaTokens);
-  const int64_t row = blockIdx.x / ttiles;
-  const int64_t tok0 = (blockIdx.x % ttiles) * kMmaTokens;
-  const int count = static_cast<int>(min64(kMmaTokens, tokens - tok0));
-  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kMmaCols;
-  const int cols = static_cast<int>(min64(kMmaCols, out_features - c0));  // a multiple of V (16-byte rows)
-  const int64_t m0 = row * tokens + tok0;
+  const Tile tile = tile_of<kMmaTokens, kMmaCols>(tokens, out_features);
+  const int64_t row = tile.row, c0 = tile.c0, m0 = tile.m0;
+  const int count = tile.count, cols = tile.cols;
   const int wt = (warp / kColWarps) * kFrag, wc = (warp % kColWarps) * kWarpCols;  // the warp's corner
   const int lt = wt + lane / kVecs, lc = wc + (lane % kVecs) * V;  // the lane's first token, its features
   const bool col_ok = lc < cols;

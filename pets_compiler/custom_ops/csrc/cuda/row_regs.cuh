@@ -174,6 +174,17 @@ struct RowRegs {
     }
     rstd = acc(1) / sqrt(warp_sum(squares) / static_cast<acc>(hidden) + static_cast<acc>(eps));
   }
+  // ln_apply with the block's staged rows (staged[0..3]: SlotRows, shared memory) when this token's slot is the
+  // block's, else with its slot's rows in global memory.
+  __device__ __forceinline__ void ln_apply_slot(int64_t nvec, acc mean, acc rstd, bool block_slot,
+                                                const uint4 (*staged)[kRowVecs], const scalar_t* weight,
+                                                const scalar_t* bias, const scalar_t* wd, const scalar_t* bd) {
+    if (block_slot) {
+      ln_apply(nvec, mean, rstd, staged[0], staged[1], staged[2], staged[3]);
+    } else {
+      ln_apply(nvec, mean, rstd, weight, bias, wd, bd);
+    }
+  }
   // In place: the LN with the affine (weight + wd, bias + bd), rows of 16-byte vectors in global or shared memory.
   template <typename T>
   __device__ __forceinline__ void ln_apply(int64_t nvec, acc mean, acc rstd, const T* weight, const T* bias,
