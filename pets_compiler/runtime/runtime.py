@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from pets_compiler.frontend.base import BaseModel, Pooling
 from pets_compiler.frontend.finetune import DEFAULT_MAX_DENSITY
 from pets_compiler.frontend.names import check_task_name
 from pets_compiler.frontend.sources import load_task_source
-from pets_compiler.frontend.taskset import TaskSpec
+from pets_compiler.frontend.taskset import Head, TaskSpec
 from pets_compiler.passes.context import SitePlan
 from pets_compiler.runtime.graphs import CudaGraphs, Eager, Executor, GraphConfig, pad_inputs
 from pets_compiler.runtime.packing import ROW_TOKENS, pack, packed_inputs
@@ -275,44 +275,52 @@ class Runtime:
         each holding several requests (packing.py), with no padding beyond the ends of rows. `shape` (rows,
         tokens): pad the batch to exactly that shape (rows of slot 0); with one shape for every batch, a request's
         answer is bitwise the same whichever requests share its batch (the engine's deterministic mode)."""
+        return self.launch_batch(batch, packed=packed, shape=shape).result()
+
+    def launch_batch(
+        self, batch: Sequence[Prepared], *, packed: bool = False, shape: tuple[int, int] | None = None
+    ) -> PendingBatch:
+        """run_batch in two halves: this one checks the tasks, builds the inputs and starts the forward (on a GPU
+        it returns while the forward runs, its outputs on their way to the host); `result()` waits for them and
+        answers. A server prepares its next batch in between."""
         if packed and shape is not None:
             raise InputError("a packed batch has no fixed shape: pass packed or shape, not both")
-        if not packed:
-            ids, mask = pad([p.ids for p in batch])
-            if shape is None:
-                logits, embedding = self.forward(ids, mask, [p.task for p in batch])
-            else:
-                if len(batch) > shape[0] or ids.shape[1] > shape[1]:
-                    raise InputError(f"a batch of {tuple(ids.shape)} does not fit the fixed shape {shape}")
-                with self._lock, torch.inference_mode():
-                    slots = torch.tensor([self._entry(p.task).slot for p in batch], dtype=torch.long)
-                    ids, mask, slots = pad_inputs(ids, mask, slots, shape, self._pad_id)
-                    logits, embedding = self.executor(ids, mask, slots)
-            logits, embedding = _to_host(logits, embedding)
-            return [self._answer(p, logits[i], embedding[i]) for i, p in enumerate(batch)], ids.numel()
+        if packed:
+            return self._launch_packed(batch)
+        ids, mask = pad([p.ids for p in batch])
+        if shape is not None and (len(batch) > shape[0] or ids.shape[1] > shape[1]):
+            raise InputError(f"a batch of {tuple(ids.shape)} does not fit the fixed shape {shape}")
+        with self._lock, torch.inference_mode():
+            entries = [self._entry(p.task) for p in batch]
+            slots = torch.tensor([e.slot for e in entries], dtype=torch.long)
+            if shape is not None:
+                ids, mask, slots = pad_inputs(ids, mask, slots, shape, self._pad_id)
+            outputs = _to_host_async(*self.executor(ids, mask, slots))
+        heads = [e.spec.head for e in entries]
+
+        def answer(logits: Tensor, embedding: Tensor) -> list[dict[str, Any]]:
+            rows = zip(batch, heads, strict=True)
+            return [_answer(p, h, logits[i], embedding[i]) for i, (p, h) in enumerate(rows)]
+
+        return PendingBatch(outputs, answer, ids.numel())
+
+    def _launch_packed(self, batch: Sequence[Prepared]) -> PendingBatch:
         positions = int(self.base.config.max_position_embeddings)
         packing = pack([len(p.ids) for p in batch], [p.task for p in batch], min(ROW_TOKENS, positions))
         ids, segments = packed_inputs(batch, packing, self._pad_id)
         with self._lock, torch.inference_mode():
-            slots = torch.tensor([self._entry(batch[r[0]].task).slot for r in packing.rows], dtype=torch.long)
-            logits, embedding = _to_host(*self._packed_executor()(ids, segments, slots))  # [rows * K, ...]
-        answers: list[dict[str, Any] | None] = [None] * len(batch)
-        for r, members in enumerate(packing.rows):
-            for k, i in enumerate(members):
-                at = r * packing.per_row + k
-                answers[i] = self._answer(batch[i], logits[at], embedding[at])
-        return [a for a in answers if a is not None], packing.tokens
+            entries = [self._entry(p.task) for p in batch]
+            slots = torch.tensor([entries[r[0]].slot for r in packing.rows], dtype=torch.long)
+            outputs = _to_host_async(*self._packed_executor()(ids, segments, slots))  # [rows * K, ...]
+        at = {i: r * packing.per_row + k for r, members in enumerate(packing.rows) for k, i in enumerate(members)}
 
-    def _answer(self, p: Prepared, logits: Tensor, embedding: Tensor) -> dict[str, Any]:
-        head = self._entry(p.task).spec.head
-        out: dict[str, Any] = {**p.extra, "task": p.task}
-        if head is None:
-            out["embedding"] = embedding.float().tolist()
-        else:
-            row = logits[: head.num_labels].float()
-            out["logits"] = row.tolist()
-            out["label"] = head.labels[int(row.argmax())]
-        return out
+        def answer(logits: Tensor, embedding: Tensor) -> list[dict[str, Any]]:
+            return [
+                _answer(p, e.spec.head, logits[at[i]], embedding[at[i]])
+                for i, (p, e) in enumerate(zip(batch, entries, strict=True))
+            ]
+
+        return PendingBatch(outputs, answer, packing.tokens)
 
     def save(self, directory: str | Path) -> None:
         from pets_compiler.runtime.artifact import save_artifact
@@ -320,7 +328,48 @@ class Runtime:
         save_artifact(self, Path(directory))
 
 
-def _to_host(logits: Tensor, embedding: Tensor) -> tuple[Tensor, Tensor]:
-    """A batch's outputs as fp32 on the CPU, in one copy each (answers read them per request: on the GPU each
-    read would be a synchronising copy of its own)."""
-    return logits.float().cpu(), embedding.float().cpu()
+class PendingBatch:
+    """A launched batch (Runtime.launch_batch): result() waits for its own outputs only (an event recorded after
+    their copy to the host, not the whole device) and answers its requests."""
+
+    def __init__(
+        self,
+        outputs: tuple[Tensor, Tensor, torch.cuda.Event | None],
+        answer: Callable[[Tensor, Tensor], list[dict[str, Any]]],
+        tokens: int,
+    ) -> None:
+        self._outputs, self._answer, self.tokens = outputs, answer, tokens
+
+    def result(self) -> tuple[list[dict[str, Any]], int]:
+        logits, embedding, done = self._outputs
+        if done is not None:
+            done.synchronize()
+        return self._answer(logits, embedding), self.tokens
+
+
+def _to_host_async(logits: Tensor, embedding: Tensor) -> tuple[Tensor, Tensor, torch.cuda.Event | None]:
+    """A batch's outputs as fp32 on the host, each in one copy (answers read them per request: on the GPU each read
+    would be a synchronising copy of its own); from a GPU into pinned memory without waiting, with the event that
+    marks the copies done."""
+    if logits.device.type != "cuda":
+        return logits.float(), embedding.float(), None
+    host = []
+    for t in (logits, embedding):
+        buffer = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
+        buffer.copy_(t, non_blocking=True)
+        host.append(buffer)
+    done = torch.cuda.Event()
+    done.record()
+    return host[0], host[1], done
+
+
+def _answer(p: Prepared, head: Head | None, logits: Tensor, embedding: Tensor) -> dict[str, Any]:
+    """One request's `pets run` answer from its row of the outputs (fp32, on the host)."""
+    out: dict[str, Any] = {**p.extra, "task": p.task}
+    if head is None:
+        out["embedding"] = embedding.tolist()
+    else:
+        row = logits[: head.num_labels]
+        out["logits"] = row.tolist()
+        out["label"] = head.labels[int(row.argmax())]
+    return out

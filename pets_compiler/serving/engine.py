@@ -53,6 +53,13 @@ class _Request:
 
 
 @dataclass
+class _Launched:
+    todo: list[_Request]
+    pending: Any  # the runtime's PendingBatch: result() -> (answers, tokens run)
+    started: float
+
+
+@dataclass
 class Metrics:
     """Counts since the engine started; Engine.metrics() gives a snapshot with the derived figures."""
 
@@ -67,7 +74,8 @@ class Metrics:
     padded_tokens: int = 0  # tokens the batches ran (padded or packed rows), real ones included
     policy_errors: int = 0  # selections a policy got wrong (the engine ran FIFO instead)
     latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
-    batch_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))  # runtime time per batch
+    # per batch: launch to answers (overlapping the launch of the next batch, on a GPU)
+    batch_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
     def snapshot(self, queue_depth: int) -> dict[str, Any]:
         lat = sorted(self.latencies_s)
@@ -198,16 +206,23 @@ class Engine:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def _serve(self) -> None:
+        """Two batches in flight at most: while one runs on the device, the next is formed and launched (its inputs
+        built on the host), then the first is answered; a batch runs alone when no other is ready."""
+        running: _Launched | None = None
         while True:
             with self._cv:
-                batch, expired = self._next_batch()
+                batch, expired = self._next_batch(wait=running is None)
             self._fail(expired, _timed_out)
-            if batch is None:
+            launched = self._start(batch) if batch else None
+            if running is not None:
+                self._finish(running)
+            running = launched
+            if batch is None and running is None:
                 return
-            self._run(batch)
 
-    def _next_batch(self) -> tuple[list[_Request] | None, list[_Request]]:
-        """(the next batch, or None once closed and drained; requests expired meanwhile). Holds the lock."""
+    def _next_batch(self, wait: bool = True) -> tuple[list[_Request] | None, list[_Request]]:
+        """(the next batch, or None once closed and drained, or [] when none is ready and `wait` is false;
+        requests expired meanwhile). Holds the lock."""
         expired: list[_Request] = []
         while True:
             expired += self._take_expired(time.monotonic())
@@ -215,11 +230,15 @@ class Engine:
                 if self._closed:
                     self._cv.notify_all()  # the reaper stops once closed and drained
                     return None, expired
+                if not wait:
+                    return [], expired
                 self._cv.wait()
                 continue
             ready_at = self._queue[0].arrived + self.max_delay_s
             now = time.monotonic()
             if len(self._queue) < self.max_batch and not self._closed and now < ready_at:
+                if not wait:
+                    return [], expired
                 self._cv.wait(ready_at - now)
                 continue
             picked = self._select()
@@ -263,7 +282,9 @@ class Engine:
                     self._cv.wait(max(0.0, min(deadlines) - now) if deadlines else None)
             self._fail(expired, _timed_out)
 
-    def _run(self, batch: list[_Request]) -> None:
+    def _start(self, batch: list[_Request]) -> _Launched | None:
+        """Fail the batch's late, cancelled and removed requests and launch the rest (None if none is left or the
+        launch failed: then every request of it has failed)."""
         now = time.monotonic()
         late = [r for r in batch if r.deadline is not None and now >= r.deadline]
         self._fail(late, _timed_out)
@@ -281,29 +302,35 @@ class Engine:
         todo = [r for r in live if r.task in loaded]
         for attempt in range(2):
             if not todo:
-                return
+                return None
             try:
                 started = time.monotonic()
                 prepared = [r.prepared for r in todo]
                 if self._shape is None:
-                    answers, tokens = self.runtime.run_batch(prepared, packed=self._packed)
+                    pending = self.runtime.launch_batch(prepared, packed=self._packed)
                 else:
-                    answers, tokens = self.runtime.run_batch(prepared, shape=self._shape)
-                ran_s = time.monotonic() - started
-            except UnknownTaskError as e:  # removed between the check and the run: drop those rows, run the rest
+                    pending = self.runtime.launch_batch(prepared, shape=self._shape)
+                return _Launched(todo, pending, started)
+            except UnknownTaskError as e:  # removed between the check and the launch: drop those rows, run the rest
                 loaded = set(self.runtime.task_names())
                 gone = [r for r in todo if r.task not in loaded]
                 if attempt == 1 or not gone:
                     self._fail(todo, _same(e))
-                    return
+                    return None
                 self._fail(gone, lambda r: TaskRemovedError(f"task {r.task!r} was removed before it ran"))
                 todo = [r for r in todo if r.task in loaded]
-                continue
             except Exception as e:  # the runtime's own error reaches every request of the batch
                 self._fail(todo, _same(e))
-                return
-            self._succeed(todo, answers, ran_s, tokens)
+                return None
+        return None
+
+    def _finish(self, launched: _Launched) -> None:
+        try:
+            answers, tokens = launched.pending.result()
+        except Exception as e:  # an error of the forward itself, surfacing when its outputs are read
+            self._fail(launched.todo, _same(e))
             return
+        self._succeed(launched.todo, answers, time.monotonic() - launched.started, tokens)
 
     # ---- ending requests ------------------------------------------------------------------------------------
     def _succeed(self, batch: list[_Request], answers: list[dict[str, Any]], ran_s: float, tokens: int) -> None:

@@ -123,17 +123,53 @@ def test_queue_full_rejects_exactly_the_excess(runtime: pets_compiler.Runtime) -
     assert m["rejected"] == 3 and m["succeeded"] == 5
 
 
+def test_next_batch_launches_before_the_last_is_answered(runtime: pets_compiler.Runtime) -> None:
+    """With batches ready, the engine launches the next one before it answers the one in flight (on a GPU, the
+    host builds inputs while the device runs); every request is still answered once, as when run alone."""
+    events: list[tuple[str, int]] = []
+    real = runtime.launch_batch
+
+    class Pending:
+        def __init__(self, inner: Any, n: int) -> None:
+            self.inner, self.n = inner, n
+
+        def result(self) -> Any:
+            events.append(("answered", self.n))
+            return self.inner.result()
+
+    class Spy:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(runtime, name)
+
+        def launch_batch(self, batch: Any, **how: Any) -> Any:
+            n = len([e for e in events if e[0] == "launched"])
+            events.append(("launched", n))
+            if n == 0:
+                time.sleep(0.2)  # the first batch "runs" while the rest are submitted
+            return Pending(real(batch, **how), n)
+
+    reqs = requests(16)
+    want = runtime.run(reqs, batch_size=1)
+    with Engine(Spy(), policy="fixed", max_batch=4, max_delay_ms=LONG) as engine:
+        got = [f.result(timeout=60) for f in [submit(engine, r) for r in reqs]]
+    for g, w in zip(got, want, strict=True):
+        close_to(g, w)
+    assert events.index(("launched", 1)) < events.index(("answered", 0))
+    assert sorted(n for e, n in events if e == "answered") == [0, 1, 2, 3]
+    assert balanced(engine)["succeeded"] == 16
+
+
 def test_timeout_answers_promptly_and_never_runs(runtime: pets_compiler.Runtime) -> None:
     ran: list[str] = []
-    real = runtime.run_batch
+    real = runtime.launch_batch
 
     class Spy:  # the engine's view of the runtime, recording what runs
         def __getattr__(self, name: str) -> Any:
             return getattr(runtime, name)
 
-        def run_batch(self, batch: Any, packed: bool = False) -> Any:
+        def launch_batch(self, batch: Any, **how: Any) -> Any:
             ran.extend(str(p.extra.get("id")) for p in batch)
-            return real(batch, packed=packed)
+            return real(batch, **how)
 
     engine = Engine(Spy(), max_batch=100, max_delay_ms=LONG)
     start = time.monotonic()
