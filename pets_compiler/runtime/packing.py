@@ -5,7 +5,7 @@ at each request and keeps attention within it, so each request's output is the o
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,15 +34,22 @@ class Packing:
         return len(self.rows) * self.width
 
 
-def pack(lengths: Sequence[int], tasks: Sequence[str], row_tokens: int = ROW_TOKENS) -> Packing:
+def pack(
+    lengths: Sequence[int],
+    tasks: Sequence[str],
+    row_tokens: int = ROW_TOKENS,
+    cost: Callable[[int, int], int] | None = None,
+) -> Packing:
     """The packing that runs the fewest tokens (then rows) over the row widths from the longest request up to
-    row_tokens, in steps of WIDTH_STEP; each is first-fit decreasing per task."""
+    row_tokens, in steps of WIDTH_STEP; each is first-fit decreasing per task. `cost(rows, width)`: the tokens a
+    packing of that shape really runs (a CUDA graph's padded shape, say); rows x width by default."""
     if not lengths or len(lengths) != len(tasks) or min(lengths) < 1 or row_tokens < 1:
         raise ValueError(f"pack needs one task per request and lengths >= 1, got {len(lengths)} and {len(tasks)}")
     longest = max(lengths)
     widths = {longest, *range(-(-longest // WIDTH_STEP) * WIDTH_STEP, row_tokens + 1, WIDTH_STEP)}
     packings = (first_fit(lengths, tasks, w) for w in sorted(widths))
-    return min(packings, key=lambda p: (p.tokens, len(p.rows)))
+    run = cost or (lambda rows, width: rows * width)
+    return min(packings, key=lambda p: (run(len(p.rows), p.width), p.tokens, len(p.rows)))
 
 
 def first_fit(lengths: Sequence[int], tasks: Sequence[str], width: int) -> Packing:

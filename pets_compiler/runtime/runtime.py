@@ -21,7 +21,7 @@ from pets_compiler.frontend.names import check_task_name
 from pets_compiler.frontend.sources import load_task_source
 from pets_compiler.frontend.taskset import Head, TaskSpec
 from pets_compiler.passes.context import SitePlan
-from pets_compiler.runtime.graphs import CudaGraphs, Eager, Executor, GraphConfig, pad_inputs
+from pets_compiler.runtime.graphs import CudaGraphs, Eager, Executor, GraphConfig, bucket, pad_inputs
 from pets_compiler.runtime.packing import ROW_TOKENS, pack, packed_inputs
 from pets_compiler.runtime.requests import Prepared, Tokenizer, pad, prepare
 from pets_compiler.runtime.tables import TableSpec, TaskTables
@@ -306,12 +306,22 @@ class Runtime:
 
     def _launch_packed(self, batch: Sequence[Prepared]) -> PendingBatch:
         positions = int(self.base.config.max_position_embeddings)
-        packing = pack([len(p.ids) for p in batch], [p.task for p in batch], min(ROW_TOKENS, positions))
+        executor = self._packed_executor()
+        cost = None
+        if isinstance(executor, CudaGraphs) and executor.disabled is None:
+            config = executor.config
+
+            def cost(rows: int, width: int) -> int:  # the graph's padded shape, where one serves it
+                shape = bucket(rows, width, config, positions)
+                return rows * width if shape is None else shape[0] * shape[1]
+
+        lengths, tasks = [len(p.ids) for p in batch], [p.task for p in batch]
+        packing = pack(lengths, tasks, min(ROW_TOKENS, positions), cost)
         ids, segments = packed_inputs(batch, packing, self._pad_id)
         with self._lock, torch.inference_mode():
             entries = [self._entry(p.task) for p in batch]
             slots = torch.tensor([entries[r[0]].slot for r in packing.rows], dtype=torch.long)
-            outputs = _to_host_async(*self._packed_executor()(ids, segments, slots))  # [rows * K, ...]
+            outputs = _to_host_async(*executor(ids, segments, slots))  # [rows * K, ...]
         at = {i: r * packing.per_row + k for r, members in enumerate(packing.rows) for k, i in enumerate(members)}
 
         def answer(logits: Tensor, embedding: Tensor) -> list[dict[str, Any]]:

@@ -55,6 +55,15 @@ def test_pack_fills_rows() -> None:
         pack([3, 0], ["a", "a"])
 
 
+def test_pack_minimises_the_cost_it_is_given() -> None:
+    lengths, tasks = [50] * 4, ["a"] * 4
+    plain = pack(lengths, tasks, 128)
+    assert (plain.width, len(plain.rows)) == (50, 4)  # 200 tokens, one request a row
+    # a graph pads the width to a multiple of 16: 4 x 50 runs 4 x 64 = 256, 2 x 112 runs 224
+    graphed = pack(lengths, tasks, 128, cost=lambda rows, width: rows * -(-width // 16) * 16)
+    assert (graphed.width, len(graphed.rows)) == (112, 2)
+
+
 def test_packed_inputs_mark_each_request() -> None:
     batch = [Prepared("a", [5, 6, 7], {}), Prepared("a", [8, 9], {}), Prepared("b", [4], {})]
     p = first_fit([3, 2, 1], ["a", "a", "b"], 8)
