@@ -139,6 +139,22 @@ def test_packed_pooling_and_kinds(small_base: Path, every_kind: dict[str, Path],
     answers_close(rt.run_batch(batch, packed=True)[0], rt.run_prepared(batch))
 
 
+def test_packed_adapters(tmp_path: Path) -> None:
+    """AdapterHub's Pfeiffer and Houlsby adapters (with a LoRA task beside them), packed vs padded."""
+    from tests.test_parity_all_kinds import FIXTURES
+
+    base_dir = FIXTURES / "small" / "base"
+    sources = {
+        "pfeiffer": FIXTURES / "small" / "pfeiffer",
+        "houlsby": FIXTURES / "small" / "houlsby",
+        "lora": make_peft_lora(base_dir, tmp_path / "lora", r=2, alpha=4, targets=["query"], num_labels=2),
+        "plain": base_dir,
+    }
+    rt = pets_compiler.compile(base_dir, sources)
+    batch = prepared(rt, 30, seed=8)
+    answers_close(rt.run_batch(batch, packed=True)[0], rt.run_prepared(batch))
+
+
 def test_packed_through_graphs_equals_eager(runtime: pets_compiler.Runtime) -> None:
     """Bucketed (rows, width, requests per row) shapes with padded rows, columns and request slots change no
     real answer; the stand-in capture runs the forward as a graph replay would."""
