@@ -57,6 +57,16 @@ class _PackedBert(torch.nn.Module):
         return hidden, pooler(cls.unsqueeze(1)), cls
 
 
+def example_mask(packed: bool, batch: Any, seq: Any) -> tuple[Tensor, dict[int, Any]]:
+    """The example attention mask [2, 8] (packed: segments [2, 3, 8], two requests in each row and an empty
+    third) that programs are exported with, and its dynamic dims."""
+    if not packed:
+        return torch.ones(2, 8, dtype=torch.long), {0: batch, 1: seq}
+    segments = torch.zeros(2, 3, 8, dtype=torch.long)
+    segments[:, 0, :3], segments[:, 1, 3:6] = 1, 1
+    return segments, {0: batch, 1: torch.export.Dim("requests"), 2: seq}
+
+
 def capture(base: BaseModel, dtype: torch.dtype = torch.float32, *, packed: bool = False) -> torch.fx.GraphModule:
     """Export the base and return the unlifted graph: weights are get_attr nodes named by HF parameter names.
     Inputs: (input_ids, attention_mask), or (input_ids, segments) when `packed`."""
@@ -65,15 +75,9 @@ def capture(base: BaseModel, dtype: torch.dtype = torch.float32, *, packed: bool
     ids = torch.zeros(2, 8, dtype=torch.long)
     batch = torch.export.Dim("batch")
     seq = torch.export.Dim("seq", max=int(base.config.max_position_embeddings))
-    if packed:
-        mask = torch.zeros(2, 3, 8, dtype=torch.long)
-        mask[:, 0, :3], mask[:, 1, 3:6] = 1, 1
-        shapes: tuple[dict[int, Any], ...] = ({0: batch, 1: seq}, {0: batch, 1: torch.export.Dim("requests"), 2: seq})
-    else:
-        mask = torch.ones(2, 8, dtype=torch.long)
-        shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
+    mask, mask_dims = example_mask(packed, batch, seq)
     with torch.no_grad():
-        ep = torch.export.export(model, (ids, mask), dynamic_shapes=shapes, strict=False)
+        ep = torch.export.export(model, (ids, mask), dynamic_shapes=({0: batch, 1: seq}, mask_dims), strict=False)
     unlifted = ep.module()
     # A plain GraphModule with positional placeholders and no input-spec hook: passes add inputs, and the
     # program is exported again afterwards.

@@ -11,7 +11,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 from tqdm import tqdm
 
-from pets_compiler.capture import capture
+from pets_compiler.capture import capture, example_mask
 from pets_compiler.frontend.base import BaseModel, load_base
 from pets_compiler.frontend.finetune import DEFAULT_MAX_DENSITY
 from pets_compiler.frontend.sources import load_task_source
@@ -68,12 +68,7 @@ def export_program(
                 dims[d] = Dim(d.replace("@", "_").replace(".", "_"), min=0 if d != SLOTS else 1)
     sizes = {name: 3 for name in dims}  # examples of size 2+ so export does not specialize them
     tables = [_example(spec, sizes, dtype) for spec in ctx.tables]
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask_shape: dict[int, Dim] = {0: batch, 1: seq}
-    if packed:
-        mask = torch.zeros(2, 3, 8, dtype=torch.long)
-        mask[:, 0, :3], mask[:, 1, 3:6] = 1, 1
-        mask_shape = {0: batch, 1: Dim("requests"), 2: seq}
+    mask, mask_shape = example_mask(packed, batch, seq)
     args = (torch.zeros(2, 8, dtype=torch.long), mask, torch.zeros(2, dtype=torch.long))
     shapes = [{0: batch, 1: seq}, mask_shape, {0: batch}]
     shapes += [{i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str)} for spec in ctx.tables]

@@ -31,18 +31,20 @@ def pool_embedding(hidden: Tensor, pooler_output: Tensor, mask: Tensor, mode: st
 def pool_requests(hidden: Tensor, pooled: Tensor, cls: Tensor, segments: Tensor, mode: str, normalize: bool) -> Tensor:
     """pool_embedding for packed rows: one embedding per (row, request) of `segments` [rows, K, seq],
     flattened to [rows * K, hidden]."""
-    if mode in ("pooler", "cls"):
-        out = pooled if mode == "pooler" else cls
-        return F.normalize(out, p=2, dim=1) if normalize else out
-    m = segments.to(hidden.dtype)
-    if mode == "max":
-        inside = m.unsqueeze(-1) > 0
-        spread = hidden.unsqueeze(1).expand(-1, m.shape[1], -1, -1)
-        summed = torch.where(inside, spread, torch.full_like(spread, -1e9)).amax(dim=2).flatten(0, 1)
-        return F.normalize(summed, p=2, dim=1) if normalize else summed
-    summed = torch.einsum("rkl,rlh->rkh", m, hidden).flatten(0, 1)
-    count = m.sum(-1).flatten().unsqueeze(-1).clamp(min=1e-9)
-    out = summed / (count.sqrt() if mode == "mean_sqrt_len" else count)
+    if mode == "pooler":
+        out = pooled
+    elif mode == "cls":
+        out = cls
+    elif mode == "max":
+        inside = segments.unsqueeze(-1) > 0
+        spread = hidden.unsqueeze(1).expand(-1, segments.shape[1], -1, -1)
+        out = torch.where(inside, spread, torch.full_like(spread, -1e9)).amax(dim=2).flatten(0, 1)
+    else:
+        m = segments.to(hidden.dtype)
+        count = m.sum(-1).flatten().unsqueeze(-1).clamp(min=1e-9)
+        out = torch.einsum("rkl,rlh->rkh", m, hidden).flatten(0, 1) / (
+            count.sqrt() if mode == "mean_sqrt_len" else count
+        )
     return F.normalize(out, p=2, dim=1) if normalize else out
 
 

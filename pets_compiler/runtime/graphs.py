@@ -92,6 +92,10 @@ class Executor(Protocol):
 
     def __call__(self, ids: Tensor, mask: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]: ...
 
+    def tokens_run(self, rows: int, seq: int) -> int:
+        """The tokens a [rows, seq] input really runs (padding included)."""
+        ...
+
 
 class Eager:
     """The program run op by op, on the tables as they are at each call."""
@@ -103,6 +107,9 @@ class Eager:
         d = self.device
         logits, embedding = self.fn(ids.to(d), mask.to(d), slots.to(d), *self.tables.inputs())
         return logits, embedding
+
+    def tokens_run(self, rows: int, seq: int) -> int:
+        return rows * seq
 
 
 class Graph(Protocol):
@@ -203,6 +210,11 @@ class CudaGraphs:
     def shapes(self) -> list[tuple[int, ...]]:
         """The padded shapes that have a graph, least recently used first."""
         return list(self._graphs)
+
+    def tokens_run(self, rows: int, seq: int) -> int:
+        """The tokens of the padded shape whose graph serves [rows, seq] (rows x seq where it runs eagerly)."""
+        shape = None if self.disabled else bucket(rows, seq, self.config, self.max_positions)
+        return rows * seq if shape is None else shape[0] * shape[1]
 
     def __call__(self, ids: Tensor, mask: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
         rows, cols = ids.shape

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from pets_compiler.frontend.names import check_task_name
 from pets_compiler.frontend.sources import load_task_source
 from pets_compiler.frontend.taskset import Head, TaskSpec
 from pets_compiler.passes.context import SitePlan
-from pets_compiler.runtime.graphs import CudaGraphs, Eager, Executor, GraphConfig, bucket, pad_inputs
+from pets_compiler.runtime.graphs import CudaGraphs, Eager, Executor, GraphConfig, pad_inputs
 from pets_compiler.runtime.packing import ROW_TOKENS, pack, packed_inputs
 from pets_compiler.runtime.requests import Prepared, Tokenizer, pad, prepare
 from pets_compiler.runtime.tables import TableSpec, TaskTables
@@ -95,7 +95,7 @@ class Runtime:
         self._lock = threading.RLock()
         self.executor: Executor = Eager(self._module, self.tables, self.device)  # how forward runs: accelerate()
         self._execution: tuple[bool, str | None, GraphConfig | None] = (False, None, None)
-        self._packed_module: torch.nn.Module | None = None  # the packed program (run_batch), built on first use
+        self._packed_program: ExportedProgram | None = None  # the packed program (run_batch), built on first use
         self._packed: Executor | None = None
 
     # ---- task registry -------------------------------------------------------------------------------------
@@ -165,8 +165,8 @@ class Runtime:
             self._module = self.program.module()
             self.tables.to(target)
             self.device = target
-            if self._packed_module is not None:
-                self._packed_module = self._packed_module.to(target)
+            if self._packed_program is not None:
+                self._packed_program = move_to_device_pass(self._packed_program, str(target))
             self._set_executor(graphs, mode, None)
         return self
 
@@ -189,7 +189,7 @@ class Runtime:
     def _set_executor(self, graphs: bool, mode: str | None, config: GraphConfig | None) -> None:
         self._execution = (graphs, mode, config)
         self.executor = self._executor_of(self._module)
-        self._packed = None if self._packed_module is None else self._executor_of(self._packed_module)
+        self._packed = None if self._packed_program is None else self._executor_of(self._packed_program.module())
 
     def _executor_of(self, module: torch.nn.Module) -> Executor:
         graphs, mode, config = self._execution
@@ -214,8 +214,8 @@ class Runtime:
                 raise RuntimeError("the packed program's task tables differ from the runtime's; recompile the artifact")
             if self.device.type != "cpu":
                 program = move_to_device_pass(program, str(self.device))
-            self._packed_module = program.module()
-            self._packed = self._executor_of(self._packed_module)
+            self._packed_program = program
+            self._packed = self._executor_of(program.module())
         return self._packed
 
     def remove_task(self, name: str) -> None:
@@ -296,41 +296,21 @@ class Runtime:
             if shape is not None:
                 ids, mask, slots = pad_inputs(ids, mask, slots, shape, self._pad_id)
             outputs = _to_host_async(*self.executor(ids, mask, slots))
-        heads = [e.spec.head for e in entries]
-
-        def answer(logits: Tensor, embedding: Tensor) -> list[dict[str, Any]]:
-            rows = zip(batch, heads, strict=True)
-            return [_answer(p, h, logits[i], embedding[i]) for i, (p, h) in enumerate(rows)]
-
-        return PendingBatch(outputs, answer, ids.numel())
+        return PendingBatch(outputs, batch, [e.spec.head for e in entries], range(len(batch)), ids.numel())
 
     def _launch_packed(self, batch: Sequence[Prepared]) -> PendingBatch:
         positions = int(self.base.config.max_position_embeddings)
         executor = self._packed_executor()
-        cost = None
-        if isinstance(executor, CudaGraphs) and executor.disabled is None:
-            config = executor.config
-
-            def cost(rows: int, width: int) -> int:  # the graph's padded shape, where one serves it
-                shape = bucket(rows, width, config, positions)
-                return rows * width if shape is None else shape[0] * shape[1]
-
         lengths, tasks = [len(p.ids) for p in batch], [p.task for p in batch]
-        packing = pack(lengths, tasks, min(ROW_TOKENS, positions), cost)
+        packing = pack(lengths, tasks, min(ROW_TOKENS, positions), executor.tokens_run)
         ids, segments = packed_inputs(batch, packing, self._pad_id)
         with self._lock, torch.inference_mode():
             entries = [self._entry(p.task) for p in batch]
             slots = torch.tensor([entries[r[0]].slot for r in packing.rows], dtype=torch.long)
             outputs = _to_host_async(*executor(ids, segments, slots))  # [rows * K, ...]
         at = {i: r * packing.per_row + k for r, members in enumerate(packing.rows) for k, i in enumerate(members)}
-
-        def answer(logits: Tensor, embedding: Tensor) -> list[dict[str, Any]]:
-            return [
-                _answer(p, e.spec.head, logits[at[i]], embedding[at[i]])
-                for i, (p, e) in enumerate(zip(batch, entries, strict=True))
-            ]
-
-        return PendingBatch(outputs, answer, packing.tokens)
+        heads = [e.spec.head for e in entries]
+        return PendingBatch(outputs, batch, heads, [at[i] for i in range(len(batch))], packing.tokens)
 
     def save(self, directory: str | Path) -> None:
         from pets_compiler.runtime.artifact import save_artifact
@@ -340,21 +320,25 @@ class Runtime:
 
 class PendingBatch:
     """A launched batch (Runtime.launch_batch): result() waits for its own outputs only (an event recorded after
-    their copy to the host, not the whole device) and answers its requests."""
+    their copy to the host, not the whole device) and answers each request from its output row (`at`), with the
+    head its task had at launch."""
 
     def __init__(
         self,
         outputs: tuple[Tensor, Tensor, torch.cuda.Event | None],
-        answer: Callable[[Tensor, Tensor], list[dict[str, Any]]],
+        batch: Sequence[Prepared],
+        heads: Sequence[Head | None],
+        at: Sequence[int],
         tokens: int,
     ) -> None:
-        self._outputs, self._answer, self.tokens = outputs, answer, tokens
+        self._outputs, self._batch, self._heads, self._at, self.tokens = outputs, batch, heads, at, tokens
 
     def result(self) -> tuple[list[dict[str, Any]], int]:
         logits, embedding, done = self._outputs
         if done is not None:
             done.synchronize()
-        return self._answer(logits, embedding), self.tokens
+        rows = zip(self._batch, self._heads, self._at, strict=True)
+        return [_answer(p, head, logits[i], embedding[i]) for p, head, i in rows], self.tokens
 
 
 def _to_host_async(logits: Tensor, embedding: Tensor) -> tuple[Tensor, Tensor, torch.cuda.Event | None]:

@@ -56,16 +56,13 @@ class SortedPolicy:
         return [0, *sorted(others[: max_batch - 1])]
 
 
-class PackedPolicy:
-    """Padding-free: the oldest max_batch requests, whatever their lengths, run as packed rows (several requests
-    of one task to a row, positions and attention per request: runtime/packing.py), so lengths cost no padding
-    beyond the ends of rows."""
+class PackedPolicy(FixedPolicy):
+    """Padding-free: the oldest max_batch requests, whatever their lengths (FixedPolicy's choice), run as packed
+    rows (several requests of one task to a row, positions and attention per request: runtime/packing.py), so
+    lengths cost no padding beyond the ends of rows."""
 
     name = "packed"
     packed = True
-
-    def select(self, queue: Sequence[Queued], max_batch: int) -> list[int]:
-        return list(range(min(max_batch, len(queue))))
 
 
 def _coordinated(runtime: Any) -> Policy:
