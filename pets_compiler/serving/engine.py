@@ -76,6 +76,8 @@ class Metrics:
     latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     # per batch: launch to answers (overlapping the launch of the next batch, on a GPU)
     batch_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    # per batch: the host's time to build its inputs and launch it (on a GPU, the device runs meanwhile)
+    launch_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
     def snapshot(self, queue_depth: int) -> dict[str, Any]:
         lat = sorted(self.latencies_s)
@@ -95,6 +97,7 @@ class Metrics:
             "throughput_rps": self.succeeded / elapsed if elapsed > 0 else None,
             "batch_time_p50_ms": 1e3 * statistics.median(self.batch_s) if self.batch_s else None,
             "batch_time_max_ms": 1e3 * max(self.batch_s) if self.batch_s else None,
+            "launch_time_p50_ms": 1e3 * statistics.median(self.launch_s) if self.launch_s else None,
             "policy_errors": self.policy_errors,
         }
 
@@ -310,6 +313,9 @@ class Engine:
                     pending = self.runtime.launch_batch(prepared, packed=self._packed)
                 else:
                     pending = self.runtime.launch_batch(prepared, shape=self._shape)
+                launched = time.monotonic()
+                with self._cv:
+                    self._metrics.launch_s.append(launched - started)
                 return _Launched(todo, pending, started)
             except UnknownTaskError as e:  # removed between the check and the launch: drop those rows, run the rest
                 loaded = set(self.runtime.task_names())
