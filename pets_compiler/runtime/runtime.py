@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +198,12 @@ class Runtime:
             return Eager(fn, self.tables, self.device)
         positions = int(self.base.config.max_position_embeddings)
         return CudaGraphs(fn, self.tables, self.device, pad_id=self._pad_id, max_positions=positions, config=config)
+
+    def graph_stats(self) -> dict[str, dict[str, int]]:
+        """CUDA graph counts (captures, replays, eager calls, invalidations) of the padded and, once built, the
+        packed program; empty where forward runs without graphs."""
+        executors = {"padded": self.executor, "packed": self._packed}
+        return {k: asdict(e.stats) for k, e in executors.items() if isinstance(e, CudaGraphs)}
 
     @property
     def _pad_id(self) -> int:

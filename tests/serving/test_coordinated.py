@@ -56,6 +56,44 @@ def test_program_equals_brute_force(lengths: list[int], max_rows: int, a: float,
     assert dp == pytest.approx(best, rel=1e-9, abs=1e-12)
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.integers(1, 128), min_size=1, max_size=60),
+    st.lists(st.integers(1, 9), min_size=60, max_size=60),
+    st.integers(1, 40),
+    st.lists(st.floats(0, 1), min_size=20, max_size=20),
+)
+def test_step_search_costs_what_every_split_costs(
+    lengths: list[int], sizes: list[int], max_rows: int, noise: list[float]
+) -> None:
+    """With a cost model's steps, the program tries one split per step (CostModel's look-ups round rows up to the
+    next profiled entry): its plans cost exactly what the search over every split finds, on noisy profiles made
+    monotone, including rows past the last step (scaled) and groups the max_rows cap cuts short."""
+    lengths = sorted(lengths)
+    sizes = sizes[: len(lengths)]
+    rows, profiled = (1, 2, 4, 8, 16), (8, 32, 128)
+    table = tuple(
+        tuple(0.5 + r * n * 1e-3 + noise[(i * 3 + j) % 20] for j, n in enumerate(profiled)) for i, r in enumerate(rows)
+    )
+    model = CostModel(rows, profiled, table).monotone()
+    fast = split_sorted(lengths, sizes, model.alpha, max_rows, model.rows)
+    full = split_sorted(lengths, sizes, model.alpha, max_rows)
+
+    def total(groups: list[tuple[int, int]]) -> float:
+        assert [i for s, e in groups for i in range(s, e)] == list(range(len(lengths)))
+        assert all(e - s == 1 or sum(sizes[s:e]) <= max_rows for s, e in groups)
+        return sum(model.alpha(sum(sizes[s:e]), lengths[e - 1]) for s, e in groups)
+
+    assert total(fast) == pytest.approx(total(full), rel=1e-12)
+
+
+def test_monotone_envelope() -> None:
+    noisy = CostModel((1, 2), (8, 16), ((2.0, 1.0), (1.5, 3.0)))
+    assert noisy.monotone().alpha_s == ((2.0, 2.0), (2.0, 3.0))
+    # control: the noisy table itself is not monotone, so the step search's assumption needs the envelope
+    assert noisy.alpha(1, 16) < noisy.alpha(1, 8)
+
+
 def test_groups_of_sizes_and_an_oversized_item() -> None:
     got = split_sorted([4, 8, 16], [3, 5, 2], lambda rows, length: 1.0 + rows * length, 6)
     assert [i for s, e in got for i in range(s, e)] == [0, 1, 2] and got[0] == (0, 1)
