@@ -2,7 +2,8 @@
 serves the same queries, all submitted at once, and the throughput of each is timed in the same process.
 
 Fig. 12: `queries` queries over 32, 64 and 128 tasks (each query's task uniform), lengths ~ N(32, s) for s in 1, 2,
-4, 8, clipped to [1, 128]. Wide: lengths ~ N(64, 32) clipped to [8, 256], all for the first task (issue 5 compares
+4, 8, clipped to [1, 128], on a runtime of `kind` (default: the mix of every kind). Wide: lengths ~ N(64, 32)
+clipped to [8, 256], for one task (`wide_kind`, LoRA r8) on a runtime with that task alone (issue 5 compares
 with the HF backbone alone on the same requests, padded batches of 64 in arrival order, about 60% padding, timed
 too). The coordinated policy's cost model is profiled on the runtime first (serving/profile.py). Each policy is
 timed on a pass over the queries that met no new batch shape (timed_serve).
@@ -42,6 +43,7 @@ class Config:
     device: str = "cuda"
     dtype: str = "float16"
     kind: str = "mix"  # PetS gives each task a random PET type: the mix cycles through every kind
+    wide_kind: str = "lora_r8"  # the wide workload's one task (a runtime of the mix would run every kind's ops)
     tasks: tuple[int, ...] = (32, 64, 128)
     sigmas: tuple[float, ...] = (1, 2, 4, 8)
     queries: int = 1024
@@ -87,6 +89,7 @@ def lengths(workload: str, n: int, sigma: float, rng: random.Random) -> list[int
 
 
 def queries(workload: str, tasks: list[str], cfg: Config, sigma: float) -> list[tuple[str, list[int]]]:
+    """The workload's queries, each for a task drawn uniformly from `tasks`."""
     rng = random.Random(cfg.seed)
     return [
         (rng.choice(tasks), [rng.randrange(1000, VOCAB) for _ in range(n)])
@@ -190,63 +193,86 @@ def _padded_pass(model: Any, qs: list[tuple[str, list[int]]], device: str, batch
 
 def run(cfg: Config) -> list[dict[str, Any]]:
     base = make_base(MODELS[cfg.model], cfg.seed)
-    kind = make_kinds(base, (cfg.kind,))[cfg.kind]
-    served = Served(kind, base, cfg.device, cfg.dtype, "default")
     stem = f"batching{'-smoke' if cfg.smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = RecordFile(cfg.out, stem)
     env = environment(cfg.device)
-    hf = None
+    # Fig. 12: every task count on one runtime of the mix (PetS gives each task a random PET type)
+    kind = make_kinds(base, (cfg.kind,))[cfg.kind]
+    served = Served(kind, base, cfg.device, cfg.dtype, "default")
     for n in cfg.tasks:
         served.load(n)
-        runtime = served.runtime
-        assert runtime is not None
-        t0 = time.perf_counter()
-        runtime.cost_model = profile_costs(runtime, rows=cfg.profile_rows, lengths=(8, 16, 32, 64, 128, 256))
-        profile_s = time.perf_counter() - t0
-        names = runtime.task_names()
-        runs = [("fig12", s) for s in cfg.sigmas] + ([("wide", 32.0)] if cfg.wide else [])
-        for workload, sigma in runs:
-            qs = queries(workload, names if workload == "fig12" else names[:1], cfg, sigma)
-            results = {}
-            for p in cfg.policies:
-                results[p] = timed_serve(runtime, qs, p, cfg)
-            rate = {p: r["queries_per_s"] for p, r in results.items()}
-            record: dict[str, Any] = {
-                "experiment": "batching",
-                "workload": workload,
-                "sigma": sigma,
-                "tasks": n,
-                "kind": cfg.kind,
-                "model": cfg.model,
-                "dtype": cfg.dtype,
-                **env,
-                "setup": {**asdict(cfg), "out": str(cfg.out)},
-                "cost_model_profile_s": profile_s,
-                "cost_model": runtime.cost_model.to_json(),
-                "policies": results,
-                "ratios": {f"{p}_over_fixed": rate[p] / rate["fixed"] for p in rate if "fixed" in rate},
-            }
-            if workload == "fig12" and sigma == cfg.sigmas[0]:
-                record["steady"] = []
-                for load in cfg.steady_loads:
-                    arrivals = load * rate_of(results, "sorted")
-                    steady(runtime, qs, "sorted", cfg, arrivals)  # warm-up: the batch shapes of these arrivals
-                    record["steady"].append({"load": load, **steady(runtime, qs, "sorted", cfg, arrivals)})
-            if workload == "wide":
-                if hf is None:
-                    hf = backbone_model(base, cfg.device, DTYPES[cfg.dtype])
-                record["hf_padded_backbone"] = padded_backbone(hf, qs, cfg.device, cfg.max_batch)
-                record["ratios"].update(
-                    {f"{p}_over_hf_padded": rate[p] / record["hf_padded_backbone"]["queries_per_s"] for p in rate}
-                )
-            out.write(record)
-            print(f"  {workload} s={sigma:g} tasks={n}: " + ", ".join(f"{p} {rate[p]:.0f} q/s" for p in rate))
-            for st in record.get("steady", []):
-                p99, bound = st["latency_p99_ms"], st["p99_bound_ms"]
-                print(f"    steady {st['rate_qps']:.0f} q/s: p99 {p99:.1f} ms, bound {bound:.1f} ms")
+        profile_s = profile(served, cfg)
+        for sigma in cfg.sigmas:
+            workload(cfg, served, "fig12", sigma, env, out, profile_s)
+    served.free()
+    if cfg.wide:  # one task: a runtime with that one task loaded, against the HF backbone alone
+        kind = make_kinds(base, (cfg.wide_kind,))[cfg.wide_kind]
+        served = Served(kind, base, cfg.device, cfg.dtype, "default")
+        served.load(1)
+        hf = backbone_model(base, cfg.device, DTYPES[cfg.dtype])
+        workload(cfg, served, "wide", 32.0, env, out, profile(served, cfg), hf)
+        served.free()
     print(f"\n{len(out.records)} records -> {out.path}")
     print(table(out.records))
     return out.records
+
+
+def profile(served: Served, cfg: Config) -> float:
+    """Profile the runtime's cost model for the coordinated policy; the seconds it took."""
+    assert served.runtime is not None
+    t0 = time.perf_counter()
+    served.runtime.cost_model = profile_costs(served.runtime, rows=cfg.profile_rows, lengths=(8, 16, 32, 64, 128, 256))
+    return time.perf_counter() - t0
+
+
+def workload(
+    cfg: Config,
+    served: Served,
+    name: str,
+    sigma: float,
+    env: dict[str, Any],
+    out: RecordFile,
+    profile_s: float,
+    hf: Any = None,
+) -> dict[str, Any]:
+    """Every policy on one workload of the served tasks; with `hf`, the HF backbone's padded batches too."""
+    runtime = served.runtime
+    assert runtime is not None and runtime.cost_model is not None
+    qs = queries(name, runtime.task_names(), cfg, sigma)
+    results = {p: timed_serve(runtime, qs, p, cfg) for p in cfg.policies}
+    rate = {p: r["queries_per_s"] for p, r in results.items()}
+    record: dict[str, Any] = {
+        "experiment": "batching",
+        "workload": name,
+        "sigma": sigma,
+        "tasks": served.loaded,
+        "kind": served.kind.name,
+        "model": cfg.model,
+        "dtype": cfg.dtype,
+        **env,
+        "setup": {**asdict(cfg), "out": str(cfg.out)},
+        "cost_model_profile_s": profile_s,
+        "cost_model": runtime.cost_model.to_json(),
+        "policies": results,
+        "ratios": {f"{p}_over_fixed": rate[p] / rate["fixed"] for p in rate if "fixed" in rate},
+    }
+    if name == "fig12" and sigma == cfg.sigmas[0]:
+        record["steady"] = []
+        for load in cfg.steady_loads:
+            arrivals = load * rate_of(results, "sorted")
+            steady(runtime, qs, "sorted", cfg, arrivals)  # warm-up: the batch shapes of these arrivals
+            record["steady"].append({"load": load, **steady(runtime, qs, "sorted", cfg, arrivals)})
+    if hf is not None:
+        record["hf_padded_backbone"] = padded_backbone(hf, qs, cfg.device, cfg.max_batch)
+        record["ratios"].update(
+            {f"{p}_over_hf_padded": rate[p] / record["hf_padded_backbone"]["queries_per_s"] for p in rate}
+        )
+    out.write(record)
+    print(f"  {name} s={sigma:g} tasks={served.loaded}: " + ", ".join(f"{p} {rate[p]:.0f} q/s" for p in rate))
+    for st in record.get("steady", []):
+        p99, bound = st["latency_p99_ms"], st["p99_bound_ms"]
+        print(f"    steady {st['rate_qps']:.0f} q/s: p99 {p99:.1f} ms, bound {bound:.1f} ms")
+    return record
 
 
 def rate_of(results: dict[str, Any], policy: str) -> float:

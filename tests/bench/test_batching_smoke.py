@@ -16,7 +16,12 @@ def test_smoke_records(tmp_path: Path) -> None:
     cfg = replace(SMOKE, tasks=(3,), sigmas=(2,), queries=24, out=tmp_path)
     records = run(cfg)
     lines = [json.loads(x) for f in tmp_path.glob("batching-smoke-*.jsonl") for x in f.read_text().splitlines()]
-    assert [(r["workload"], r["tasks"]) for r in lines] == [("fig12", 3), ("wide", 3)] and len(records) == 2
+    # the wide workload: one task, on a runtime of the wide kind with that task alone
+    assert [(r["workload"], r["tasks"], r["kind"]) for r in lines] == [
+        ("fig12", 3, cfg.kind),
+        ("wide", 1, cfg.wide_kind),
+    ]
+    assert len(records) == 2
     for r in lines:
         assert set(r["policies"]) == set(POLICIES) and r["device"].startswith("cpu") and r["commit"]
         for p in r["policies"].values():
