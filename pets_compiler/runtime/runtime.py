@@ -209,6 +209,10 @@ class Runtime:
     def _pad_id(self) -> int:
         return int(getattr(self.base.config, "pad_token_id", None) or 0)
 
+    def prepare_packed(self) -> None:
+        """Build the packed program now (packed batches build it on first use otherwise: a few seconds)."""
+        self._packed_executor()
+
     def _packed_executor(self) -> Executor:
         """The packed program (capture.py's _PackedBert through the same passes, on the same tables), built on
         first use: a few seconds, like a compile."""

@@ -129,6 +129,8 @@ class Engine:
         self.runtime = runtime
         self.policy = policy_named(policy, runtime)
         self._packed = bool(getattr(self.policy, "packed", False))  # its batches run as packed rows
+        if self._packed and hasattr(runtime, "prepare_packed"):
+            runtime.prepare_packed()  # built here, not inside the first batch's latency
         # deterministic: every batch padded to one shape (max_batch rows x the model's positions), so an answer is
         # bitwise the same whatever shares its batch (at the cost of running that shape every time)
         self._shape: tuple[int, int] | None = None

@@ -88,6 +88,14 @@ def test_answers_are_pets_run_answers(runtime: pets_compiler.Runtime, policy: st
     m = balanced(engine)
     assert m["succeeded"] == 40 and m["failed"] == 0 and max(m["batch_sizes"]) <= 8
     assert 0 <= m["padding_fraction"] < 1 and m["latency_p50_ms"] <= m["latency_p99_ms"]
+    assert 0 <= m["launch_time_p50_ms"] <= m["batch_time_max_ms"]
+
+
+def test_a_packed_engine_builds_the_packed_program_at_start(small_base: Path, sources: dict[str, Path]) -> None:
+    rt = pets_compiler.compile(small_base, {"lora": sources["lora"]})
+    assert rt._packed is None  # built on first use otherwise
+    with Engine(rt, policy="packed"):
+        assert rt._packed is not None
 
 
 def test_bad_requests_raise_at_submit_and_are_not_accepted(runtime: pets_compiler.Runtime) -> None:
