@@ -58,7 +58,8 @@ class Config:
     profile_rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     max_delay_ms: float = 20.0  # all queries are submitted at once: the first batch waits for the queue to fill
     warm_passes: int = 4  # untimed passes before each timed one, at most (timed_serve)
-    steady_loads: tuple[float, ...] = (0.5, 0.7)  # steady arrival rates, as shares of sorted's measured capacity
+    steady_loads: tuple[float, ...] = (0.5, 0.7)  # steady arrival rates, as shares of the policy's measured capacity
+    steady_policies: tuple[str, ...] = ("sorted", "packed")
     # max_delay of the steady runs: a request can wait for the batch in flight and then run in the next, so its
     # latency stays within 2 x max_delay + one batch only while a batch takes at most 2 x max_delay (batches of
     # the Fig. 12 workload took 10-15 ms on the H200: with 5 ms, p99 was 20.9 / 29.0 ms against bounds of 20.9 /
@@ -97,10 +98,15 @@ def queries(workload: str, tasks: list[str], cfg: Config, sigma: float) -> list[
     ]
 
 
+def max_batch_of(policy: str, cfg: Config) -> int:
+    return {"fixed": cfg.fixed_batch, "coordinated": cfg.coordinated_batch, "packed": cfg.packed_batch}.get(
+        policy, cfg.max_batch
+    )
+
+
 def serve(runtime: Any, qs: list[tuple[str, list[int]]], policy: str, cfg: Config) -> dict[str, Any]:
     """Submit every query at once, wait for all: queries/s and the engine's metrics."""
-    batches = {"fixed": cfg.fixed_batch, "coordinated": cfg.coordinated_batch, "packed": cfg.packed_batch}
-    max_batch = batches.get(policy, cfg.max_batch)
+    max_batch = max_batch_of(policy, cfg)
     engine = Engine(runtime, policy=policy, max_queue=len(qs) + 1, max_batch=max_batch, max_delay_ms=cfg.max_delay_ms)
     start = time.perf_counter()
     futures = [engine.submit(task, input_ids=ids) for task, ids in qs]
@@ -142,7 +148,11 @@ def steady(runtime: Any, qs: list[tuple[str, list[int]]], policy: str, cfg: Conf
     """Queries submitted one by one at `rate` per second (below capacity): latency p99 against issue 5's bound,
     2 x max_delay + the longest batch."""
     engine = Engine(
-        runtime, policy=policy, max_queue=len(qs) + 1, max_batch=cfg.max_batch, max_delay_ms=cfg.steady_delay_ms
+        runtime,
+        policy=policy,
+        max_queue=len(qs) + 1,
+        max_batch=max_batch_of(policy, cfg),
+        max_delay_ms=cfg.steady_delay_ms,
     )
     start = time.perf_counter()
     futures = []
@@ -258,10 +268,11 @@ def workload(
     }
     if name == "fig12" and sigma == cfg.sigmas[0]:
         record["steady"] = []
-        for load in cfg.steady_loads:
-            arrivals = load * rate_of(results, "sorted")
-            steady(runtime, qs, "sorted", cfg, arrivals)  # warm-up: the batch shapes of these arrivals
-            record["steady"].append({"load": load, **steady(runtime, qs, "sorted", cfg, arrivals)})
+        for policy in cfg.steady_policies:
+            for load in cfg.steady_loads:
+                arrivals = load * rate_of(results, policy)
+                steady(runtime, qs, policy, cfg, arrivals)  # warm-up: the batch shapes of these arrivals
+                record["steady"].append({"load": load, **steady(runtime, qs, policy, cfg, arrivals)})
     if hf is not None:
         record["hf_padded_backbone"] = padded_backbone(hf, qs, cfg.device, cfg.max_batch)
         record["ratios"].update(
@@ -271,7 +282,7 @@ def workload(
     print(f"  {name} s={sigma:g} tasks={served.loaded}: " + ", ".join(f"{p} {rate[p]:.0f} q/s" for p in rate))
     for st in record.get("steady", []):
         p99, bound = st["latency_p99_ms"], st["p99_bound_ms"]
-        print(f"    steady {st['rate_qps']:.0f} q/s: p99 {p99:.1f} ms, bound {bound:.1f} ms")
+        print(f"    steady {st['policy']} {st['rate_qps']:.0f} q/s: p99 {p99:.1f} ms, bound {bound:.1f} ms")
     return record
 
 

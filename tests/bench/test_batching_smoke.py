@@ -28,7 +28,11 @@ def test_smoke_records(tmp_path: Path) -> None:
             assert p["succeeded"] == 24 and p["failed"] == 0 and p["accepted"] == 24 and p["queries_per_s"] > 0
             assert 0 <= p["padding_fraction"] < 1 and max(map(int, p["batch_sizes"])) <= p["max_batch"]
         assert r["ratios"]["coordinated_over_fixed"] > 0
-    (st, _) = lines[0]["steady"]
+    steady = lines[0]["steady"]
+    assert [(st["policy"], st["load"]) for st in steady] == [
+        (p, load) for p in cfg.steady_policies for load in cfg.steady_loads
+    ]
+    st = steady[0]
     assert st["succeeded"] == 24 and st["rate_qps"] > 0 and st["p99_bound_ms"] > 0
     assert st["p99_within_bound"] == (st["latency_p99_ms"] <= st["p99_bound_ms"])
     wide = lines[1]
