@@ -45,7 +45,9 @@ class GraphConfig:
     # requests of the batching bench still met new shapes (a 0.4-0.8 s capture each) in timed passes. The graphs
     # share one memory pool: each keeps only its static inputs and outputs.
     max_graphs: int = 256
-    warmup: int = 3
+    # forwards before a capture: the first initialises what a capture cannot (cuBLAS workspaces, lazy modules);
+    # each costs an eager forward (tens of ms for bert-base), and a server meets new shapes while it serves
+    warmup: int = 1
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_seq", "seq_multiple", "batch_multiple", "max_graphs", "warmup"):
