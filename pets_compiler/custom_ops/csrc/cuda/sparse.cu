@@ -1,8 +1,52 @@
-// Pooled-CSR sparse deltas. sparse_delta (diff-pruning, MaskBERT at a linear site): a block takes kTile tokens of
-// one batch row (one slot) and stages their activations in shared memory token-minor ([in][kTile]), so each
-// nonzero (col, val) of the slot's matrix is read once per block and applied to all its tokens with one vector
-// load; threads take the matrix's rows (output features). embedding_delta: one warp per token, lanes across the
-// hidden features, each summing its own column's entries of the token's row (a repeated column adds up).
+// Pooled-CSR sparse deltas. sparse_delta's kernel below: COMPILE-CHECKED ONLY; NOT YET RUN ON A GPU (neither
+// tests/custom_ops/test_gpu_ops.py nor scripts/op_times.py has run it; the numbers here are estimates).
+//
+// sparse_delta (diff-pruning, MaskBERT at a linear site): out[m, o] = y[m, o] + sum_k val[k] * x[m, col[k]] over the
+// entries k of row o of the batch row's slot matrix D_t. Each (token, entry) pair is one fp32 FMA on one x value
+// read from shared memory; random columns give no reuse, so the bounds are shared-memory bandwidth (128 B a clock
+// an SM: 64 fp16 pairs) and issue (a convert and an FMA a pair). The previous kernel (16 tokens a block, a thread
+// an output row) re-read the slot's whole CSR (10 B an entry) from L2 for every 16 tokens, put 4-8 random 32-byte
+// columns in each shared-memory wavefront (bank conflicts), diverged on rows of different lengths, and was measured
+// instruction/latency bound (H200, fp16, 64 x 128 tokens: 31 / 119 us at 1% for 768x768 / out 768 x in 3072, 110 /
+// 493 us at 5%; floors 8.9 / 17.8 us).
+//
+// Design:
+//  * A block takes kT tokens of one batch row and stages their x token-minor: column c's kT tokens are one
+//    kColBytes line (128 B where in_features allows: 64 fp16/bf16 tokens, 32 fp32; else 64 B or 32 B lines, e.g.
+//    32 fp16 tokens at in 3072). 16 warps (8 where shared memory is short), one block an SM.
+//  * A group of kG lanes reads one entry's whole line with 16-byte loads, so an entry is fetched once per kT
+//    tokens, and a wavefront serves two entries at disjoint banks: with 128-byte lines the two groups of a phase
+//    read opposite halves of their lines, then swap (no bank conflicts); 64-byte lines collide half the time (1.5
+//    wavefronts on average, in_features > ~1300 fp16); 32-byte lines more (in_features > ~3500 fp16).
+//  * Rows: a slot averaging under 16 entries a row runs a group a row (8 rows at once a warp, no reduction); else
+//    two groups a row take alternate entries and meet in one xor-shuffle (a reduce-scatter). A row's entries come in
+//    windows of two per lane (one 16-byte col load, one val load), packed (column slot | fp16 value) in one word and
+//    broadcast by shuffle; the next window (or next row's first) is loaded while the current one is applied. Per
+//    entry and lane (fp16, 128-byte lines): 2 shifts/logic, 1 convert, 2 LDS.128, 16 converts, 16 FFMA (39 SASS
+//    instructions for 16 pairs) plus about 65 per window of 8 steps and 40-70 per round of rows.
+//  * A warp's sums go to its own fp32 rows in shared memory (16 output rows x kT, padded and swizzled: the stores
+//    and the reads below are free of bank conflicts); the warp then writes those 16 outputs for all the tile's tokens
+//    (fp16/bf16: words of two outputs, 32 contiguous bytes a token) as y + sum in fp32 rounded once; an empty row's
+//    output is y's bits. Warps take 16-row chunks from a shared counter; no block barrier after the staging one.
+//  * Column c is staged at slot c ^ ((c >> 3) & (128 / kColBytes - 1)) (the staging stores of a phase hit distinct
+//    banks; a gather reads whole lines, unaffected). One zero line (slot in_pad) stands for padding entries and bad
+//    columns: 0 * 0 adds +0, never NaN, and fp32 sums never hold -0.
+//  Estimated traffic per call (bert-base, 64 x 128 tokens, 32 slots, nnz at random positions as op_times makes them):
+//    768x768 1% (5.4k entries a slot):   CSR from L2 128 blocks x 54 KB = 7 MB (was 28 MB); 44M pairs
+//    768x768 5% (29k):                   37 MB (was 149 MB); 239M pairs
+//    out 768 x in 3072 1% (23k, 32-token tiles): 59 MB (was 118 MB); 189M pairs
+//    out 768 x in 3072 5% (118k):        301 MB (was 602 MB); 963M pairs
+//    shared memory: x staged once a block (= x's bytes), 2 B a pair gathered (conflict-free at 128-byte lines),
+//    8 B an output through the fp32 rows. DRAM: x + y + out once (the floors), the CSR once a slot.
+//  Expected (issue-bound estimates at ~1.75 GHz, one block an SM): 768x768 ~10-12 us at 1% (staging x, ~3 us, is
+//  not overlapped with compute), ~30 us at 5%; 768x3072 ~40 us at 1% (x staging ~12 us of it), ~110-130 us at 5%.
+//  Registers (nvcc 13, sm_90, 512-thread bound): 118-121 fp16/bf16, 101-107 fp32, 108-114 fp64; no spills.
+//  Table checks: slot ids, row offsets (in the pool, non-decreasing) and columns ([0, in)) are asserted where read
+//  (CUDA_KERNEL_ASSERT), and a bad one reads nothing outside the tables (its row or entry counts as empty).
+// embedding_delta: one warp per token, lanes across the hidden features, each summing its own column's entries of
+// the token's row (a repeated column adds up).
+#include <type_traits>
+
 #include "../common/task_groups.h"
 #include "../lora/lora.h"
 #include "../sparse/sparse.h"
@@ -12,14 +56,7 @@
 namespace pets::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kTileBytes = 32;  // one staged column: kTile tokens of sizeof(scalar_t) bytes
-constexpr int kUnroll = 4;      // CSR entries in flight per thread
-
-template <typename scalar_t>
-constexpr int tile_tokens() {
-  return kTileBytes / static_cast<int>(sizeof(scalar_t));
-}
+constexpr int kThreads = 256;  // embedding_delta's block
 
 // The offsets [k0, k1) of a CSR row, if they lie within the pool in order (else asserts and gives an empty row).
 __device__ __forceinline__ void row_range(const int64_t* p, int64_t pool, int64_t& k0, int64_t& k1) {
@@ -30,80 +67,597 @@ __device__ __forceinline__ void row_range(const int64_t* p, int64_t pool, int64_
   if (!ok) k1 = k0 = 0;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// sparse_delta
+
+constexpr int kSparseMaxWarps = 16;  // warps of a block (fewer where shared memory is short)
+constexpr int kChunkRows = 16;       // output rows a warp takes at a time
+
+template <typename scalar_t, int kColBytes>
+struct SparseLayout {
+  static constexpr int kVE = kVecBytes / static_cast<int>(sizeof(scalar_t));  // tokens in a 16-byte chunk
+  static constexpr int kChunks = kColBytes / kVecBytes;                       // chunks of a staged column line
+  static constexpr int kT = kChunks * kVE;                                    // tokens of a block's tile
+  static constexpr int kCPL = kChunks == 8 ? 2 : 1;                           // chunks a lane reads per entry
+  static constexpr int kG = kChunks / kCPL;                // lanes of a group: together one entry's whole line
+  static constexpr int kSlotXor = 128 / kColBytes - 1;     // column slot permutation (staging bank spread)
+  static constexpr int kSStride = kT + 1;                  // fp32 row stride of a warp's sums
+  static constexpr int kPassCols = 8 * (kWarp / kChunks);  // columns a warp stages per pass (8 a lane)
+  static constexpr int kSegWords = 8 * static_cast<int>(sizeof(scalar_t)) / 4;  // words of 8 elements
+  static_assert(kChunks == 8 || kChunks == 4 || kChunks == 2, "128-, 64- or 32-byte column lines");
+  static_assert(kVE >= 2, "layout");
+};
+
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, 4)
+constexpr bool kIs16 = sizeof(scalar_t) == 2;
+
+// A table value as loaded: the raw bits for the 16-bit types (packed next to the column slot), else the value.
+template <typename scalar_t>
+using RawVal = std::conditional_t<kIs16<scalar_t>, uint16_t, scalar_t>;
+
+// fp16 / bf16 halves of a 32-bit word as floats.
+template <typename scalar_t>
+__device__ __forceinline__ void halves_to_float(uint32_t w, float& lo, float& hi) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    lo = __uint_as_float(w << 16);
+    hi = __uint_as_float(w & 0xffff0000u);
+  } else {
+    asm("{\n.reg .f16 l, h;\nmov.b32 {l, h}, %2;\ncvt.f32.f16 %0, l;\ncvt.f32.f16 %1, h;\n}"
+        : "=f"(lo), "=f"(hi)
+        : "r"(w));
+  }
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ float low_half_to_float(uint32_t w) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return __uint_as_float(w << 16);
+  } else {
+    float f;
+    asm("{\n.reg .f16 l, h;\nmov.b32 {l, h}, %1;\ncvt.f32.f16 %0, l;\n}" : "=f"(f) : "r"(w));
+    return f;
+  }
+}
+
+// The kVE token values of a staged 16-byte chunk, in the accumulator type.
+template <typename scalar_t>
+__device__ __forceinline__ void chunk_values(const uint4 q, acc_t<scalar_t> (&v)[kVecBytes / sizeof(scalar_t)]) {
+  if constexpr (kIs16<scalar_t>) {
+    halves_to_float<scalar_t>(q.x, v[0], v[1]);
+    halves_to_float<scalar_t>(q.y, v[2], v[3]);
+    halves_to_float<scalar_t>(q.z, v[4], v[5]);
+    halves_to_float<scalar_t>(q.w, v[6], v[7]);
+  } else if constexpr (sizeof(scalar_t) == 4) {
+    v[0] = __uint_as_float(q.x);
+    v[1] = __uint_as_float(q.y);
+    v[2] = __uint_as_float(q.z);
+    v[3] = __uint_as_float(q.w);
+  } else {
+    v[0] = __hiloint2double(static_cast<int>(q.y), static_cast<int>(q.x));
+    v[1] = __hiloint2double(static_cast<int>(q.w), static_cast<int>(q.z));
+  }
+}
+
+__device__ __forceinline__ float fma_acc(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_acc(double a, double b, double c) { return __fma_rn(a, b, c); }
+
+// One entry as the groups take it: the staged line (slot) of its column and its value. 16-bit types pack both in
+// one word, slot in the high half (slot < 2^16: shared memory holds fewer than 2^16 lines), so a lane gets an
+// entry with one shuffle and unpacks it with a shift and a convert.
+template <typename scalar_t, bool = kIs16<scalar_t>>
+struct Entry {
+  uint32_t w;
+  __device__ __forceinline__ static Entry make(uint32_t slot, RawVal<scalar_t> v) {
+    return {(slot << 16) | static_cast<uint32_t>(v)};
+  }
+  __device__ __forceinline__ Entry from(int src) const { return {__shfl_sync(0xffffffffu, w, src)}; }
+  __device__ __forceinline__ uint32_t slot() const { return w >> 16; }
+  __device__ __forceinline__ float value() const { return low_half_to_float<scalar_t>(w); }
+};
+
+template <typename scalar_t>
+struct Entry<scalar_t, false> {
+  uint32_t s;
+  scalar_t v;
+  __device__ __forceinline__ static Entry make(uint32_t slot, scalar_t v) { return {slot, v}; }
+  __device__ __forceinline__ Entry from(int src) const {
+    return {__shfl_sync(0xffffffffu, s, src), __shfl_sync(0xffffffffu, v, src)};
+  }
+  __device__ __forceinline__ uint32_t slot() const { return s; }
+  __device__ __forceinline__ scalar_t value() const { return v; }
+};
+
+// A row's entries [k0, k1) as windows see them: from base = k0 rounded down to even (pair loads stay 16-byte
+// aligned), entry base + i for i in [lo, hi) (lo = k0 - base: 0 or 1); an empty row has hi = 0. 32-bit offsets:
+// a row of more than 2^30 entries (more than any table here holds) asserts and is cut there.
+template <typename scalar_t>
+struct RowEntries {
+  const int64_t* col;
+  const RawVal<scalar_t>* val;
+  int lo, hi;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ RowEntries<scalar_t> row_entries(const int64_t* __restrict__ col,
+                                                            const RawVal<scalar_t>* __restrict__ val, int64_t k0,
+                                                            int64_t k1) {
+  const int64_t base = k0 & ~int64_t(1);
+  CUDA_KERNEL_ASSERT(k1 - base <= (int64_t(1) << 30) && "pets: a sparse_delta row has more than 2^30 entries");
+  return {col + base, val + base, static_cast<int>(k0 - base),
+          k1 > k0 ? static_cast<int>(min64(k1 - base, int64_t(1) << 30)) : 0};
+}
+
+// Entries i and i + 1 (i even) of a row as loaded (before the checks), and which of them are the row's.
+template <typename scalar_t>
+struct EntryPair {
+  int64_t c[2];
+  RawVal<scalar_t> v[2];
+  int in;  // bit u: entry i + u is the row's
+};
+
+// One vector load each for col and val when both entries are the row's and the tables allow it (`vec`: col
+// 16-byte and val 2-element aligned), else the row's entries one by one.
+template <typename scalar_t>
+__device__ __forceinline__ EntryPair<scalar_t> load_pair(const RowEntries<scalar_t>& row, int i, bool vec) {
+  EntryPair<scalar_t> e;
+  const bool in0 = i >= row.lo && i < row.hi, in1 = i + 1 < row.hi;
+  e.in = (in0 ? 1 : 0) | (in1 ? 2 : 0);
+  if (vec && in0 && in1) {
+    const longlong2 c = *reinterpret_cast<const longlong2*>(row.col + i);
+    e.c[0] = c.x;
+    e.c[1] = c.y;
+    if constexpr (kIs16<scalar_t>) {
+      const uint32_t v = *reinterpret_cast<const uint32_t*>(row.val + i);
+      e.v[0] = static_cast<uint16_t>(v & 0xffffu);
+      e.v[1] = static_cast<uint16_t>(v >> 16);
+    } else if constexpr (sizeof(scalar_t) == 4) {
+      const float2 v = *reinterpret_cast<const float2*>(row.val + i);
+      e.v[0] = v.x;
+      e.v[1] = v.y;
+    } else {
+      const double2 v = *reinterpret_cast<const double2*>(row.val + i);
+      e.v[0] = v.x;
+      e.v[1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const bool in = u == 0 ? in0 : in1;
+      e.c[u] = in ? row.col[i + u] : 0;
+      e.v[u] = in ? row.val[i + u] : RawVal<scalar_t>(0);
+    }
+  }
+  return e;
+}
+
+// Elements [kb, kb + 8) of a row of x (zero past in_features, or all zero for a null row) as 32-bit words.
+template <typename scalar_t>
+__device__ __forceinline__ void load_segment(const scalar_t* __restrict__ xr, int kb, int in_features, bool vec,
+                                             uint32_t (&w)[8 * sizeof(scalar_t) / 4]) {
+  constexpr int kVE = kVecBytes / static_cast<int>(sizeof(scalar_t));
+  if (xr != nullptr && vec) {
+#pragma unroll
+    for (int v = 0; v < 8 / kVE; ++v) {
+      const uint4 q = kb + v * kVE < in_features ? *reinterpret_cast<const uint4*>(xr + kb + v * kVE)
+                                                 : make_uint4(0, 0, 0, 0);
+      w[4 * v] = q.x;
+      w[4 * v + 1] = q.y;
+      w[4 * v + 2] = q.z;
+      w[4 * v + 3] = q.w;
+    }
+  } else if constexpr (kIs16<scalar_t>) {
+    const uint16_t* xb = reinterpret_cast<const uint16_t*>(xr);
+#pragma unroll
+    for (int e = 0; e < 8; e += 2) {
+      const uint32_t lo = xr != nullptr && kb + e < in_features ? xb[kb + e] : 0u;
+      const uint32_t hi = xr != nullptr && kb + e + 1 < in_features ? xb[kb + e + 1] : 0u;
+      w[e / 2] = lo | (hi << 16);
+    }
+  } else if constexpr (sizeof(scalar_t) == 4) {
+    const uint32_t* xb = reinterpret_cast<const uint32_t*>(xr);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) w[e] = xr != nullptr && kb + e < in_features ? xb[kb + e] : 0u;
+  } else {
+    const uint2* xb = reinterpret_cast<const uint2*>(xr);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const uint2 d = xr != nullptr && kb + e < in_features ? xb[kb + e] : make_uint2(0, 0);
+      w[2 * e] = d.x;
+      w[2 * e + 1] = d.y;
+    }
+  }
+}
+
+// Column c of kVE loaded segments (one a token): the kVE tokens' values of that column, one 16-byte chunk.
+template <typename scalar_t, int kVE, int kSegWords>
+__device__ __forceinline__ uint4 segment_column(const uint32_t (&seg)[kVE][kSegWords], int c) {
+  if constexpr (kIs16<scalar_t>) {
+    const uint32_t sel = (c & 1) ? 0x7632u : 0x5410u;  // the high or the low halves of two words
+    return make_uint4(__byte_perm(seg[0][c / 2], seg[1][c / 2], sel), __byte_perm(seg[2][c / 2], seg[3][c / 2], sel),
+                      __byte_perm(seg[4][c / 2], seg[5][c / 2], sel), __byte_perm(seg[6][c / 2], seg[7][c / 2], sel));
+  } else if constexpr (sizeof(scalar_t) == 4) {
+    return make_uint4(seg[0][c], seg[1][c], seg[2][c], seg[3][c]);
+  } else {
+    return make_uint4(seg[0][2 * c], seg[0][2 * c + 1], seg[1][2 * c], seg[1][2 * c + 1]);
+  }
+}
+
+// The maximum of a non-negative int over the warp.
+__device__ __forceinline__ int warp_max(int v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return static_cast<int>(__reduce_max_sync(0xffffffffu, static_cast<unsigned>(v)));
+#else
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+#endif
+}
+
+// A token's column in a warp's fp32 rows: tokens 32-63 swap 4-float halves (bank-conflict-free reduce stores).
+__device__ __forceinline__ int sum_col(int tok) { return tok ^ (((tok >> 5) & 1) << 2); }
+
+// Two fp32 values rounded to one word of fp16 / bf16 (first in the low half).
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t float2_to_halves(float lo, float hi) {
+  uint32_t w;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+  } else {
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+  }
+  return w;
+}
+
+// A warp's chunk of outputs for 16-bit types with an even out_features (y, out 4-byte aligned): lane (rp, hq) =
+// (lane % 8, lane / 8) writes outputs o0 + 2 rp, + 1 (one word) of tokens tb + ch + 2 u, ch = (hq & 1) + 16 (hq /
+// 2), u < 8: per store 4 tokens x 32 contiguous bytes, and the fp32 sums read at banks 2 rp + ch + 2 u (+ 1): all
+// distinct. kFull: the tile has all kT tokens (kT a multiple of 32), no per-token checks. An empty row's half is
+// y's bits.
+template <typename scalar_t, typename L, bool kFull>
+__device__ __forceinline__ void write_pairs(const scalar_t* __restrict__ y, scalar_t* __restrict__ out,
+                                            const acc_t<scalar_t>* sums, int64_t m0, int count, int64_t o0,
+                                            int64_t out_features, int lane, unsigned nonempty) {
+  if constexpr (kIs16<scalar_t>) {
+    const int r0 = 2 * (lane % 8), hq = lane / 8;
+    const int ch = (hq & 1) + 16 * (hq >> 1);
+    const int64_t o = o0 + r0;
+    if (o >= out_features) return;  // out_features even: o + 1 is an output too
+    // byte_perm(sum, y): each half from the sums' word if its row has entries, else from y's.
+    const uint32_t sel =
+        (((nonempty >> r0) & 1u) ? 0x0010u : 0x0054u) | (((nonempty >> (r0 + 1)) & 1u) ? 0x3200u : 0x7600u);
+    const float* s0 = sums + r0 * L::kSStride + ch;
+    const float* s1 = s0 + L::kSStride;
+    const uint32_t* yw = reinterpret_cast<const uint32_t*>(y);
+    uint32_t* ow = reinterpret_cast<uint32_t*>(out);
+    const int64_t base = ((m0 + ch) * out_features + o) / 2;  // in words
+    const int64_t stride = out_features;                       // two tokens, in words
+#pragma unroll
+    for (int tb = 0; tb < (L::kT < 32 ? 32 : L::kT); tb += 32) {
+      uint32_t yv[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const bool in = kFull || tb + ch + 2 * u < count;
+        yv[u] = in ? yw[base + (tb / 2 + u) * stride] : 0u;
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        if (kFull || tb + ch + 2 * u < count) {
+          const int sc = tb + 2 * (tb >= 32 ? u ^ 2 : u);  // sum_col of token tb + ch + 2 u, less ch
+          float a, b;
+          halves_to_float<scalar_t>(yv[u], a, b);
+          const uint32_t v = float2_to_halves<scalar_t>(a + s0[sc], b + s1[sc]);
+          ow[base + (tb / 2 + u) * stride] = __byte_perm(v, yv[u], sel);
+        }
+      }
+    }
+  }
+}
+
+// The general case: lane (r, h) = (lane % 16, lane / 16) writes output o0 + r of tokens tb + 16 h + u.
+template <typename scalar_t, typename L>
+__device__ __forceinline__ void write_scalars(const scalar_t* __restrict__ y, scalar_t* __restrict__ out,
+                                              const acc_t<scalar_t>* sums, int64_t m0, int count, int64_t o0,
+                                              int64_t out_features, int lane, unsigned nonempty) {
+  using acc = acc_t<scalar_t>;
+  const int r = lane % kChunkRows, h = lane / kChunkRows;
+  const int64_t o = o0 + r;
+  if (o >= out_features) return;
+  const bool has = (nonempty >> r) & 1u;
+  const acc* srow = sums + r * L::kSStride;
+#pragma unroll 1
+  for (int tb = 0; tb < L::kT; tb += 2 * kChunkRows) {
+    const int64_t base = (m0 + tb + h * kChunkRows) * out_features + o;
+    scalar_t yv[kChunkRows];
+#pragma unroll
+    for (int u = 0; u < kChunkRows; ++u) {
+      const int tok = tb + h * kChunkRows + u;
+      yv[u] = tok < count ? y[base + u * out_features] : scalar_t(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kChunkRows; ++u) {
+      const int tok = tb + h * kChunkRows + u;
+      if (tok < count) {
+        out[base + u * out_features] =
+            has ? static_cast<scalar_t>(static_cast<acc>(yv[u]) + srow[sum_col(tok)]) : yv[u];
+      }
+    }
+  }
+}
+
+struct SparseFlags {
+  bool vec_x;        // x rows as 16-byte vectors
+  bool vec_entries;  // col pairs as 16-byte vectors, val pairs as one load
+  bool vec_y;        // y / out tiles as 16-byte vectors (the empty-slot copy)
+  bool pairs;        // 16-bit y / out as words of two outputs (write_pairs)
+};
+
+// The fp32 sums of a warp's chunk of kChunkRows rows (lane r < kChunkRows holds row r's entries [rk0, rk1), an
+// empty row 0, 0): into the warp's rows `sums` (row stride kSStride, token tok at sum_col(tok)); empty rows are not
+// written. kGroupsPerRow groups share a row: 1 (short rows: no reduction, kGroups rows at once) or 2 (two groups
+// take alternate entry pairs and meet in one exchange; half the window overhead per entry on long rows).
+template <typename scalar_t, int kColBytes, int kGroupsPerRow>
+__device__ __forceinline__ void chunk_sums(const unsigned char* xs, acc_t<scalar_t>* sums,
+                                           const int64_t* __restrict__ col, const RawVal<scalar_t>* __restrict__ val,
+                                           int64_t rk0, int64_t rk1, int in_features, int in_pad, bool vec_entries,
+                                           int lane) {
+  using L = SparseLayout<scalar_t, kColBytes>;
+  using acc = acc_t<scalar_t>;
+  using E = Entry<scalar_t>;
+  constexpr unsigned kFull = 0xffffffffu;
+  constexpr int kSub = kGroupsPerRow * L::kG;       // lanes of a row
+  constexpr int kRowsPerRound = kWarp / kSub;       // rows a warp runs at once
+  constexpr int kRounds = (kChunkRows + kRowsPerRound - 1) / kRowsPerRound;
+  constexpr int kWindow = 2 * kSub;                 // entries of a row loaded at a time, two a lane
+  constexpr int kSteps = kWindow / kGroupsPerRow;   // steps of a full window
+  static_assert(kGroupsPerRow == 1 || kGroupsPerRow == 2, "one or two groups a row");
+
+  const int sub = lane / kSub;                      // the row of a round this lane works on
+  const int grp = (lane / L::kG) & 1;               // group parity: which half of a line the lane reads first
+  const int rg = kGroupsPerRow == 2 ? grp : 0;      // its group among the row's
+  const int gl = lane % L::kG;                      // its place in the group
+  const int sub_base = sub * kSub;
+  const int pair_idx = 2 * (lane % kSub);           // the entries it loads: window + pair_idx, + 1
+  // Its first chunk of an entry's line: gl + 4 g of 8 (groups of a phase read opposite halves, then swap), or gl.
+  const int chunk0 = L::kCPL == 2 ? gl + 4 * grp : gl;
+  const uint32_t chunk_off = static_cast<uint32_t>(chunk0 * kVecBytes);
+
+  RowEntries<scalar_t> row =
+      row_entries<scalar_t>(col, val, __shfl_sync(kFull, rk0, sub), __shfl_sync(kFull, rk1, sub));
+  EntryPair<scalar_t> pair = load_pair<scalar_t>(row, pair_idx, vec_entries);
+#pragma unroll 1
+  for (int round = 0; round < kRounds; ++round) {
+    const int r = round * kRowsPerRound + sub;
+    const int rn = r + kRowsPerRound;  // next round's row (>= kChunkRows: empty)
+    const RowEntries<scalar_t> next_row = row_entries<scalar_t>(col, val, __shfl_sync(kFull, rk0, rn & 31),
+                                                                __shfl_sync(kFull, rk1, rn & 31));
+    const int max_span = warp_max(row.hi);
+    acc sum[L::kCPL][L::kVE];
+#pragma unroll
+    for (int c = 0; c < L::kCPL; ++c) {
+#pragma unroll
+      for (int j = 0; j < L::kVE; ++j) sum[c][j] = 0;
+    }
+#pragma unroll 1
+    for (int off = 0; off < max_span; off += kWindow) {
+      E w[2];
+      bool bad = false;
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int64_t c = pair.c[u];
+        const bool in = (pair.in >> u) & 1;
+        const bool col_ok = static_cast<uint64_t>(c) < static_cast<uint64_t>(in_features);
+        bad = bad || (in && !col_ok);
+        const bool good = in && col_ok;
+        const uint32_t cu = static_cast<uint32_t>(c);
+        w[u] = E::make(good ? cu ^ ((cu >> 3) & L::kSlotXor) : static_cast<uint32_t>(in_pad),
+                       good ? pair.v[u] : RawVal<scalar_t>(0));
+      }
+      CUDA_KERNEL_ASSERT(!bad && "pets: a sparse_delta column is outside [0, in)");
+      // Prefetch: this row's next window, or the next round's first.
+      pair = off + kWindow < max_span ? load_pair<scalar_t>(row, off + kWindow + pair_idx, vec_entries)
+                                      : load_pair<scalar_t>(next_row, pair_idx, vec_entries);
+      // Step st: group g of the row takes window entry 2 kGroupsPerRow (st / 2) + 2 g + st % 2 (lane
+      // kGroupsPerRow (st / 2) + g, word st % 2): entries in window order across the groups, so a window with
+      // rem entries left takes about rem / kGroupsPerRow steps (checked every two steps).
+      // 16-bit types shuffle the window's entries up front (one convergence check); the two-register entries of
+      // wider types one step at a time (registers).
+      E en[kIs16<scalar_t> ? kSteps : 1];
+      if constexpr (kIs16<scalar_t>) {
+#pragma unroll
+        for (int st = 0; st < kSteps; ++st) en[st] = w[st & 1].from(sub_base + kGroupsPerRow * (st >> 1) + rg);
+      }
+      const int rem = max_span - off;
+      const int steps = rem >= kWindow ? kSteps
+                                       : 2 * (rem / (2 * kGroupsPerRow)) + min(rem % (2 * kGroupsPerRow), 2);
+#pragma unroll
+      for (int st = 0; st < kSteps; ++st) {
+        if (st % 2 == 0 && st >= steps) break;
+        // Its chunks of the entry's line (chunk_off < kColBytes: or is add); a second is the line's other half.
+        const E e = kIs16<scalar_t> ? en[kIs16<scalar_t> ? st : 0]
+                                    : w[st & 1].from(sub_base + kGroupsPerRow * (st >> 1) + rg);
+        const uint32_t off0 = (e.slot() * kColBytes) | chunk_off;
+        const acc v = e.value();
+#pragma unroll
+        for (int c = 0; c < L::kCPL; ++c) {
+          const uint4 raw = *reinterpret_cast<const uint4*>(xs + (c == 0 ? off0 : off0 ^ 64u));
+          acc xv[L::kVE];
+          chunk_values<scalar_t>(raw, xv);
+#pragma unroll
+          for (int j = 0; j < L::kVE; ++j) sum[c][j] = fma_acc(v, xv[j], sum[c][j]);
+        }
+      }
+    }
+    if (max_span == 0) pair = load_pair<scalar_t>(next_row, pair_idx, vec_entries);  // no window ran
+    const bool store = row.hi > 0 && r < kChunkRows;
+    acc* srow = sums + (r < kChunkRows ? r : 0) * L::kSStride;
+    if constexpr (kGroupsPerRow == 1) {
+      // The lane's own chunks are the row's sums for those tokens: chunk chunk0 (sum[0]) and chunk0 ^ 4 (sum[1]).
+#pragma unroll
+      for (int c = 0; c < L::kCPL; ++c) {
+        const int chunk = c == 0 ? chunk0 : chunk0 ^ 4;
+        acc* dst = srow + chunk * L::kVE;
+        if (store) {
+#pragma unroll
+          for (int j = 0; j < L::kVE; ++j) {
+            if constexpr (L::kT > 32) {
+              dst[j] = chunk >= 4 ? sum[c][j ^ 4] : sum[c][j];  // sum_col: tokens 32-63 swap 4-token halves
+            } else {
+              dst[j] = sum[c][j];
+            }
+          }
+        }
+      }
+    } else if constexpr (L::kCPL == 2) {
+      // The two groups' sums meet in a reduce-scatter: group g keeps chunk gl + 4 g (its sum[0]) and gets the
+      // partner's sum[1], which is that chunk too. One exchange, no selects.
+      acc s[L::kVE];
+#pragma unroll
+      for (int j = 0; j < L::kVE; ++j) s[j] = sum[0][j] + __shfl_xor_sync(kFull, sum[1][j], L::kG);
+      acc* dst = srow + chunk0 * L::kVE;
+      if (store) {
+#pragma unroll
+        for (int j = 0; j < L::kVE; ++j) {
+          if constexpr (L::kT > 32) {
+            dst[j] = grp ? s[j ^ 4] : s[j];  // sum_col: tokens 32-63 (group 1's) swap 4-token halves
+          } else {
+            dst[j] = s[j];
+          }
+        }
+      }
+    } else {
+      // One chunk a lane (the same in both groups): each keeps half its tokens.
+      constexpr int kHalf = L::kVE / 2;
+      static_assert(L::kT <= 32, "sum_col is the identity here");
+      acc* dst = srow + gl * L::kVE + grp * kHalf;
+#pragma unroll
+      for (int j = 0; j < kHalf; ++j) {
+        const acc send = grp ? sum[0][j] : sum[0][j + kHalf];
+        const acc keep = grp ? sum[0][j + kHalf] : sum[0][j];
+        const acc v = keep + __shfl_xor_sync(kFull, send, L::kG);
+        if (store) dst[j] = v;
+      }
+    }
+    row = next_row;
+  }
+}
+
+template <typename scalar_t, int kColBytes>
+__global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
     sparse_delta_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ x,
                         const int64_t* __restrict__ task_ids, const int64_t* __restrict__ row_ptr,
-                        const int64_t* __restrict__ col, const scalar_t* __restrict__ val, int64_t slots,
-                        int64_t pool, scalar_t* __restrict__ out, int64_t tokens, int64_t in_features,
-                        int64_t out_features) {
+                        const int64_t* __restrict__ col, const RawVal<scalar_t>* __restrict__ val, int64_t slots,
+                        int64_t pool, scalar_t* __restrict__ out, int64_t tokens, int in_features, int in_pad,
+                        int64_t out_features, SparseFlags flags) {
+  using L = SparseLayout<scalar_t, kColBytes>;
   using acc = acc_t<scalar_t>;
-  constexpr int kTile = tile_tokens<scalar_t>();
+  constexpr unsigned kFull = 0xffffffffu;
   extern __shared__ __align__(16) unsigned char shared_raw[];
-  scalar_t* xs = reinterpret_cast<scalar_t*>(shared_raw);  // [in_features][kTile]
+  __shared__ int next_chunk;
 
+  const int lane = static_cast<int>(threadIdx.x) % kWarp;
+  const int warp = static_cast<int>(threadIdx.x) / kWarp;
+  const int warps = static_cast<int>(blockDim.x) / kWarp;
   const int64_t row = blockIdx.x;
-  const int64_t tok0 = static_cast<int64_t>(blockIdx.y) * kTile;
-  const int count = static_cast<int>(min64(kTile, tokens - tok0));
+  const int64_t tok0 = static_cast<int64_t>(blockIdx.y) * L::kT;
+  const int count = static_cast<int>(min64(L::kT, tokens - tok0));
   const int64_t m0 = row * tokens + tok0;
   const int64_t t = slot_of(task_ids, row, slots);
   const int64_t* p = row_ptr + max64(t, 0) * (out_features + 1);
-  const bool empty = t < 0 || p[0] == p[out_features];
 
-  if (!empty) {
-    // Thread k gathers column k of the tile (coalesced reads across threads) and stores it as two 16-byte vectors.
-    for (int64_t k = threadIdx.x; k < in_features; k += blockDim.x) {
-      uint4 raw[2];
-      scalar_t* column = reinterpret_cast<scalar_t*>(raw);
+  if (t < 0 || p[0] == p[out_features]) {  // no nonzeros (block-uniform): the tile of y itself
+    const int64_t n = static_cast<int64_t>(count) * out_features;
+    const scalar_t* src = y + m0 * out_features;
+    scalar_t* dst = out + m0 * out_features;
+    if (flags.vec_y) {
+      const int64_t nv = n * static_cast<int64_t>(sizeof(scalar_t)) / kVecBytes;
+      for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
+        reinterpret_cast<uint4*>(dst)[v] = reinterpret_cast<const uint4*>(src)[v];
+      }
+    } else {
+      for (int64_t v = threadIdx.x; v < n; v += blockDim.x) dst[v] = src[v];
+    }
+    return;
+  }
+
+  // Stage x: lane (a, b) of a warp loads tokens [a kVE, (a + 1) kVE) x columns [kb, kb + 8) (coalesced: 8 kVE
+  // bytes of each token row per lane, kWarp / kChunks lanes side by side) and stores each column's kVE tokens as
+  // chunk a of that column's line; a phase's 8 stores go to distinct banks (one line, or lines at different
+  // slot residues by the permutation).
+  unsigned char* xs = shared_raw;
+  {
+    const int a = lane % L::kChunks, b = lane / L::kChunks;
+    for (int k0 = warp * L::kPassCols; k0 < in_pad; k0 += warps * L::kPassCols) {
+      const int kb = k0 + 8 * b;
+      if (kb >= in_pad) continue;
+      uint32_t seg[L::kVE][L::kSegWords];
 #pragma unroll
-      for (int tm = 0; tm < kTile; ++tm) column[tm] = tm < count ? x[(m0 + tm) * in_features + k] : scalar_t(0);
-      uint4* dst = reinterpret_cast<uint4*>(xs + k * kTile);
-      dst[0] = raw[0];
-      dst[1] = raw[1];
+      for (int tt = 0; tt < L::kVE; ++tt) {
+        const int tok = a * L::kVE + tt;
+        const scalar_t* xr = tok < count ? x + (m0 + tok) * in_features : nullptr;
+        load_segment<scalar_t>(xr, kb, in_features, flags.vec_x, seg[tt]);
+      }
+      const int sx = (kb >> 3) & L::kSlotXor;
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        *reinterpret_cast<uint4*>(xs + (kb + (c ^ sx)) * kColBytes + a * kVecBytes) =
+            segment_column<scalar_t, L::kVE, L::kSegWords>(seg, c);
+      }
+    }
+    if (static_cast<int>(threadIdx.x) < L::kChunks) {  // the zero line of padding entries and bad columns
+      *reinterpret_cast<uint4*>(xs + in_pad * kColBytes + threadIdx.x * kVecBytes) = make_uint4(0, 0, 0, 0);
     }
   }
+  if (threadIdx.x == 0) next_chunk = warps;
   __syncthreads();
 
-  for (int64_t o = threadIdx.x; o < out_features; o += blockDim.x) {
-    int64_t k0 = 0, k1 = 0;
-    if (!empty) row_range(p + o, pool, k0, k1);
-    acc sum[kTile];
-#pragma unroll
-    for (int tm = 0; tm < kTile; ++tm) sum[tm] = 0;
-    // kUnroll entries' (col, val) loaded together, then applied: the loads of a row are independent.
-    for (int64_t k = k0; k < k1; k += kUnroll) {
-      int64_t c[kUnroll];
-      acc v[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const bool in = k + u < k1;
-        c[u] = in ? col[k + u] : 0;
-        v[u] = in ? static_cast<acc>(val[k + u]) : acc(0);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        CUDA_KERNEL_ASSERT(c[u] >= 0 && c[u] < in_features && "pets: a sparse_delta column is outside [0, in)");
-        if (c[u] < 0 || c[u] >= in_features || k + u >= k1) continue;
-        // kTile * sizeof(scalar_t) = 32 bytes: two 16-byte loads of one staged column.
-        const uint4* src = reinterpret_cast<const uint4*>(xs + c[u] * kTile);
-        uint4 raw[2] = {src[0], src[1]};
-        const scalar_t* xv = reinterpret_cast<const scalar_t*>(raw);
-#pragma unroll
-        for (int tm = 0; tm < kTile; ++tm) sum[tm] += v[u] * static_cast<acc>(xv[tm]);
-      }
+  acc* sums = reinterpret_cast<acc*>(shared_raw + static_cast<size_t>(in_pad + 1) * kColBytes) +
+              warp * kChunkRows * L::kSStride;
+  // Short rows (a slot's average below 16 entries): a group a row; else two groups a row.
+  const bool short_rows = p[out_features] - p[0] < 16 * out_features;
+
+  const int64_t chunks = ceil_div(out_features, kChunkRows);
+  // Lane l <= kChunkRows of a warp holds row_ptr[t, o0 + l] of its chunk.
+  auto chunk_offsets = [&](int64_t chunk) -> int64_t {
+    const int64_t o = chunk * kChunkRows + lane;
+    return chunk < chunks && lane <= kChunkRows && o <= out_features ? p[o] : 0;
+  };
+  int64_t chunk = warp;
+  int64_t q = chunk_offsets(chunk);
+  while (chunk < chunks) {
+    int next = 0;
+    if (lane == 0) next = atomicAdd(&next_chunk, 1);
+    next = __shfl_sync(kFull, next, 0);
+    const int64_t q_next = chunk_offsets(next);  // in flight during this chunk
+
+    const int64_t o0 = chunk * kChunkRows;
+    const int64_t q1 = __shfl_down_sync(kFull, q, 1);
+    const bool mine = lane < kChunkRows && o0 + lane < out_features;
+    const bool ok = q >= 0 && q <= q1 && q1 <= pool;
+    CUDA_KERNEL_ASSERT((!mine || ok) && "pets: CSR offsets outside the pool or decreasing");
+    const int64_t rk0 = mine && ok ? q : 0, rk1 = mine && ok ? q1 : 0;  // lane r: row o0 + r, else empty
+
+    if (short_rows) {
+      chunk_sums<scalar_t, kColBytes, 1>(xs, sums, col, val, rk0, rk1, in_features, in_pad, flags.vec_entries,
+                                         lane);
+    } else {
+      chunk_sums<scalar_t, kColBytes, 2>(xs, sums, col, val, rk0, rk1, in_features, in_pad, flags.vec_entries,
+                                         lane);
     }
-    // The tile's y column: kTile independent loads in flight together, then the stores. An empty row stores y
-    // itself (y + 0 would turn -0 into +0).
-    scalar_t yv[kTile];
-#pragma unroll
-    for (int tm = 0; tm < kTile; ++tm) yv[tm] = tm < count ? y[(m0 + tm) * out_features + o] : scalar_t(0);
-    const bool term = k0 != k1;
-#pragma unroll
-    for (int tm = 0; tm < kTile; ++tm) {
-      if (tm < count) {
-        out[(m0 + tm) * out_features + o] = term ? static_cast<scalar_t>(static_cast<acc>(yv[tm]) + sum[tm]) : yv[tm];
+    __syncwarp();
+
+    // The chunk's outputs (rows o0 .. o0 + 15, all the tile's tokens), coalesced across output features.
+    const unsigned nonempty = __ballot_sync(kFull, rk1 > rk0);  // bit r: row o0 + r has entries
+    if (flags.pairs) {
+      if (L::kT % 32 == 0 && count == L::kT) {
+        write_pairs<scalar_t, L, true>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
+      } else {
+        write_pairs<scalar_t, L, false>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
       }
+    } else {
+      write_scalars<scalar_t, L>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
     }
+    __syncwarp();
+    chunk = next;
+    q = q_next;
   }
 }
 
@@ -139,6 +693,68 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Shared memory of a sparse_delta block: the staged lines of x (in_pad columns and the zero line) and each warp's
+// fp32 sums (kChunkRows rows of kT + 1).
+template <typename scalar_t, int kColBytes>
+size_t sparse_shared_bytes(int64_t in_pad, int warps) {
+  using L = SparseLayout<scalar_t, kColBytes>;
+  return static_cast<size_t>(in_pad + 1) * kColBytes +
+         static_cast<size_t>(warps) * kChunkRows * L::kSStride * sizeof(acc_t<scalar_t>);
+}
+
+template <typename scalar_t, int kColBytes>
+void launch_sparse_delta(const at::Tensor& y3, const at::Tensor& x3, const at::Tensor& ids, const at::Tensor& rp,
+                         const at::Tensor& cols, const at::Tensor& vals, at::Tensor& out, int warps) {
+  using L = SparseLayout<scalar_t, kColBytes>;
+  const int64_t tokens = y3.size(1), in_features = x3.size(2), out_features = y3.size(2);
+  const int64_t in_pad = ceil_div(in_features, 8) * 8;
+  const dim3 grid(static_cast<unsigned>(y3.size(0)), static_cast<unsigned>(ceil_div(tokens, L::kT)));
+  TORCH_CHECK(grid.y <= 65535, "pets::sparse_delta: ", tokens, " tokens per row is more than the kernel's ",
+              65535 * L::kT);
+  const size_t shared = sparse_shared_bytes<scalar_t, kColBytes>(in_pad, warps);
+  allow_shared_memory("pets::sparse_delta", sparse_delta_kernel<scalar_t, kColBytes>, shared, "x's in_features");
+  const int64_t elem = static_cast<int64_t>(sizeof(scalar_t));
+  const auto aligned = [](const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; };
+  SparseFlags flags;
+  flags.vec_x = vectorizable(x3, in_features);
+  flags.vec_entries = aligned(cols.const_data_ptr(), kVecBytes) && aligned(vals.const_data_ptr(), 2 * elem);
+  flags.vec_y = (out_features * elem) % kVecBytes == 0 && aligned(y3.const_data_ptr(), kVecBytes) &&
+                aligned(out.const_data_ptr(), kVecBytes);
+  flags.pairs =
+      elem == 2 && out_features % 2 == 0 && aligned(y3.const_data_ptr(), 4) && aligned(out.const_data_ptr(), 4);
+  sparse_delta_kernel<scalar_t, kColBytes><<<grid, warps * kWarp, shared, stream()>>>(
+      y3.const_data_ptr<scalar_t>(), x3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
+      rp.const_data_ptr<int64_t>(), cols.const_data_ptr<int64_t>(),
+      reinterpret_cast<const RawVal<scalar_t>*>(vals.const_data_ptr<scalar_t>()), rp.size(0), cols.size(0),
+      out.mutable_data_ptr<scalar_t>(), tokens, static_cast<int>(in_features), static_cast<int>(in_pad),
+      out_features, flags);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The widest column lines (most tokens a block) and then the most warps whose shared memory the device gives; where
+// none fits, the smallest, whose launch then fails allow_shared_memory's check with the sizes.
+template <typename scalar_t>
+void run_sparse_delta(const at::Tensor& y3, const at::Tensor& x3, const at::Tensor& ids, const at::Tensor& rp,
+                      const at::Tensor& cols, const at::Tensor& vals, at::Tensor& out) {
+  const int64_t in_pad = ceil_div(x3.size(2), 8) * 8;
+  const size_t limit = shared_memory_optin();
+  constexpr size_t kStaticSlack = 256;  // the kernel's static shared memory (a counter), with room to spare
+  const auto fits = [&](size_t bytes) { return bytes + kStaticSlack <= limit; };
+  for (const int warps : {kSparseMaxWarps, kSparseMaxWarps / 2}) {
+    if (fits(sparse_shared_bytes<scalar_t, 128>(in_pad, warps))) {
+      return launch_sparse_delta<scalar_t, 128>(y3, x3, ids, rp, cols, vals, out, warps);
+    }
+  }
+  for (const int warps : {kSparseMaxWarps, kSparseMaxWarps / 2}) {
+    if (fits(sparse_shared_bytes<scalar_t, 64>(in_pad, warps))) {
+      return launch_sparse_delta<scalar_t, 64>(y3, x3, ids, rp, cols, vals, out, warps);
+    }
+  }
+  const int warps = fits(sparse_shared_bytes<scalar_t, 32>(in_pad, kSparseMaxWarps)) ? kSparseMaxWarps
+                                                                                     : kSparseMaxWarps / 2;
+  launch_sparse_delta<scalar_t, 32>(y3, x3, ids, rp, cols, vals, out, warps);
+}
+
 }  // namespace
 
 at::Tensor sparse_delta(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids,
@@ -150,19 +766,8 @@ at::Tensor sparse_delta(const at::Tensor& y, const at::Tensor& x, const at::Tens
   const at::Tensor rp = row_ptr.contiguous(), cols = col.contiguous(), vals = val.contiguous();
   at::Tensor out = at::empty(y.sizes(), y.options());
   if (out.numel() == 0) return out;
-  const int64_t tokens = y3.size(1), in_features = x3.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "pets::sparse_delta", [&] {
-    constexpr int kTile = tile_tokens<scalar_t>();
-    const dim3 grid(static_cast<unsigned>(y3.size(0)), static_cast<unsigned>(ceil_div(tokens, kTile)));
-    TORCH_CHECK(grid.y <= 65535, "pets::sparse_delta: ", tokens, " tokens per row is more than the kernel's ",
-                65535 * kTile);
-    const size_t shared = static_cast<size_t>(in_features) * kTileBytes;
-    allow_shared_memory("pets::sparse_delta", sparse_delta_kernel<scalar_t>, shared, "x's in_features");
-    sparse_delta_kernel<scalar_t><<<grid, kThreads, shared, stream()>>>(
-        y3.const_data_ptr<scalar_t>(), x3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
-        rp.const_data_ptr<int64_t>(), cols.const_data_ptr<int64_t>(), vals.const_data_ptr<scalar_t>(), rp.size(0),
-        cols.size(0), out.mutable_data_ptr<scalar_t>(), tokens, in_features, y3.size(2));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    run_sparse_delta<scalar_t>(y3, x3, ids, rp, cols, vals, out);
   });
   return out;
 }
