@@ -104,6 +104,15 @@ def _gelu_delta(s: Shapes, b: BatchStats) -> tuple[float, float]:
     return b.act_bytes * (2 * m * f + tables * b.distinct_tasks * f), (1 + tables) * m * f
 
 
+def _row_delta(s: Shapes, b: BatchStats) -> tuple[float, float]:
+    """(y + bias[t]) * (1 + scale[t]) + residual: y read and written, the residual read where given, a row of F per
+    task present of each table given."""
+    m, f = _tokens(s[0]), s[0][-1]
+    tables, residual = sum(1 for shape in s[2:4] if shape), int(bool(s[4]))
+    nbytes = b.act_bytes * ((2 + residual) * m * f + tables * b.distinct_tasks * f)
+    return nbytes, (tables + residual) * m * f
+
+
 def _layer_norm(s: Shapes, b: BatchStats) -> tuple[float, float]:
     m, h = _tokens(s[0]), s[0][-1]
     return b.act_bytes * (2 * m * h + 2 * h + 2 * b.distinct_tasks * h), 7 * m * h
@@ -136,6 +145,7 @@ FLOORS: dict[str, Callable[[Shapes, BatchStats], tuple[float, float]]] = {
     "bias_delta": _elementwise,
     "scale": _elementwise,
     "gelu_delta": _gelu_delta,
+    "row_delta": _row_delta,
     "layer_norm": _layer_norm,
     "segmented_linear": _segmented_linear,
     "sparse_delta": _sparse,

@@ -14,8 +14,8 @@ python3 - <<'PY'
 import torch, pets_compiler  # noqa: F401
 print(torch.cuda.get_device_name(), torch.__version__)
 print("CUDA kernels:", all(torch._C._dispatch_has_kernel_for_dispatch_key(f"pets::{n}", "CUDA") for n in
-      ["lora_delta", "linear_delta", "bias_delta", "scale", "gelu_delta", "layer_norm", "segmented_linear",
-       "sparse_delta", "embedding_delta", "adapter"]))
+      ["lora_delta", "linear_delta", "bias_delta", "scale", "gelu_delta", "row_delta", "layer_norm",
+       "segmented_linear", "sparse_delta", "embedding_delta", "adapter"]))
 PY
 part() {  # name, time limit, pytest args...
   local name=$1 limit=$2; shift 2

@@ -16,6 +16,8 @@ that uses the ops. The ops, their schemas and semantics:
   identity, bitwise)
 - `pets::gelu_delta(y, task_ids, bias?, scale?, approximate)`: gelu(y + bias[t]) * (1 + scale[t]) (a BERT FFN's
   activation with BitFit's bias delta before it and IA3's input scale after it, in one pass; either may be None)
+- `pets::row_delta(y, task_ids, bias?, scale?, residual?)`: (y + bias[t]) * (1 + scale[t]) + residual (a linear
+  site's BitFit bias delta and IA3 output scale, and the residual add after it, in one pass; bias or scale at least)
 - `pets::sparse_delta(y, x, task_ids, row_ptr, col, val)`: y + x @ D_t.T, D_t [out, in] the CSR matrix
   (row_ptr[t], col, val) of slot t, all slots' nonzeros in one pool (diff-pruning, MaskBERT)
 - `pets::embedding_delta(y, ids, task_ids, row_ptr, col, val)`: y + D_t[ids], D_t [V, H] in the same pooled CSR
@@ -53,6 +55,7 @@ from pets_compiler.custom_ops.reference import (
     layer_norm_ref,
     linear_delta_ref,
     lora_delta_ref,
+    row_delta_ref,
     scale_ref,
     segmented_linear_ref,
     sparse_delta_ref,
@@ -68,6 +71,7 @@ __all__ = [
     "layer_norm_ref",
     "linear_delta_ref",
     "lora_delta_ref",
+    "row_delta_ref",
     "scale_ref",
     "segmented_linear_ref",
     "sparse_delta_ref",

@@ -71,6 +71,13 @@ def _gelu_delta_fake(
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("pets::row_delta", lib=_lib)
+def _row_delta_fake(
+    y: Tensor, task_ids: Tensor, bias: Tensor | None, scale: Tensor | None, residual: Tensor | None
+) -> Tensor:
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("pets::sparse_delta", lib=_lib)
 def _sparse_delta_fake(y: Tensor, x: Tensor, task_ids: Tensor, row_ptr: Tensor, col: Tensor, val: Tensor) -> Tensor:
     return torch.empty_like(y, memory_format=torch.contiguous_format)

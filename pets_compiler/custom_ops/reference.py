@@ -124,6 +124,23 @@ def gelu_delta_ref(y: Tensor, task_ids: Tensor, bias: Tensor | None, scale: Tens
     return out if scale is None else scale_ref(out, task_ids, scale)
 
 
+def row_delta_ref(
+    y: Tensor, task_ids: Tensor, bias: Tensor | None, scale: Tensor | None, residual: Tensor | None
+) -> Tensor:
+    """A linear site's per-task row terms and the residual add after it, each of which may be absent: BitFit's bias
+    delta, IA3's output scale (stored as l - 1), the sublayer's residual (at least one of bias and scale given).
+
+    Semantics: out[i] = (y[i] + bias[t]) * (1 + scale[t]) + residual[i]  where t = task_ids[i], the table rows the
+    same for every token of row i
+    Shapes: y [B, ..., F], task_ids int64 [B], bias and scale [T, F] or None, residual y's shape or None -> [B, ..., F].
+    """
+    if bias is None and scale is None:
+        raise ValueError("row_delta_ref: at least one of bias and scale must be given")
+    out = y if bias is None else bias_delta_ref(y, task_ids, bias)
+    out = out if scale is None else scale_ref(out, task_ids, scale)
+    return out if residual is None else out + residual
+
+
 def _pool_rows(row_ptr: Tensor, task_ids: Tensor, pool: int) -> tuple[Tensor, Tensor]:
     """For every batch row i and pool entry k: the row o of D_t (t = task_ids[i]) that k belongs to, and whether
     it belongs to D_t at all (row_ptr[t, 0] <= k < row_ptr[t, -1]). Both [B, P]."""

@@ -20,6 +20,7 @@ from pets_compiler.passes.context import CompileContext, PassResult, SitePlan
 from pets_compiler.passes.drop_training_nodes import drop_training_nodes
 from pets_compiler.passes.find_sites import find_sites
 from pets_compiler.passes.fuse_activation import fuse_activation
+from pets_compiler.passes.fuse_row_terms import fuse_row_terms
 from pets_compiler.passes.fuse_site_ops import fuse_site_ops
 
 Pass = Callable[[GraphModule, CompileContext], PassResult]
@@ -36,6 +37,7 @@ PIPELINE: tuple[Pass, ...] = (
     attach_adapters,
     attach_layer_norm_delta,
     fuse_activation,
+    fuse_row_terms,
     attach_heads,
     check_graph,
 )

@@ -23,9 +23,10 @@ def check_graph(gm: GraphModule, ctx: CompileContext) -> PassResult:
     if any(n.target is torch.ops.aten.dropout.default for n in gm.graph.nodes):
         raise RuntimeError("a dropout node is left in the graph")
     ops = Counter(str(n.target) for n in gm.graph.nodes if str(n.target).startswith("pets."))
-    terms = ops.copy()  # a gelu_delta carries a site's bias delta and / or an IA3 scale (fuse_activation)
+    # A gelu_delta (fuse_activation) or row_delta (fuse_row_terms) carries a site's bias delta and / or an IA3 scale.
+    terms = ops.copy()
     for n in gm.graph.nodes:
-        if n.target is torch.ops.pets.gelu_delta.default:
+        if n.target in (torch.ops.pets.gelu_delta.default, torch.ops.pets.row_delta.default):
             terms["pets.bias_delta.default"] += n.args[2] is not None
             terms["pets.scale.default"] += n.args[3] is not None
     linear_ops = sum(terms[f"pets.{op}.default"] for op in ("lora_delta", "bias_delta", "linear_delta"))

@@ -95,6 +95,20 @@ def site_output(linear: Node) -> Node:
         node = users[0]
 
 
+def node_value(node: Node) -> torch.Tensor | None:
+    """The (fake) tensor a node computes, as capture recorded it in meta "val"; for a task op a pass inserted (no
+    meta), its first argument's, since every pets op but segmented_linear returns a tensor like its first argument
+    (custom_ops/fake.py). None where neither tells."""
+    while "val" not in node.meta:
+        first = node.args[0] if node.args else None
+        task_op = str(node.target).startswith("pets.") and node.target is not op_target("segmented_linear")
+        if not task_op or not isinstance(first, Node):
+            return None
+        node = first
+    val = node.meta["val"]
+    return val if isinstance(val, torch.Tensor) else None
+
+
 def op_target(name: str) -> Callable[..., Any]:
     """`torch.ops.pets.<name>.default`, looked up late so importing passes does not need the library."""
     return cast(Callable[..., Any], getattr(torch.ops.pets, name).default)

@@ -134,6 +134,20 @@ def adapter_tables(
     return down_w, down_b, up_w, up_b, scaling, config
 
 
+# The operands of pets::row_delta a case gives (bias or scale at least), by "+"-joined name.
+ROW_TERMS = ["bias+scale+residual", "bias+scale", "bias+residual", "scale+residual", "bias", "scale"]
+
+
+def row_operands(terms: str, y: Tensor, slots: int = SLOTS) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """A linear site's BitFit bias deltas and IA3 output scales (l - 1) [slots, F] and a residual of y's shape, in
+    y's dtype, as `terms` asks."""
+    f, dtype = y.shape[-1], y.dtype
+    bias = randn(slots, f, dtype=dtype, seed=6, std=0.5) if "bias" in terms else None
+    scale = randn(slots, f, dtype=dtype, seed=7, std=0.3) if "scale" in terms else None
+    residual = randn(*y.shape, dtype=dtype, seed=8) if "residual" in terms else None
+    return bias, scale, residual
+
+
 def bits(t: Tensor) -> Tensor:
     """The bit patterns of a float tensor, for bitwise comparisons (torch.equal says NaN != NaN, -0.0 == 0.0)."""
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])

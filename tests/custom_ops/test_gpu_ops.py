@@ -1,7 +1,8 @@
 """The CUDA kernels of every pets op (csrc/cuda) against their float64 torch references: task mixes (one task, all
 distinct, uniform, Zipf-skewed, sorted), per-slot ranks up to 128 with non-zero table padding, sizes that are not
-tile multiples (token counts that leave partial tiles, 72/200 features), bert-base sizes (shared-memory opt-in
-above 48 KiB), fp32/fp16/bf16; then what must hold bitwise, batch independence and the input checks."""
+tile multiples (token counts that leave partial tiles, 72/200 features), the row kernels' vector path at 768 to
+3072 features, bert-base sizes (shared-memory opt-in above 48 KiB), fp32/fp16/bf16; then what must hold bitwise,
+batch independence and the input checks."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pets_compiler.custom_ops import (
     layer_norm_ref,
     linear_delta_ref,
     lora_delta_ref,
+    row_delta_ref,
     scale_ref,
     segmented_linear_ref,
     sparse_delta_ref,
@@ -30,6 +32,7 @@ from op_cases import (
     LABELS,
     MIXES,
     OUT,
+    ROW_TERMS,
     SLOTS,
     TOLERANCE,
     VOCAB,
@@ -40,6 +43,7 @@ from op_cases import (
     ln_params,
     lora_tables,
     randn,
+    row_operands,
     sparse_pool,
     task_ids_for,
 )
@@ -145,6 +149,60 @@ def test_gelu_delta_scalar_path(dtype: torch.dtype, approximate: str) -> None:
     torch.testing.assert_close(got.cpu(), want.to(dtype), **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("terms", ROW_TERMS)
+@pytest.mark.parametrize("tokens", GPU_TOKENS, ids=["2d", "3d", "3d-long"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("mix", MIXES)
+def test_row_delta(mix: str, dtype: torch.dtype, tokens: tuple[int, ...], terms: str) -> None:
+    y = randn(BATCH, *tokens, OUT, dtype=dtype, seed=5, std=2.0)
+    check("row_delta", row_delta_ref, (y, task_ids_for(mix), *row_operands(terms, y)), dtype)
+
+
+def misaligned(t: Tensor) -> Tensor:
+    """t on the device one element past a 16-byte boundary (made there: a copy would realign it)."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")[1:]
+    return flat.copy_(t.flatten().cuda()).view(t.shape)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_row_delta_scalar_path(dtype: torch.dtype) -> None:
+    """Features that are not a multiple of a 16-byte vector, and a table or residual that is not 16-byte aligned."""
+    ids = task_ids_for("uniform")
+    y = randn(BATCH, 37, 75, dtype=dtype, seed=5, std=2.0)
+    for terms in ROW_TERMS:
+        check("row_delta", row_delta_ref, (y, ids, *row_operands(terms, y)), dtype)
+    y = randn(BATCH, 37, OUT, dtype=dtype, seed=5, std=2.0)
+    bias, scale, residual = row_operands("bias+scale+residual", y)
+    assert bias is not None and scale is not None and residual is not None
+    want = row_delta_ref(*f64(y, ids, bias, scale, residual)).to(dtype)
+    for operands in [(misaligned(bias), scale, residual), (bias, scale, misaligned(residual))]:
+        got = ops.row_delta(*cuda(y, ids, *operands))
+        torch.testing.assert_close(got.cpu(), want, **TOLERANCE[dtype])
+
+
+# Feature counts of the row kernels' vector path, whose threads share a block's (token, vector) pairs evenly:
+# bert-base's hidden and intermediate sizes (fp16: 96 and 384 vectors of 16 bytes, fewer and more than a block's
+# 256 threads) and 257 fp16 vectors (a step of 256 that wraps around a row by one).
+ROW_FEATURES = [768, 3072, 2056]
+
+
+@pytest.mark.parametrize("features", ROW_FEATURES)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_row_kernels_at_wide_rows(dtype: torch.dtype, features: int) -> None:
+    """Every op of the row kernels over 45 tokens a row (two full blocks of 16 tokens and a partial one) and one
+    token rows, each row's slot its own."""
+    slots = 8
+    ids = torch.tensor([3, 0, 7, 3, 5])
+    for tokens in [(45,), ()]:
+        y = randn(5, *tokens, features, dtype=dtype, seed=5, std=2.0)
+        bias, scale, _ = row_operands("bias+scale", y, slots)
+        check("bias_delta", bias_delta_ref, (y, ids, bias), dtype)
+        check("scale", scale_ref, (y, ids, scale), dtype)
+        check("gelu_delta", gelu_delta_ref, (y, ids, bias, scale, "none"), dtype)
+        for terms in ROW_TERMS:
+            check("row_delta", row_delta_ref, (y, ids, *row_operands(terms, y, slots)), dtype)
+
+
 @pytest.mark.parametrize("tokens", GPU_TOKENS, ids=["2d", "3d", "3d-long"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("mix", MIXES)
@@ -185,6 +243,7 @@ def test_bert_base_sizes(dtype: torch.dtype) -> None:
     check("adapter", adapter_ref, args, dtype)
     ffn = randn(batch, seq, inter, dtype=dtype, seed=6, std=2.0)
     check("gelu_delta", gelu_delta_ref, (ffn, ids, *gelu_tables("bias+scale", dtype, slots, inter), "none"), dtype)
+    check("row_delta", row_delta_ref, (y, ids, *row_operands("bias+scale+residual", y, slots)), dtype)
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
@@ -221,6 +280,13 @@ def test_what_must_stay_bitwise(dtype: torch.dtype) -> None:
             assert torch.equal(out[::3], plain[::3]) and not torch.equal(out[1::3], plain[1::3])
         out = ops.gelu_delta(y, ids, None, scale, approximate)
         assert torch.equal(bits(out[::3]), bits(plain[::3]))
+    # row_delta: rows of zero slots are y, or aten.add's y + residual (the sum rounded once); no bias keeps a -0.0.
+    residual = randn(BATCH, 5, OUT, dtype=dtype, seed=9).cuda()
+    for terms, plain in [((bias, scale, residual), y + residual), ((None, scale, residual), y + residual)]:
+        out = ops.row_delta(y, ids, *terms)
+        assert torch.equal(bits(out[::3]), bits(plain[::3])) and not torch.equal(out[1::3], plain[1::3])
+    out = ops.row_delta(y, ids, None, scale, None)
+    assert torch.equal(bits(out[::3]), bits(y[::3]))
 
 
 def test_rows_do_not_depend_on_the_rest_of_the_batch() -> None:
@@ -242,6 +308,9 @@ def test_rows_do_not_depend_on_the_rest_of_the_batch() -> None:
     one = ops.gelu_delta(*cuda(y, ids, *terms), "tanh")
     two = ops.gelu_delta(*cuda(y2, ids2, *terms), "tanh")
     assert torch.equal(bits(one[0]), bits(two[0]))
+    one = ops.row_delta(*cuda(y, ids, *terms, x[..., :1].expand_as(y).contiguous()))
+    two = ops.row_delta(*cuda(y2, ids2, *terms, x2[..., :1].expand_as(y2).contiguous()))
+    assert torch.equal(bits(one[0]), bits(two[0]))
     one = ops.adapter(*cuda(y, y, ids, *adapter))
     two = ops.adapter(*cuda(y2, y2, ids2, *adapter))
     assert torch.equal(bits(one[0]), bits(two[0]))
@@ -261,6 +330,125 @@ def test_checks_name_the_wrong_input() -> None:
         ops.gelu_delta(y, ids, None, randn(SLOTS, OUT, dtype=torch.float16), "none")
     with pytest.raises(RuntimeError, match=r"gelu_delta: bias has out_features 5, y has 200"):
         ops.gelu_delta(y, ids, randn(SLOTS, 5, dtype=torch.float16).cuda(), None, "tanh")
+    with pytest.raises(RuntimeError, match=r"row_delta: residual is on cpu, y is on cuda"):
+        ops.row_delta(y, ids, None, randn(SLOTS, OUT, dtype=torch.float16).cuda(), y.cpu())
+    with pytest.raises(RuntimeError, match=r"row_delta: bias and scale are both None"):
+        ops.row_delta(y, ids, None, None, y)
     with pytest.raises(RuntimeError, match=r"row_ptr must be an int64 \[T, out \+ 1\]"):
         row_ptr, col, val = (t.cuda() for t in sparse_pool(SLOTS, OUT, IN, torch.float16))
         ops.sparse_delta(y, x, ids, row_ptr[:, :-1], col, val)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sparse_delta kernel shapes (appended with the kernel rewrite of csrc/cuda/sparse.cu): its tile (64, 32 or 16
+# tokens a block, by how many in_features fit shared memory), its row schedule (one group a row for a slot averaging
+# under 16 entries a row, two groups above), its scalar paths (in_features not a multiple of 8, odd out_features,
+# tables, x or y off 16-byte alignment) and what must stay bitwise.
+
+
+def sparse_density_pool(
+    slots: int,
+    rows: int,
+    cols: int,
+    density: float,
+    dtype: torch.dtype,
+    seed: int = 50,
+    empty: tuple[int, ...] = (0,),
+    long_rows: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pooled CSR tables of D_t [rows, cols] with binomial(cols, density) entries a row at random columns (unsorted,
+    repeats allowed: they add up), slots in shuffled pool order with dead entries between them, every 4th row empty,
+    all of D_t empty for the slots in `empty`; every 16th row (from row 1) gets `long_rows` entries if nonzero."""
+    g = gen(seed)
+    row_ptr = torch.zeros(slots, rows + 1, dtype=torch.long)
+    pieces, pos = [], 0
+    for t in torch.randperm(slots, generator=g).tolist():
+        dead = torch.randint(0, cols, (int(torch.randint(0, 5, (), generator=g)),), generator=g)
+        counts = torch.binomial(torch.full((rows,), float(cols)), torch.full((rows,), density), generator=g).long()
+        counts[::4] = 0
+        if long_rows:
+            counts[1::16] = long_rows
+        if t in empty:
+            counts[:] = 0
+        c = torch.randint(0, cols, (int(counts.sum()),), generator=g)
+        pos += dead.numel()
+        row_ptr[t, 1:] = counts.cumsum(0)
+        row_ptr[t] += pos
+        pieces += [dead, c]
+        pos += c.numel()
+    col = torch.cat(pieces)
+    std = max(density * cols, 1.0) ** -0.5
+    return row_ptr, col, randn(col.numel(), dtype=dtype, seed=seed + 1, std=std)
+
+
+# (in_features, out_features, tokens a row, density): in 37 / 100 (not multiples of 8: scalar staging), out 37
+# (odd: scalar epilogue), token counts leaving partial tiles, short rows (< 16 entries) and long ones, bert-base's
+# 768x768 and both FFN shapes at 1% and 5%, in 1400 (fp16: 64-token tiles with 8 warps a block) and in 4096
+# (fp16: 16-token tiles; fp32: 8).
+SPARSE_SHAPES = [
+    (37, 100, 37, 0.1),
+    (100, 37, 100, 0.3),
+    (768, 768, 128, 0.01),
+    (768, 768, 77, 0.05),
+    (768, 3072, 64, 0.01),
+    (3072, 768, 70, 0.01),
+    (3072, 768, 32, 0.05),
+    (1400, 64, 64, 0.02),
+    (4096, 256, 40, 0.02),
+]
+
+
+@pytest.mark.parametrize("shape", SPARSE_SHAPES, ids=lambda s: f"in{s[0]}-out{s[1]}-s{s[2]}-d{s[3]}")
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_sparse_delta_shapes(dtype: torch.dtype, shape: tuple[int, int, int, float]) -> None:
+    in_f, out_f, seq, density = shape
+    slots = 6
+    ids = torch.tensor([3, 0, 5, 3])  # slot 0 empty; two rows share slot 3
+    x = randn(4, seq, in_f, dtype=dtype, seed=52)
+    y = randn(4, seq, out_f, dtype=dtype, seed=53)
+    pool = sparse_density_pool(slots, out_f, in_f, density, dtype)
+    check("sparse_delta", sparse_delta_ref, (y, x, ids, *pool), dtype)
+    check("sparse_delta", sparse_delta_ref, (y[:, 0], x[:, 0], ids, *pool), dtype)  # [B, F]: one-token tiles
+
+
+def sparse_off_alignment(t: Tensor) -> Tensor:
+    """t on the device one element past a 16-byte boundary (made there: a copy would realign it)."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")[1:]
+    return flat.copy_(t.flatten().cuda()).view(t.shape)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_sparse_delta_long_rows_alignment_and_bits(dtype: torch.dtype) -> None:
+    """Long rows (up to 3 * in entries: repeated columns) among short and empty ones, in both row schedules (the
+    slot averages: about 6, 150, 6 and 67 entries a row); col, val, x and y off alignment (the kernel's scalar
+    loads, bitwise equal to the vector ones); empty rows and empty slots keep y's bits, -0.0 included."""
+    slots, seq = 4, 45
+    ids = torch.tensor([1, 2, 0, 3, 1])
+    for in_f, out_f, density, long_rows in [
+        (768, 256, 0.005, 60),
+        (768, 256, 0.05, 3 * 768),
+        (200, 64, 0.02, 50),
+        (200, 64, 0.2, 600),
+    ]:
+        x = randn(5, seq, in_f, dtype=dtype, seed=60)
+        y = randn(5, seq, out_f, dtype=dtype, seed=61)
+        y[:, :, ::3] = -0.0
+        row_ptr, col, val = sparse_density_pool(slots, out_f, in_f, density, dtype, seed=62, long_rows=long_rows)
+        want = sparse_delta_ref(*f64(y, x, ids, row_ptr, col, val)).to(dtype)
+        aligned = ops.sparse_delta(*cuda(y, x, ids, row_ptr, col, val))
+        torch.testing.assert_close(aligned.cpu(), want, **TOLERANCE[dtype])
+        shifted = ops.sparse_delta(
+            sparse_off_alignment(y),
+            sparse_off_alignment(x),
+            ids.cuda(),
+            row_ptr.cuda(),
+            sparse_off_alignment(col),
+            sparse_off_alignment(val),
+        )
+        torch.testing.assert_close(shifted.cpu(), want, **TOLERANCE[dtype])
+        assert torch.equal(bits(shifted.cpu()), bits(aligned.cpu())), "aligned and scalar paths differ"
+        # Bitwise y: rows of slot 0 (no entries) and, in every row, the outputs whose D_t row is empty.
+        empty_rows = (row_ptr[:, 1:] == row_ptr[:, :-1])[ids]  # [B, out]
+        mask = empty_rows.unsqueeze(1).expand(-1, seq, -1)
+        assert bool(mask[2].all()) and bool(mask.any()) and not bool(mask.all())
+        assert torch.equal(bits(aligned.cpu()[mask]), bits(y[mask]))

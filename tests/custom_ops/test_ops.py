@@ -22,6 +22,7 @@ from pets_compiler.custom_ops import (
     layer_norm_ref,
     linear_delta_ref,
     lora_delta_ref,
+    row_delta_ref,
     scale_ref,
     segmented_linear_ref,
     sparse_delta_ref,
@@ -36,6 +37,7 @@ from op_cases import (
     MIXES,
     OUT,
     RANKS,
+    ROW_TERMS,
     SLOTS,
     TOKENS,
     TOLERANCE,
@@ -49,6 +51,7 @@ from op_cases import (
     ln_params,
     lora_tables,
     randn,
+    row_operands,
     sparse_pool,
     task_ids_for,
 )
@@ -170,6 +173,10 @@ def test_references_match_a_row_by_row_loop() -> None:
         gelu_delta_ref(y, ids, bias, ia3, "tanh"),
         torch.stack([F.gelu(y[i] + bias[t], approximate="tanh") * (1 + ia3[t]) for i, t in rows]),
     )
+    res = randn(BATCH, 4, OUT, dtype=torch.float64, seed=14)
+    close(
+        row_delta_ref(y, ids, bias, ia3, res), torch.stack([(y[i] + bias[t]) * (1 + ia3[t]) + res[i] for i, t in rows])
+    )
 
 
 def test_lora_rows_of_zero_scale_slots_are_exactly_y() -> None:
@@ -264,6 +271,53 @@ def test_gelu_delta_is_the_unfused_ops_bitwise_on_the_cpu() -> None:
     for approximate in ("none", "tanh"):
         unfused = ops.scale(F.gelu(ops.bias_delta(y, ids, bias), approximate=approximate), ids, scale)
         assert torch.equal(bits(ops.gelu_delta(y, ids, bias, scale, approximate)), bits(unfused))
+
+
+@pytest.mark.parametrize("features", [OUT, 75])
+@pytest.mark.parametrize("terms", ROW_TERMS)
+@pytest.mark.parametrize("tokens", TOKENS, ids=["2d", "3d"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mix", MIXES)
+def test_row_delta_matches_reference(
+    mix: str, dtype: torch.dtype, tokens: tuple[int, ...], terms: str, features: int
+) -> None:
+    ids = task_ids_for(mix)
+    y = randn(BATCH, *tokens, features, dtype=dtype, seed=5, std=2.0)
+    args = (y, ids, *row_operands(terms, y))
+    assert_matches(ops.row_delta(*args), row_delta_ref(*f64(*args)), dtype)
+
+
+@pytest.mark.parametrize("terms", ROW_TERMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_row_delta_rows_of_zero_slots_are_the_base_bitwise(dtype: torch.dtype, terms: str) -> None:
+    """Slot 0 (and any slot whose tables are zero) computes what the base model does, y or aten.add(y, residual),
+    bit for bit; without a bias a -0.0 of y stays -0.0 (a bias add of 0 makes it +0.0, as pets::bias_delta does)."""
+    ids = task_ids_for("uniform")
+    y = randn(BATCH, 5, OUT, dtype=dtype, seed=5, std=2.0)
+    y[:, 0, :2] = torch.tensor([float("inf"), 0.0 if "bias" in terms else -0.0], dtype=dtype)
+    bias, scale, residual = row_operands(terms, y)
+    for table in (bias, scale):
+        if table is not None:
+            table[ids[::2]] = 0
+    zero = torch.isin(ids, ids[::2])
+    out = ops.row_delta(y, ids, bias, scale, residual)
+    plain = y if residual is None else y + residual
+    assert torch.equal(bits(out[zero]), bits(plain[zero]))
+    assert not torch.equal(out[~zero], plain[~zero])
+
+
+def test_row_delta_is_the_unfused_ops_bitwise_on_the_cpu() -> None:
+    """The CPU kernel does the unfused ops' arithmetic, so fusing them (passes/fuse_row_terms.py) changes no CPU
+    result."""
+    ids = task_ids_for("zipf")
+    for dtype in (torch.float32, torch.float16):
+        y = randn(BATCH, 5, OUT, dtype=dtype, seed=5, std=2.0)
+        for terms in ROW_TERMS:
+            bias, scale, residual = row_operands(terms, y)
+            unfused = y if bias is None else ops.bias_delta(y, ids, bias)
+            unfused = unfused if scale is None else ops.scale(unfused, ids, scale)
+            unfused = unfused if residual is None else unfused + residual
+            assert torch.equal(bits(ops.row_delta(y, ids, bias, scale, residual)), bits(unfused)), (dtype, terms)
 
 
 @pytest.mark.parametrize("tokens", TOKENS, ids=["2d", "3d"])
@@ -556,6 +610,9 @@ def test_non_contiguous_inputs_of_the_pet_ops() -> None:
     for terms in [(bias, delta), (bias, None), (None, delta)]:
         expected = gelu_delta_ref(y, ids, *terms, "tanh")
         torch.testing.assert_close(ops.gelu_delta(y, ids, *terms, "tanh"), expected, **tol)
+    residual = randn(BATCH, OUT, 5, seed=8).transpose(1, 2)
+    for terms in [(bias, delta, residual), (None, delta, residual), (bias, None, None)]:
+        torch.testing.assert_close(ops.row_delta(y, ids, *terms), row_delta_ref(y, ids, *terms), **tol)
     row_ptr, col, val = sparse_pool(SLOTS, OUT, IN, torch.float32)
     row_ptr, col, val = row_ptr.T.contiguous().T, col.repeat_interleave(2)[::2], val.repeat_interleave(2)[::2]
     assert not (row_ptr.is_contiguous() or col.is_contiguous() or val.is_contiguous())
@@ -588,6 +645,7 @@ def test_empty_batch() -> None:
     assert ops.scale(y, ids, bias).shape == (0, 5, OUT)
     assert ops.gelu_delta(y, ids, bias, bias, "none").shape == (0, 5, OUT)
     assert ops.gelu_delta(y, ids, None, None, "tanh").shape == (0, 5, OUT)
+    assert ops.row_delta(y, ids, bias, bias, y).shape == (0, 5, OUT)
     assert ops.sparse_delta(y, x, ids, *sparse_pool(SLOTS, OUT, IN, torch.float32)).shape == (0, 5, OUT)
     vocab_ids = torch.empty(0, 5, dtype=torch.long)
     assert ops.embedding_delta(x, vocab_ids, ids, *sparse_pool(SLOTS, VOCAB, IN, torch.float32)).shape == (0, 5, IN)
@@ -620,6 +678,9 @@ def _samples() -> dict[str, tuple[Callable[..., Tensor], tuple[object, ...]]]:
         "gelu_delta": (ops.gelu_delta.default, (y, ids, bias, randn(4, 40, seed=7), "none")),
         "gelu_delta_bias_only": (ops.gelu_delta.default, (y, ids, bias, None, "tanh")),
         "gelu_delta_scale_only": (ops.gelu_delta.default, (y, ids, None, randn(4, 40, seed=7), "none")),
+        "row_delta": (ops.row_delta.default, (y, ids, bias, randn(4, 40, seed=7), randn(5, 3, 40, seed=8))),
+        "row_delta_bias_residual": (ops.row_delta.default, (y, ids, bias, None, randn(5, 3, 40, seed=8))),
+        "row_delta_scale_only": (ops.row_delta.default, (y, ids, None, randn(4, 40, seed=7), None)),
         "sparse_delta": (ops.sparse_delta.default, (y, x, ids, *pool)),
         "sparse_delta_empty_pool": (ops.sparse_delta.default, (y, x, ids, *no_pool)),
         "embedding_delta": (ops.embedding_delta.default, (x, vocab_ids, ids, *e_pool)),
@@ -676,6 +737,7 @@ def _bad(op: str, **changes: object) -> Callable[[], Tensor]:
         "val": randn(6),
         "ids": torch.tensor([1, 3]),
         "residual": randn(2, 8, seed=1),
+        "row_residual": randn(2, 6, seed=2),
         "down_w": randn(4, 3, 8),
         "down_b": randn(4, 3),
         "up_w": randn(4, 8, 3),
@@ -699,6 +761,7 @@ def _bad(op: str, **changes: object) -> Callable[[], Tensor]:
         "segmented_linear": lambda: ops.segmented_linear(k["x"], k["task_ids"], k["weight"], k["head_bias"]),
         "scale": lambda: ops.scale(k["y"], k["task_ids"], k["delta"]),
         "gelu_delta": lambda: ops.gelu_delta(k["y"], k["task_ids"], k["bias"], k["delta"], k["approximate"]),
+        "row_delta": lambda: ops.row_delta(k["y"], k["task_ids"], k["bias"], k["delta"], k["row_residual"]),
         "sparse_delta": lambda: ops.sparse_delta(k["y"], k["x"], k["task_ids"], k["row_ptr"], k["col"], k["val"]),
         "embedding_delta": lambda: ops.embedding_delta(
             k["x"], k["ids"], k["task_ids"], k["emb_row_ptr"], k["col"], k["val"]
@@ -767,6 +830,33 @@ BAD_CALLS += [
     ("gelu_delta", {"bias": randn(2, 6)}, r"task_ids\[1\] = 3 is not a slot of bias, which has T = 2"),
     ("gelu_delta", {"y": randn(6)}, r"gelu_delta: y must be \[B, ..., features\] .*got shape \[6\]"),
     ("gelu_delta", {"approximate": "erf"}, r"approximate must be \"none\" or \"tanh\" \(aten.gelu's\), got \"erf\""),
+    (
+        "row_delta",
+        {"bias": None, "delta": None},
+        r"row_delta: bias and scale are both None; at least one must be given",
+    ),
+    (
+        "row_delta",
+        {"row_residual": randn(2, 1, 6)},
+        r"row_delta: residual must have the shape of y, got residual \[2, 1, 6\] and y \[2, 6\]",
+    ),
+    (
+        "row_delta",
+        {"row_residual": randn(2, 5)},
+        r"row_delta: residual must have the shape of y, got residual \[2, 5\]",
+    ),
+    (
+        "row_delta",
+        {"row_residual": randn(2, 6, dtype=torch.float16)},
+        r"row_delta: residual has dtype Half, y has Float",
+    ),
+    ("row_delta", {"bias": randn(4, 5)}, r"row_delta: bias has out_features 5, y has 6"),
+    ("row_delta", {"delta": randn(4, 7)}, r"row_delta: scale has features 7, y has 6 \(scale \[4, 7\], y \[2, 6\]\)"),
+    ("row_delta", {"delta": randn(4, 6, dtype=torch.float64)}, r"row_delta: scale has dtype Double, y has Float"),
+    ("row_delta", {"bias": randn(3, 6)}, r"row_delta: task_ids\[1\] = 3 is not a slot of bias, which has T = 3"),
+    ("row_delta", {"delta": randn(2, 6), "bias": None}, r"task_ids\[1\] = 3 is not a slot of scale, which has T = 2"),
+    ("row_delta", {"task_ids": torch.tensor([0, 3], dtype=torch.int32)}, r"row_delta: task_ids must be int64"),
+    ("row_delta", {"y": randn(6)}, r"row_delta: y must be \[B, ..., features\] .*got shape \[6\]"),
     (
         "sparse_delta",
         {"row_ptr": torch.zeros(4, 6, dtype=torch.long)},
@@ -885,6 +975,7 @@ def test_only_the_slots_a_batch_uses_are_checked() -> None:
         "segmented_linear",
         "scale",
         "gelu_delta",
+        "row_delta",
         "sparse_delta",
         "embedding_delta",
         "adapter",
@@ -949,6 +1040,8 @@ class _SiteModule(nn.Module):
             return ops.scale(y, task_ids, self.ia3)
         if self.op == "gelu_delta":
             return ops.gelu_delta(y, task_ids, self.bias, self.ia3, "tanh")
+        if self.op == "row_delta":
+            return ops.row_delta(y, task_ids, self.bias, self.ia3, torch.tanh(y))
         if self.op == "sparse_delta":
             return ops.sparse_delta(y, x, task_ids, self.row_ptr, self.col, self.val)
         if self.op == "embedding_delta":
@@ -973,6 +1066,8 @@ class _SiteModule(nn.Module):
             return scale_ref(y, task_ids, self.ia3)
         if self.op == "gelu_delta":
             return gelu_delta_ref(y, task_ids, self.bias, self.ia3, "tanh")
+        if self.op == "row_delta":
+            return row_delta_ref(y, task_ids, self.bias, self.ia3, torch.tanh(y))
         if self.op == "sparse_delta":
             return sparse_delta_ref(y, x, task_ids, self.row_ptr, self.col, self.val)
         if self.op == "embedding_delta":
@@ -985,7 +1080,7 @@ class _SiteModule(nn.Module):
 
 EXPORTED_OPS = [
     *("lora_delta", "bias_delta", "linear_delta", "layer_norm", "segmented_linear"),
-    *("scale", "gelu_delta", "sparse_delta", "embedding_delta", "adapter"),
+    *("scale", "gelu_delta", "row_delta", "sparse_delta", "embedding_delta", "adapter"),
 ]
 
 

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pytest
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 import pets_compiler
+from bench.kinds import make_kinds
 from pets_compiler import passes
 from pets_compiler.capture import capture
 from pets_compiler.compiler import plan_sites
 from pets_compiler.errors import CompileError
 from pets_compiler.frontend.base import BaseModel, load_base
+from pets_compiler.frontend.taskset import TaskSpec
 from pets_compiler.oracle import merged_model, peft_model
 from pets_compiler.passes import CompileContext, SitePlan
 from pets_compiler.passes.attach_heads import pool_embedding
+from pets_compiler.passes.context import site_output
 from pets_compiler.runtime.requests import pad
 
 from builders import make_bitfit, make_peft_ia3, make_small_base, mixed_rows, own_output, rel_err
@@ -252,15 +256,21 @@ def test_bitfit_and_ia3_serve_through_gelu_delta(
     for n in fused:  # the intermediate linear in, the output linear out: no bias_delta or scale between
         assert n.args[0].target is ATEN.linear.default and [u.target for u in n.users] == [ATEN.linear.default]
         assert (n.args[2] is not None, n.args[3] is not None) == ("bitfit" in tasks, "ia3" in tasks)
+    assert_rows_are_own_models(runtime, sources)
+
+
+def assert_rows_are_own_models(runtime: pets_compiler.Runtime, sources: Mapping[str, Path | TaskSpec]) -> None:
+    """Every row of a mixed batch (the base's too) equals its task's own model: peft's for a peft adapter dir, the
+    merged HF model otherwise."""
     base = runtime.base
     own = {
         name: peft_model(base, src)
-        if (src / "adapter_config.json").is_file()
+        if isinstance(src, Path) and (src / "adapter_config.json").is_file()
         else merged_model(base, runtime.task(name))
         for name, src in sources.items()
     }
-    rows, names = mixed_rows(base.config.vocab_size, sorted(sources), 10, seed=5)
-    assert set(names) == set(sources)
+    rows, names = mixed_rows(base.config.vocab_size, sorted(sources), len(sources) + 8, seed=5)
+    names[: len(sources)] = sorted(sources)  # every task has a row
     ids, mask = pad(rows)
     logits, embedding = runtime.forward(ids, mask, names)
     for i, name in enumerate(names):
@@ -268,6 +278,140 @@ def test_bitfit_and_ia3_serve_through_gelu_delta(
         head = runtime.task(name).head
         got, want = (embedding[i], want_emb) if head is None else (logits[i, : head.num_labels], want_logits)
         assert want is not None and rel_err(got, want) < 1e-5, (name, i)
+
+
+SELF_OUT, KEY, QUERY = (f"encoder.layer.{{}}.attention.{m}" for m in ("output.dense", "self.key", "self.query"))
+
+
+def unfused_row_terms(nodes: Iterable[Node]) -> list[str]:
+    """Bias deltas and IA3 scales that still feed a scale or an add: the chains fuse_row_terms fuses."""
+    terms, after = (PETS.bias_delta.default, PETS.scale.default), (PETS.scale.default, ATEN.add.Tensor)
+    return [n.name for n in nodes if n.target in terms and any(u.target in after for u in n.users)]
+
+
+def row_delta_terms(nodes: Iterable[Node]) -> Counter[tuple[bool, ...]]:
+    """(bias, scale, residual) given, of each row_delta."""
+    return Counter(tuple(a is not None for a in n.args[2:]) for n in nodes if n.target is PETS.row_delta.default)
+
+
+def test_fuse_row_terms(base: BaseModel) -> None:
+    """Each chain of a linear site's row terms (and the residual add after them) becomes one row_delta; a term
+    alone, the add an adapter took and an add that broadcasts stay as they are; check_graph counts the terms."""
+    plan = SitePlan(
+        bias=(
+            QUERY.format(0),
+            KEY.format(0),
+            *(SELF_OUT.format(i) for i in (0, 1)),
+            FFN_OUT.format(0),
+            FFN_OUT.format(1),
+        ),
+        ia3_out=(KEY.format(0), SELF_OUT.format(1), SELF_OUT.format(2)),
+        adapter=("encoder.layer.0.output",),
+    )
+    gm = capture(base)
+    ctx = CompileContext(base, plan, base.pooling)
+    run_until(gm, ctx, "fuse_activation")
+    # The FFN output of layer 1 plus the LayerNorm's weight [H] instead of its residual: an add that broadcasts.
+    (add,) = site_output(ctx.linear_nodes[FFN_OUT.format(1)]).users
+    weight = next(n for n in gm.graph.nodes if n.target == "encoder.layer.1.output.LayerNorm.weight")
+    add.args = (add.args[0], weight)
+    assert len(unfused_row_terms(gm.graph.nodes)) == 6
+    result = passes.fuse_row_terms(gm, ctx)
+    counts = ops(gm)
+    assert result.changed == 4 and "(3 bias deltas, 3 IA3 scales, 3 residual adds)" in result.detail
+    assert counts["pets.bias_delta.default"] == 3 and counts["pets.scale.default"] == 0
+    fused = {n.args[0]: n for n in gm.graph.nodes if n.target is PETS.row_delta.default}
+    site_of = {node: site for site, node in ctx.linear_nodes.items()}
+    assert {site_of[y]: tuple(a is not None for a in n.args[2:]) for y, n in fused.items()} == {
+        KEY.format(0): (True, True, False),
+        SELF_OUT.format(0): (True, False, True),
+        SELF_OUT.format(1): (True, True, True),
+        SELF_OUT.format(2): (False, True, True),
+    }
+    # The residual is the attention's input; the sum goes on to the sublayer's LayerNorm.
+    row_delta = fused[ctx.linear_nodes[SELF_OUT.format(0)]]
+    assert row_delta.args[1] is ctx.task_ids and row_delta.args[4] is ctx.layer_norm_nodes["embeddings.LayerNorm"]
+    assert list(row_delta.users) == [ctx.layer_norm_nodes["encoder.layer.0.attention.output.LayerNorm"]]
+    assert unfused_row_terms(gm.graph.nodes) == [add.args[0].name]  # the broadcast add's
+    assert ctx.layer_norm_nodes["encoder.layer.0.output.LayerNorm"].args[0].target is PETS.bias_delta.default
+    assert passes.fuse_row_terms(gm, ctx).changed == 0 and ops(gm) == counts
+    passes.attach_heads(gm, ctx)
+    passes.check_graph(gm, ctx)
+
+
+def test_fuse_row_terms_changes_no_cpu_result(base: BaseModel) -> None:
+    """The program with the pass equals the one without it bitwise on the CPU (pets::row_delta's CPU kernel does the
+    unfused ops' arithmetic), with every linear's bias delta, IA3 output scales and per-task LayerNorms."""
+    layers = range(base.config.num_hidden_layers)
+    plan = SitePlan(
+        bias=tuple(base.sites.linear),
+        ia3_out=tuple(s.format(i) for i in layers for s in (KEY, SELF_OUT, FFN_OUT)),
+        layer_norm=tuple(base.sites.layer_norm),
+    )
+    graphs = []
+    for pipeline in (passes.PIPELINE, tuple(p for p in passes.PIPELINE if p is not passes.fuse_row_terms)):
+        gm = capture(base)
+        ctx = CompileContext(base, plan, base.pooling)
+        for p in pipeline:
+            p(gm, ctx)
+        graphs.append((gm, ctx))
+    (fused, ctx), (unfused, _) = graphs
+    assert row_delta_terms(fused.graph.nodes) == Counter(
+        {(True, True, False): len(layers), (True, True, True): 2 * len(layers)}
+    )
+    assert not unfused_row_terms(fused.graph.nodes) and ops(unfused)["pets.row_delta.default"] == 0
+    ids = torch.randint(5, 1000, (4, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    args = (ids, mask, torch.tensor([0, 1, 2, 1]), *_random_tables(ctx))
+    with torch.no_grad():
+        for got, want in zip(fused(*args), unfused(*args), strict=True):
+            assert torch.equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def row_sources(small_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("row_terms")
+    # IA3 output scales at key, value and the attention's output dense (the one before a residual add)
+    ia3 = make_peft_ia3(small_base, root / "ia3", targets=["key", "value", "attention.output.dense"], feedforward=[])
+    return {"bitfit": make_bitfit(small_base, root / "bitfit", num_labels=2, seed=2), "ia3": ia3}
+
+
+# The row_deltas of each layer, by the terms they carry (bias, scale, residual), for the tasks served.
+LAYER_ROW_DELTAS = {
+    ("bitfit",): {(True, False, True): 2},  # both dense outputs before their residual add
+    ("ia3",): {(False, True, True): 1},  # the attention's output dense
+    ("bitfit", "ia3"): {(True, True, False): 2, (True, True, True): 1, (True, False, True): 1},  # key, value too
+}
+
+
+@pytest.mark.parametrize("tasks", list(LAYER_ROW_DELTAS), ids=["bitfit", "ia3", "mix"])
+def test_bitfit_and_ia3_serve_through_row_delta(
+    small_base: Path, row_sources: dict[str, Path], tasks: tuple[str, ...]
+) -> None:
+    """A linear site's bias delta, IA3 output scale and the residual add after them are one row_delta in the served
+    program, and every row (the base's too) still equals its task's own model."""
+    sources: dict[str, Path | TaskSpec] = {name: row_sources[name] for name in tasks} | {"plain": small_base}
+    runtime = pets_compiler.compile(small_base, sources)
+    nodes = list(runtime.program.graph.nodes)
+    layers = runtime.base.config.num_hidden_layers
+    assert row_delta_terms(nodes) == Counter({k: v * layers for k, v in LAYER_ROW_DELTAS[tasks].items()})
+    assert not unfused_row_terms(nodes)
+    assert_rows_are_own_models(runtime, sources)
+
+
+def test_mix_dense_serves_through_row_delta(small_base: Path, base: BaseModel) -> None:
+    """The benchmark's mix of dense kinds (LoRA, BitFit, Pfeiffer, IA3): the key's bias delta and IA3 scale and the
+    attention output's bias delta and residual add are one row_delta each (the FFN output's bias delta goes to the
+    adapter, the value's IA3 scale follows its LoRA op), and every row still equals its task's own model."""
+    kind = make_kinds(base, ("mix_dense",))["mix_dense"]
+    sources: dict[str, Path | TaskSpec] = {kind.task_name(i): kind.task(i) for i in range(kind.cycle)}
+    runtime = pets_compiler.compile(small_base, sources | {"plain": small_base})
+    nodes = list(runtime.program.graph.nodes)
+    layers = runtime.base.config.num_hidden_layers
+    assert row_delta_terms(nodes) == Counter({(True, True, False): layers, (True, False, True): layers})
+    assert not unfused_row_terms(nodes)
+    assert_rows_are_own_models(runtime, sources | {"plain": small_base})
 
 
 def test_full_pipeline_with_zero_tables_is_the_base_model(base: BaseModel) -> None:

@@ -14,6 +14,7 @@
 #include "head/head.h"
 #include "layer_norm/layer_norm.h"
 #include "lora/lora.h"
+#include "row/row.h"
 #include "scale/scale.h"
 #include "sparse/sparse.h"
 
@@ -51,6 +52,9 @@ TORCH_LIBRARY(pets, m) {
   // out[i] = gelu(y[i] + bias[t], approximate) * (1 + scale[t]) (every token of row i), t = task_ids[i]; no bias:
   // gelu(y[i]), no scale: no product; approximate as aten.gelu's ("none" or "tanh")
   m.def("gelu_delta(Tensor y, Tensor task_ids, Tensor? bias, Tensor? scale, str approximate) -> Tensor", tags);
+  // out[i] = (y[i] + bias[t]) * (1 + scale[t]) + residual[i] (every token of row i), t = task_ids[i]; each term only
+  // where given (bias or scale at least); residual has y's shape
+  m.def("row_delta(Tensor y, Tensor task_ids, Tensor? bias, Tensor? scale, Tensor? residual) -> Tensor", tags);
   // out[i, n, o] = y[i, n, o] + sum_{row_ptr[t, o] <= k < row_ptr[t, o + 1]} val[k] * x[i, n, col[k]], t = task_ids[i]
   m.def(
       "sparse_delta(Tensor y, Tensor x, Tensor task_ids, Tensor row_ptr, Tensor col, Tensor val) -> Tensor",
@@ -75,6 +79,7 @@ TORCH_LIBRARY_IMPL(pets, CPU, m) {
   m.impl("segmented_linear", &pets::segmented_linear_cpu);
   m.impl("scale", &pets::scale_cpu);
   m.impl("gelu_delta", &pets::gelu_delta_cpu);
+  m.impl("row_delta", &pets::row_delta_cpu);
   m.impl("sparse_delta", &pets::sparse_delta_cpu);
   m.impl("embedding_delta", &pets::embedding_delta_cpu);
   m.impl("adapter", &pets::adapter_cpu);

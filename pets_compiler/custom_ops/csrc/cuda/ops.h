@@ -19,6 +19,8 @@ at::Tensor bias_delta(const at::Tensor& y, const at::Tensor& task_ids, const at:
 at::Tensor scale(const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& delta);
 at::Tensor gelu_delta(const at::Tensor& y, const at::Tensor& task_ids, const std::optional<at::Tensor>& bias,
                       const std::optional<at::Tensor>& scale, c10::string_view approximate);
+at::Tensor row_delta(const at::Tensor& y, const at::Tensor& task_ids, const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& residual);
 at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
                       const at::Tensor& bias, const at::Tensor& weight_delta, const at::Tensor& bias_delta,
                       double eps);

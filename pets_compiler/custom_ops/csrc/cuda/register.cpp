@@ -11,6 +11,7 @@ TORCH_LIBRARY_IMPL(pets, CUDA, m) {
   m.impl("bias_delta", &pets::cuda::bias_delta);
   m.impl("scale", &pets::cuda::scale);
   m.impl("gelu_delta", &pets::cuda::gelu_delta);
+  m.impl("row_delta", &pets::cuda::row_delta);
   m.impl("layer_norm", &pets::cuda::layer_norm);
   m.impl("segmented_linear", &pets::cuda::segmented_linear);
   m.impl("sparse_delta", &pets::cuda::sparse_delta);

@@ -1,7 +1,7 @@
 // A BERT FFN's activation with the per-row table terms around it: gelu(y + bias[t]) * (1 + scale[t]) for every
 // token of a row, t = task_ids[row]. bias is BitFit's delta of the intermediate linear's bias, scale IA3's input
 // scale of the output linear (stored as l - 1); either may be absent. One pass over the activation instead of one
-// per term.
+// per term: the row terms of row/row.h with act = aten.gelu.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,0 +1,85 @@
+"""Fuse the per-task row terms at a linear site's output (BitFit's bias delta, IA3's output scale) and the residual
+add after them into one `pets.row_delta` call: one pass over the site's [batch, seq, features] activation instead of
+one per op.
+
+It runs after attach_adapters and attach_layer_norm_delta: an adapter takes its sublayer's `add(dense_out,
+residual)` itself (attach_adapters matches that pattern), so the adds left are those before a plain or per-task
+LayerNorm, and fusing them breaks no pattern a later pass looks for."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import Tensor
+from torch.fx import GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from pets_compiler.passes.context import CompileContext, PassResult, cleanup, node_value, op_target
+
+
+def _sole_user(node: Node) -> Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _alike(a: Tensor | None, b: Tensor | None) -> bool:
+    """Same dtype and (symbolic) shape: their sum is elementwise, with no broadcast and no type promotion."""
+    if a is None or b is None or a.dtype != b.dtype or a.dim() != b.dim():
+        return False
+    return all(statically_known_true(m == n) for m, n in zip(a.shape, b.shape, strict=True))
+
+
+def _residual(add: Node | None, term: Node, y: Node) -> Node | None:
+    """r where `add` is aten.add(term, r) or aten.add(r, term) with alpha 1 and r, the sum and y all alike."""
+    if add is None or add.target is not torch.ops.aten.add.Tensor or add.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = add.args[:2]
+    r = b if a is term else a
+    if r is term or not isinstance(r, Node):
+        return None
+    value = node_value(y)
+    return r if _alike(value, node_value(r)) and _alike(value, node_value(add)) else None
+
+
+def fuse_row_terms(gm: GraphModule, ctx: CompileContext) -> PassResult:
+    """scale(bias_delta(y, t, db), t, l - 1), add(bias_delta(y), r), add(scale(bias_delta(y)), r) or
+    add(scale(y), r) -> row_delta(y, t, db?, l - 1?, r?), each intermediate node read by the next alone."""
+    bias, scale, fused_op = op_target("bias_delta"), op_target("scale"), op_target("row_delta")
+    terms: Counter[str] = Counter()
+    erased: set[Node] = set()
+    # In graph order a bias delta comes before the scale that reads it, so each chain is found from its first op.
+    for node in list(gm.graph.nodes):
+        if node in erased or node.target not in (bias, scale):
+            continue
+        y, task_ids, table = node.args
+        assert isinstance(y, Node)
+        chain, db, dl = [node], None, None
+        if node.target is bias:
+            db, user = table, _sole_user(node)
+            if user is not None and user.target is scale and user.args[:2] == (node, task_ids):
+                chain.append(user)
+                dl = user.args[2]
+        else:
+            dl = table
+        add = _sole_user(chain[-1])
+        r = _residual(add, chain[-1], y)
+        if r is None and len(chain) == 1:
+            continue  # a term alone: nothing to fuse
+        if r is not None:
+            assert add is not None
+            chain.append(add)
+        with gm.graph.inserting_before(chain[-1]):
+            new = gm.graph.call_function(fused_op, (y, task_ids, db, dl, r))
+        chain[-1].replace_all_uses_with(new)
+        for n in reversed(chain):
+            gm.graph.erase_node(n)
+            erased.add(n)
+        terms.update(fused=1, bias=db is not None, scale=dl is not None, residual=r is not None)
+    if terms["fused"]:
+        cleanup(gm)
+    detail = (
+        f"fused {terms['fused']} linear sites' row terms into row_delta ({terms['bias']} bias deltas, "
+        f"{terms['scale']} IA3 scales, {terms['residual']} residual adds)"
+    )
+    return PassResult("fuse_row_terms", terms["fused"], detail)
