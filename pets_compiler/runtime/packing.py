@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ class Packing:
     rows: tuple[tuple[int, ...], ...]
     width: int
 
-    @property
+    @cached_property  # read per request while a batch's inputs and answers are laid out
     def per_row(self) -> int:
         return max(len(r) for r in self.rows)
 

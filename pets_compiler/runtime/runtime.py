@@ -318,7 +318,8 @@ class Runtime:
             entries = [self._entry(p.task) for p in batch]
             slots = torch.tensor([entries[r[0]].slot for r in packing.rows], dtype=torch.long)
             outputs = _to_host_async(*executor(ids, segments, slots))  # [rows * K, ...]
-        at = {i: r * packing.per_row + k for r, members in enumerate(packing.rows) for k, i in enumerate(members)}
+        per_row = packing.per_row
+        at = {i: r * per_row + k for r, members in enumerate(packing.rows) for k, i in enumerate(members)}
         heads = [e.spec.head for e in entries]
         return PendingBatch(outputs, batch, heads, [at[i] for i in range(len(batch))], packing.tokens)
 
