@@ -66,11 +66,13 @@ def prepare(index: int, request: Any, tokenizer: Tokenizer, vocab_size: int, max
 
 
 def _check_ids(where: str, ids: Any, vocab_size: int, max_positions: int) -> list[int]:
+    # the common case in one pass of builtins (a bool's type is not int); the checks below name what is wrong
+    fine = isinstance(ids, list) and ids and all(type(v) is int for v in ids) and len(ids) <= max_positions
+    if fine and min(ids) >= 0 and max(ids) < vocab_size:
+        return list(ids)
     if not isinstance(ids, list) or any(isinstance(row, list) for row in ids):
         raise InputError(f"{where}: 'input_ids' must be a flat list of integers (one sequence per request)")
-    # the common case in one pass of builtins (a bool's type is not int); the loop below names what is wrong
-    fine = all(type(v) is int for v in ids) and (not ids or (min(ids) >= 0 and max(ids) < vocab_size))
-    for i, v in enumerate(() if fine else ids):
+    for i, v in enumerate(ids):
         if isinstance(v, bool) or not isinstance(v, int):
             raise InputError(f"{where}: input_ids[{i}] = {v!r} is not an integer")
         if not 0 <= v < vocab_size:
