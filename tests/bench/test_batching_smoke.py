@@ -33,7 +33,7 @@ def test_smoke_records(tmp_path: Path) -> None:
         (p, load) for p in cfg.steady_policies for load in cfg.steady_loads
     ]
     st = steady[0]
-    assert st["succeeded"] == 24 and st["rate_qps"] > 0 and st["p99_bound_ms"] > 0
+    assert st["succeeded"] == cfg.steady_queries and st["rate_qps"] > 0 and st["p99_bound_ms"] > 0
     assert st["p99_within_bound"] == (st["latency_p99_ms"] <= st["p99_bound_ms"])
     wide = lines[1]
     assert 0 < wide["hf_padded_backbone"]["padding_fraction"] < 1 and wide["ratios"]["packed_over_hf_padded"] > 0
