@@ -1,8 +1,9 @@
-"""The `pets` command line: compile, run, tasks, demo. Errors print one line and exit non-zero."""
+"""The `pets` command line: compile, run, tasks, export-onnx, demo. Errors print one line and exit non-zero."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pets_compiler.errors import InputError, PetsError
+from pets_compiler.errors import ExportError, InputError, PetsError
 from pets_compiler.frontend.finetune import DEFAULT_MAX_DENSITY
 
 
@@ -45,12 +46,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--report", action="store_true", help="print what each graph pass changed")
 
-    r = sub.add_parser("run", help="answer JSONL requests with an artifact")
-    r.add_argument("artifact", type=Path)
+    r = sub.add_parser("run", help="answer JSONL requests with an artifact (or an exported ONNX model)")
+    r.add_argument("artifact", type=Path, help="artifact dir, or with --backend onnxruntime a `pets export-onnx` model")
     r.add_argument("--input", type=Path, required=True, help="JSONL: {'task': NAME, 'text'|'input_ids': ...}")
     r.add_argument("--output", type=Path, help="JSONL answers in input order (default: stdout)")
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--device", default="cpu", help="where to serve: cpu, cuda, cuda:1, ...")
+    r.add_argument(
+        "--backend",
+        choices=["pets", "onnxruntime"],
+        default="pets",
+        help="pets: the artifact's runtime; onnxruntime: an exported model (CUDA if onnxruntime-gpu is installed)",
+    )
     r.add_argument(
         "--no-cuda-graphs",
         action="store_true",
@@ -70,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     ta.add_argument("task", type=_task_arg, metavar="NAME=PATH")
     tr = ts.add_parser("remove")
     tr.add_argument("name")
+
+    e = sub.add_parser("export-onnx", help="export an artifact's tasks as one ONNX model for onnxruntime")
+    e.add_argument("artifact", type=Path)
+    e.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
+    e.add_argument("--opset", type=int, default=20, help="ONNX opset, 18 to 23 (default 20)")
 
     d = sub.add_parser("demo", help="the whole chain on the bundled MiniLM checkpoint")
     d.add_argument("--workdir", type=Path, help="where to write the demo tasks and artifact (default: a temp dir)")
@@ -104,10 +116,35 @@ def cmd_compile(args: argparse.Namespace) -> None:
     print(f"wrote {args.output} with tasks: {', '.join(runtime.task_names())}")
 
 
+def _onnx_module(name: str) -> Any:
+    """pets_compiler.export.NAME, which needs the `onnx` extra."""
+    try:
+        return importlib.import_module(f"pets_compiler.export.{name}")
+    except ImportError as e:
+        raise ExportError(
+            f"ONNX support needs onnx, onnxruntime and onnxscript ({e}): pip install 'pets-compiler[onnx]'"
+        ) from None
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from pets_compiler.runtime.artifact import load
+
+    onnx_export = _onnx_module("onnx_export")
+    onnx_export.check_opset(args.opset)  # before loading anything
+    path = onnx_export.export_onnx(load(args.artifact), args.output, args.opset)
+    print(f"wrote {path} (opset {args.opset})")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from pets_compiler.runtime.artifact import load
 
     requests = _read_jsonl(args.input)
+    if args.backend == "onnxruntime":
+        if args.device != "cpu" or args.compile or args.no_cuda_graphs:
+            raise InputError("--device, --compile and --no-cuda-graphs are for --backend pets")
+        runner = _onnx_module("onnx_runner").OnnxRunner(args.artifact)
+        _write_answers(runner.run(requests, batch_size=args.batch_size), args.output)
+        return
     runtime = load(args.artifact)
     graphs = False if args.no_cuda_graphs else None
     if args.device != "cpu":
@@ -116,12 +153,15 @@ def cmd_run(args: argparse.Namespace) -> None:
         runtime.to(args.device, cuda_graphs=graphs, compile=args.compile)
     elif args.compile:
         runtime.accelerate(compile=True)
-    answers = runtime.run(requests, batch_size=args.batch_size, progress=True)
+    _write_answers(runtime.run(requests, batch_size=args.batch_size, progress=True), args.output)
+
+
+def _write_answers(answers: list[dict[str, Any]], output: Path | None) -> None:
     text = "".join(json.dumps(a) + "\n" for a in answers)
-    if args.output is None:
+    if output is None:
         sys.stdout.write(text)
     else:
-        args.output.write_text(text)
+        output.write_text(text)
 
 
 def cmd_tasks(args: argparse.Namespace) -> None:
@@ -152,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_run(args)
         elif args.command == "tasks":
             cmd_tasks(args)
+        elif args.command == "export-onnx":
+            cmd_export_onnx(args)
         else:
             from pets_compiler.demo import run_demo
 

@@ -72,3 +72,7 @@ class RequestCancelledError(PetsError, RuntimeError):
 
 class EngineClosedError(PetsError, RuntimeError):
     """Engine.submit after close()."""
+
+
+class ExportError(PetsError, ValueError):
+    """An artifact or option the ONNX export cannot take: an op without a translation, an opset out of range."""

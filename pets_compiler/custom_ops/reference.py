@@ -227,7 +227,10 @@ _ADAPTER_ACTIVATION_FNS: tuple[Callable[[Tensor], Tensor], ...] = (
 
 def _activate(v: Tensor, codes: Tensor) -> Tensor:
     """act_{codes[i]}(v[i]) for v [B, ...] and int64 codes [B]: every activation, then a gather by code."""
-    if bool(((codes < 0) | (codes >= len(_ADAPTER_ACTIVATION_FNS))).any()):
+    # Checked when run on values; an export (the ONNX lowering) cannot branch on them, and the tables it bakes
+    # in hold only the codes of ADAPTER_ACTIVATIONS.
+    bad = (codes < 0) | (codes >= len(_ADAPTER_ACTIVATION_FNS))
+    if not torch.compiler.is_exporting() and bool(bad.any()):
         raise ValueError(f"adapter_ref: unknown activation code in {codes.tolist()}")
     candidates = torch.stack([f(v) for f in _ADAPTER_ACTIVATION_FNS])  # [codes, B, ...]
     return candidates[codes, torch.arange(v.shape[0], device=v.device)]

@@ -106,3 +106,16 @@ def pad(rows: Sequence[list[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
     ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
     ids[mask] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
     return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
+
+
+def answer(p: Prepared, num_labels: int | None, labels: Sequence[str], logits: Any, embedding: Any) -> dict[str, Any]:
+    """One request's `pets run` answer from its rows of the outputs (fp32 tensors or arrays, on the host): the
+    first num_labels logits and their label for a task with a head, else (num_labels None) the embedding."""
+    out: dict[str, Any] = {**p.extra, "task": p.task}
+    if num_labels is None:
+        out["embedding"] = embedding.tolist()
+    else:
+        row = logits[:num_labels]
+        out["logits"] = row.tolist()
+        out["label"] = labels[int(row.argmax())]
+    return out

@@ -23,7 +23,7 @@ from pets_compiler.frontend.taskset import Head, TaskSpec
 from pets_compiler.passes.context import SitePlan
 from pets_compiler.runtime.graphs import CudaGraphs, Eager, Executor, GraphConfig, pad_inputs
 from pets_compiler.runtime.packing import ROW_TOKENS, pack, packed_inputs
-from pets_compiler.runtime.requests import Prepared, Tokenizer, pad, prepare
+from pets_compiler.runtime.requests import Prepared, Tokenizer, answer, pad, prepare
 from pets_compiler.runtime.tables import TableSpec, TaskTables
 from pets_compiler.serving.coordinated import CostModel
 
@@ -369,12 +369,6 @@ def _to_host_async(logits: Tensor, embedding: Tensor) -> tuple[Tensor, Tensor, t
 
 
 def _answer(p: Prepared, head: Head | None, logits: Tensor, embedding: Tensor) -> dict[str, Any]:
-    """One request's `pets run` answer from its row of the outputs (fp32, on the host)."""
-    out: dict[str, Any] = {**p.extra, "task": p.task}
     if head is None:
-        out["embedding"] = embedding.tolist()
-    else:
-        row = logits[: head.num_labels]
-        out["logits"] = row.tolist()
-        out["label"] = head.labels[int(row.argmax())]
-    return out
+        return answer(p, None, (), logits, embedding)
+    return answer(p, head.num_labels, head.labels, logits, embedding)
