@@ -157,3 +157,26 @@ def make_sparse_finetune(
                 p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(out)
     return out
+
+
+ADAPTERHUB = Path(__file__).parent / "fixtures" / "adapterhub"  # AdapterHub fixtures: small/ and minilm/
+
+
+def all_kinds(base_dir: Path, which: str, root: Path) -> dict[str, Path]:
+    """One task of every kind on `base_dir` ("small": the AdapterHub fixtures' base, or "minilm"): peft LoRA (one
+    with a head, one with biases), peft IA3, AdapterHub Pfeiffer and Houlsby, BitFit, diff, mask, and no PET."""
+    return {
+        "lora": make_peft_lora(base_dir, root / "lora", r=4, alpha=8, targets=["query", "value"], num_labels=3),
+        "lora_bias": make_peft_lora(
+            base_dir, root / "lorab", r=2, alpha=4, targets=["key", "dense"], bias="all", seed=1
+        ),
+        "ia3": make_peft_ia3(
+            base_dir, root / "ia3", targets=["key", "value", "output.dense"], feedforward=["output.dense"]
+        ),
+        "pfeiffer": ADAPTERHUB / which / "pfeiffer",
+        "houlsby": ADAPTERHUB / which / "houlsby",
+        "bitfit": make_bitfit(base_dir, root / "bitfit", num_labels=2, seed=3),
+        "diff": make_sparse_finetune(base_dir, root / "diff", density=0.01, mask=False, seed=4),
+        "mask": make_sparse_finetune(base_dir, root / "mask", density=0.05, mask=True, num_labels=4, seed=5),
+        "plain": base_dir,
+    }

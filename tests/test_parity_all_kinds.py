@@ -17,17 +17,9 @@ from pets_compiler.oracle import merged_model, peft_model
 from pets_compiler.passes.attach_heads import pool_embedding
 from pets_compiler.runtime.requests import pad
 
-from builders import (
-    MINILM,
-    make_bitfit,
-    make_peft_ia3,
-    make_peft_lora,
-    make_sparse_finetune,
-    own_output,
-    rel_err,
-)
+from builders import ADAPTERHUB as FIXTURES
+from builders import MINILM, all_kinds, own_output, rel_err
 
-FIXTURES = Path(__file__).parent / "fixtures" / "adapterhub"
 TOL = 1e-5
 
 
@@ -39,21 +31,7 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     base_dir = FIXTURES / "small" / "base" if which == "small" else MINILM
     assert base_dir is not None
     root = tmp_path_factory.mktemp(f"all_kinds_{which}")
-    sources = {
-        "lora": make_peft_lora(base_dir, root / "lora", r=4, alpha=8, targets=["query", "value"], num_labels=3),
-        "lora_bias": make_peft_lora(
-            base_dir, root / "lorab", r=2, alpha=4, targets=["key", "dense"], bias="all", seed=1
-        ),
-        "ia3": make_peft_ia3(
-            base_dir, root / "ia3", targets=["key", "value", "output.dense"], feedforward=["output.dense"]
-        ),
-        "pfeiffer": FIXTURES / which / "pfeiffer",
-        "houlsby": FIXTURES / which / "houlsby",
-        "bitfit": make_bitfit(base_dir, root / "bitfit", num_labels=2, seed=3),
-        "diff": make_sparse_finetune(base_dir, root / "diff", density=0.01, mask=False, seed=4),
-        "mask": make_sparse_finetune(base_dir, root / "mask", density=0.05, mask=True, num_labels=4, seed=5),
-        "plain": base_dir,
-    }
+    sources = all_kinds(base_dir, which, root)
     runtime = pets_compiler.compile(base_dir, sources)
     base = load_base(base_dir)
     own = {

