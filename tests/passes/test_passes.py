@@ -201,6 +201,22 @@ def _random_tables(ctx: CompileContext, slots: int = 3) -> list[torch.Tensor]:
     return tables
 
 
+def with_and_without(
+    base: BaseModel, plan: SitePlan, skipped: object
+) -> tuple[GraphModule, GraphModule, CompileContext]:
+    """The program of `plan` through the whole pipeline and through it without the pass `skipped`, and the first's
+    context."""
+    graphs = []
+    for pipeline in (passes.PIPELINE, tuple(p for p in passes.PIPELINE if p is not skipped)):
+        gm = capture(base)
+        ctx = CompileContext(base, plan, base.pooling)
+        for p in pipeline:
+            p(gm, ctx)
+        graphs.append((gm, ctx))
+    (fused, ctx), (unfused, _) = graphs
+    return fused, unfused, ctx
+
+
 def assert_same_outputs(fused: GraphModule, unfused: GraphModule, ctx: CompileContext) -> None:
     """The two programs answer a mixed batch (a padded row, slot 0 and tasks) bitwise alike, on random tables."""
     ids = torch.randint(5, 1000, (4, 9), generator=torch.Generator().manual_seed(1))
@@ -222,14 +238,7 @@ def test_fuse_activation_changes_no_cpu_result(act: str, tmp_path: Path) -> None
         ia3_in=tuple(FFN_OUT.format(i) for i in layers),
         layer_norm=tuple(base.sites.layer_norm),
     )
-    graphs = []
-    for pipeline in (passes.PIPELINE, tuple(p for p in passes.PIPELINE if p is not passes.fuse_activation)):
-        gm = capture(base)
-        ctx = CompileContext(base, plan, base.pooling)
-        for p in pipeline:
-            p(gm, ctx)
-        graphs.append((gm, ctx))
-    (fused, ctx), (unfused, _) = graphs
+    fused, unfused, ctx = with_and_without(base, plan, passes.fuse_activation)
     approximate = "tanh" if act == "gelu_pytorch_tanh" else "none"
     assert [n.args[4] for n in fused.graph.nodes if n.target is PETS.gelu_delta.default] == [approximate] * len(layers)
     assert ops(unfused)["pets.gelu_delta.default"] == 0
@@ -353,14 +362,7 @@ def test_fuse_row_terms_changes_no_cpu_result(base: BaseModel) -> None:
         ia3_out=tuple(s.format(i) for i in layers for s in (KEY, SELF_OUT, FFN_OUT)),
         layer_norm=tuple(base.sites.layer_norm),
     )
-    graphs = []
-    for pipeline in (passes.PIPELINE, tuple(p for p in passes.PIPELINE if p is not passes.fuse_row_terms)):
-        gm = capture(base)
-        ctx = CompileContext(base, plan, base.pooling)
-        for p in pipeline:
-            p(gm, ctx)
-        graphs.append((gm, ctx))
-    (fused, ctx), (unfused, _) = graphs
+    fused, unfused, ctx = with_and_without(base, plan, passes.fuse_row_terms)
     assert row_delta_terms(fused.graph.nodes) == Counter(
         {(True, True, False): len(layers), (True, True, True): 2 * len(layers)}
     )
