@@ -5,6 +5,7 @@ In every test that ends an engine: accepted = succeeded + failed and the queue i
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -96,6 +97,14 @@ def test_a_packed_engine_builds_the_packed_program_at_start(small_base: Path, so
     assert rt._packed is None  # built on first use otherwise
     with Engine(rt, policy="packed"):
         assert rt._packed is not None
+
+
+def test_the_engine_exempts_what_was_alive_at_start_from_gc_scans(runtime: pets_compiler.Runtime) -> None:
+    gc.unfreeze()
+    with Engine(runtime, freeze_gc=False):
+        assert gc.get_freeze_count() == 0
+    with Engine(runtime):  # the default: a full collection would otherwise scan torch's objects, all threads stopped
+        assert gc.get_freeze_count() > 1000
 
 
 def test_bad_requests_raise_at_submit_and_are_not_accepted(runtime: pets_compiler.Runtime) -> None:
