@@ -16,6 +16,7 @@ import pets_compiler
 from pets_compiler.cli import main
 from pets_compiler.custom_ops import onnx_translations
 from pets_compiler.errors import ExportError
+from pets_compiler.export import onnx_runner
 from pets_compiler.export.onnx_export import MODEL_KEY, TASKS_KEY, export_onnx, lowered_program, to_onnx
 from pets_compiler.export.onnx_runner import OnnxRunner
 from pets_compiler.runtime.requests import pad
@@ -134,6 +135,15 @@ def test_runner_answers_as_the_runtime_runs(exported: dict) -> None:
         assert g.keys() == w.keys() and g.get("label") == w.get("label") and g.get("id") == w.get("id")
         field = "logits" if "logits" in w else "embedding"
         assert rel_err(torch.tensor(g[field]), torch.tensor(w[field])) < TOL
+
+
+def test_the_cuda_provider_is_chosen_where_onnxruntime_gpu_offers_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # onnxruntime-gpu is not installed here (nor on the GPU machine, which has no network): the choice is checked
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: gpu)
+    assert onnx_runner.providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["AzureExecutionProvider", "CPUExecutionProvider"])
+    assert onnx_runner.providers() == ["CPUExecutionProvider"]
 
 
 def test_op_without_translation_is_refused(exported: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
