@@ -1,0 +1,170 @@
+"""The whole GPU benchmark suite, each script in its own process, then the figures.
+
+    python -m bench.all --out DIR --deadline 570     # GPU: every experiment at GPU_ARGS, under 10 minutes on an H200
+    python -m bench.all --smoke                      # CPU: every script's --smoke, into a new temporary folder
+    python -m bench.all --only throughput,batching   # a subset
+
+Each script runs as `python -m bench.<name> [args] --out DIR` in a process of its own (its GPU memory is given back
+when it ends), under a timeout (its budget's, cut to what --deadline leaves), its output in
+`<out>/all-<stamp>-logs/<name>.log`. Then bench.plot draws the figures of the experiments that ran (skipped, with
+a line saying so, where matplotlib is not installed, as on the GPU machine: plot the records elsewhere), and a
+summary table (script, status, exit code, seconds against the budget) is printed and written beside the logs as
+summary.json. The exit status is 1 if any script failed, timed out, is missing or got no time, or plotting failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+from bench.plot import EXPERIMENTS, FIGURES, RESULTS, PlotError, experiments_of, plot_all
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Each script's arguments on the GPU and its budget in seconds, chosen so that the suite fits 10 minutes on an H200
+# (the scripts' own defaults run much longer). A script not yet written gets only --out.
+GPU_ARGS: dict[str, tuple[str, ...]] = {
+    "throughput": ("--suite",),  # its SUITE config: PetS's grid subset (pets_grid.SUITE_GRID), ~4 min
+    "capacity": ("--kinds", "mix,lora_r8,pfeiffer"),  # 28 s a kind, compile included (its default: 4 kinds)
+    "breakdown": ("--kinds", "mix"),  # PetS's Fig. 9 setup: 8 tasks of random PET types (its default: 6 kinds)
+    "op_scheduling": ("--suite",),  # its SUITE config: every configuration, fewer timed calls, a 60 s budget
+    # Fig. 12's extremes, s = 1 and 8, at 32 and 128 tasks, then the wide workload. The default grid (s = 1, 2, 4, 8
+    # at 32, 64, 128 tasks) is ~3.2 min by the session-6 H200 records (batching-20261127-session6-h200.jsonl, which
+    # carry no run time): timed passes 9 s, timed steady streams 21 s, profiles 12 s, with up to 4 and 2 untimed
+    # passes before each, graph captures (~0.6 s each), loading 128 tasks and compiling on top
+    "batching": ("--tasks", "32,128", "--sigmas", "1,8"),
+}
+BUDGET_S = {"throughput": 240, "capacity": 90, "breakdown": 30, "op_scheduling": 60, "batching": 150}
+# a script is stopped at 1.5 x its budget + 30 s (start-up: imports, the op library): its records so far are kept,
+# written as each configuration finishes
+TIMEOUT_FACTOR, TIMEOUT_EXTRA_S = 1.5, 30.0
+SMOKE_TIMEOUT_S = 300  # each smoke run takes ~1 minute on a busy 2-core CPU
+TAIL_LINES = 25  # of each script's log, printed when it ends: its closing table, or its error
+
+
+@dataclass
+class Outcome:
+    script: str
+    status: str  # ok, failed, timeout, missing (no such script), no time (deadline), skipped (plot: no matplotlib)
+    rc: int | None
+    seconds: float
+    budget_s: float | None
+    log: str
+    command: str
+
+
+def command(name: str, out: Path, smoke: bool) -> list[str]:
+    args = ("--smoke",) if smoke else GPU_ARGS[name]
+    return [sys.executable, "-m", f"bench.{name}", *args, "--out", str(out)]
+
+
+def run_script(name: str, cmd: list[str], timeout_s: float, log: Path, budget_s: float | None = None) -> Outcome:
+    """Run `cmd` from the repo root, its output into `log`; stopped (its whole process group) after `timeout_s`."""
+    start = time.perf_counter()
+    with log.open("w") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+        f.flush()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log shows progress as it goes, and all of it at a kill
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc: int | None = proc.wait(timeout=timeout_s)
+            status = "ok" if rc == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the script and anything it started
+            proc.wait()
+            rc, status = None, "timeout"
+            f.write(f"\n[bench.all] stopped after {timeout_s:.0f} s\n")
+    return Outcome(name, status, rc, time.perf_counter() - start, budget_s, str(log), shlex.join(cmd))
+
+
+def run_suite(
+    experiments: tuple[str, ...], out: Path, logs: Path, smoke: bool, deadline_s: float | None = None
+) -> list[Outcome]:
+    """Each script in turn; with `deadline_s`, none runs past that many seconds from now."""
+    started = time.perf_counter()
+    outcomes = []
+    for name in experiments:
+        log = logs / f"{name}.log"
+        budget = None if smoke else BUDGET_S[name]
+        timeout = SMOKE_TIMEOUT_S if budget is None else TIMEOUT_FACTOR * budget + TIMEOUT_EXTRA_S
+        if deadline_s is not None:
+            timeout = min(timeout, deadline_s - (time.perf_counter() - started))
+        if find_spec(f"bench.{name}") is None:
+            outcome = Outcome(name, "missing", None, 0.0, budget, str(log), f"bench/{name}.py does not exist")
+            print(f"[{name}] missing: bench/{name}.py does not exist", flush=True)
+        elif timeout < 1:
+            outcome = Outcome(name, "no time", None, 0.0, budget, str(log), "not run: --deadline passed")
+            print(f"[{name}] not run: the deadline of {deadline_s:.0f} s has passed", flush=True)
+        else:
+            cmd = command(name, out, smoke)
+            print(f"[{name}] {shlex.join(cmd[1:])} (timeout {timeout:.0f} s)", flush=True)
+            outcome = run_script(name, cmd, timeout, log, budget)
+            tail = log.read_text().splitlines()[-TAIL_LINES:]
+            print("\n".join(f"  | {line}" for line in tail))
+            print(f"[{name}] {outcome.status} in {outcome.seconds:.0f} s, log {log}", flush=True)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def table(outcomes: list[Outcome]) -> str:
+    lines = [f"{'script':<14} {'status':<8} {'rc':>4} {'seconds':>8} {'budget':>7}"]
+    for o in outcomes:
+        rc = "-" if o.rc is None else str(o.rc)
+        budget = "-" if o.budget_s is None else f"{o.budget_s:.0f}"
+        lines.append(f"{o.script:<14} {o.status:<8} {rc:>4} {o.seconds:>8.0f} {budget:>7}")
+    lines.append(f"{'total':<14} {'':<8} {'':>4} {sum(o.seconds for o in outcomes):>8.0f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.all", description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="every script's --smoke on the CPU (into a temporary folder)")
+    p.add_argument("--only", help=f"comma-separated experiments (default: all of {','.join(EXPERIMENTS)})")
+    p.add_argument("--out", type=Path, help="folder for the records (default bench/results; --smoke: a new temp one)")
+    p.add_argument("--figures", type=Path, help="folder for the PNGs (default bench/figures; --smoke: <out>/figures)")
+    p.add_argument("--deadline", type=float, help="seconds for all the scripts together: each stops by then")
+    args = p.parse_args(argv)
+    try:
+        experiments = experiments_of(args.only)
+    except ValueError as e:
+        p.error(str(e))
+    out = args.out or (Path(tempfile.mkdtemp(prefix="bench-smoke-")) if args.smoke else RESULTS)
+    figures = args.figures or (out / "figures" if args.smoke else FIGURES)
+    logs = out / f"all-{'smoke-' if args.smoke else ''}{time.strftime('%Y%m%d-%H%M%S')}-logs"
+    logs.mkdir(parents=True)
+    print(f"records -> {out}, logs -> {logs}, figures -> {figures}", flush=True)
+
+    outcomes = run_suite(experiments, out, logs, args.smoke, args.deadline)
+    outcomes.append(plot(tuple(o.script for o in outcomes if o.status != "missing"), out, figures, args.smoke))
+    (logs / "summary.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=1) + "\n")
+    print("\n" + table(outcomes))
+    if any(o.status not in ("ok", "skipped") for o in outcomes):
+        raise SystemExit(1)
+
+
+def plot(experiments: tuple[str, ...], out: Path, figures: Path, smoke: bool) -> Outcome:
+    """bench.plot over the records in `out`, as one more row of the summary."""
+    start = time.perf_counter()
+    if find_spec("matplotlib") is None:  # the GPU machine has none and no network: plot where the records go
+        print(f"matplotlib is not installed: no figures; run `python -m bench.plot --results {out}` where it is")
+        return Outcome("plot", "skipped", None, 0.0, None, "-", "bench.plot")
+    try:
+        plot_all(experiments, out, figures, smoke)
+        status, rc = "ok", 0
+    except PlotError:
+        status, rc = "failed", 1
+    return Outcome("plot", status, rc, time.perf_counter() - start, None, "-", "bench.plot")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
