@@ -19,6 +19,7 @@ from pets_compiler.passes.check_graph import check_graph
 from pets_compiler.passes.context import CompileContext, PassResult, SitePlan
 from pets_compiler.passes.drop_training_nodes import drop_training_nodes
 from pets_compiler.passes.find_sites import find_sites
+from pets_compiler.passes.fold_context_scale import fold_context_scale
 from pets_compiler.passes.fuse_activation import fuse_activation
 from pets_compiler.passes.fuse_row_terms import fuse_row_terms
 from pets_compiler.passes.fuse_site_ops import fuse_site_ops
@@ -34,6 +35,7 @@ PIPELINE: tuple[Pass, ...] = (
     fuse_site_ops,
     attach_sparse_delta,
     attach_ia3,
+    fold_context_scale,
     attach_adapters,
     attach_layer_norm_delta,
     fuse_activation,

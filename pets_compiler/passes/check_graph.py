@@ -33,9 +33,12 @@ def check_graph(gm: GraphModule, ctx: CompileContext) -> PassResult:
     expected = len(set(ctx.plan.lora) | set(ctx.plan.bias))
     if linear_ops != expected:
         raise RuntimeError(f"{linear_ops} linear task ops in the graph, the plan has {expected} linear sites")
+    # fold_context_scale moves an input scale to a value site: into its planned output scale (one term carries
+    # both), or as a new one there.
+    folded = sum(t.fold_in is not None and t.site in ctx.plan.ia3_out for t in ctx.tables)
     counts = {
         "layer_norm": len(set(ctx.plan.layer_norm) - ctx.adapted_layer_norms),
-        "scale": len(ctx.plan.ia3_in) + len(ctx.plan.ia3_out),
+        "scale": len(ctx.plan.ia3_in) + len(ctx.plan.ia3_out) - folded,
         "adapter": len(ctx.plan.adapter),
     }
     counts["sparse_delta"] = sum(s in ctx.linear_nodes for s in ctx.plan.sparse)

@@ -26,7 +26,7 @@ from pets_compiler.runtime.tables import TableSpec
 from pets_compiler.serving.coordinated import CostModel
 
 FORMAT = "pets-artifact"
-VERSION = 1
+VERSION = 2  # 2: a task table may fold a second scale in (TableSpec.fold_in): older builds would misread it
 OP_LIBRARY_VERSION = 3  # 2: pets::gelu_delta, 3: pets::row_delta (programs compiled since use it)
 MANIFEST = "manifest.json"
 PROGRAM = "program.pt2"

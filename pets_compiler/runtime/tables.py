@@ -48,6 +48,8 @@ class TableSpec:
 
     kind / field: lora (A, B, scale, rank), ia3_in / ia3_out (scale), bias (bias), layer_norm (weight, bias),
     sparse (row_ptr, col, val), adapter (down_w, down_b, up_w, up_b, scaling, config), head (weight, bias).
+    `fold_in` (ia3_out only): the site whose IA3 input scale this output scale also carries
+    (passes/fold_context_scale.py): the table holds `l_out * l_in - 1`.
     """
 
     key: str
@@ -56,6 +58,7 @@ class TableSpec:
     field: str
     dims: tuple[int | str, ...]
     integer: bool = False
+    fold_in: str | None = None
 
     @property
     def arg_name(self) -> str:
@@ -66,7 +69,7 @@ class TableSpec:
         return self.dims[0] == SLOTS
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "key": self.key,
             "kind": self.kind,
             "site": self.site,
@@ -74,10 +77,12 @@ class TableSpec:
             "dims": list(self.dims),
             "integer": self.integer,
         }
+        return d if self.fold_in is None else d | {"fold_in": self.fold_in}
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> TableSpec:
-        return TableSpec(d["key"], d["kind"], d["site"], d["field"], tuple(d["dims"]), bool(d.get("integer")))
+        dims = tuple(d["dims"])
+        return TableSpec(d["key"], d["kind"], d["site"], d["field"], dims, bool(d.get("integer")), d.get("fold_in"))
 
 
 def table_kinds(pet: SitePET) -> list[str]:
@@ -92,7 +97,7 @@ def table_kinds(pet: SitePET) -> list[str]:
 
 def unserved(spec: TaskSpec, tables: list[TableSpec]) -> list[str]:
     """(kind at site) pairs the task needs that no table serves."""
-    served = {(t.site, t.kind) for t in tables}
+    served = {(t.site, t.kind) for t in tables} | {(t.fold_in, "ia3_in") for t in tables if t.fold_in is not None}
     needed = [(site, kind) for site, pet in spec.sites.items() for kind in table_kinds(pet)]
     if spec.head is not None and spec.head.dense_w is not None:
         needed.append(("head", "head_dense"))
@@ -114,15 +119,14 @@ def _slot_value(spec: TaskSpec, table: TableSpec) -> Tensor | float | int | None
             "dense_b": head.dense_b,
         }
         return fields[table.field]
+    if table.kind in ("ia3_in", "ia3_out"):
+        return _ia3_value(spec, table)
     pet = spec.sites.get(table.site)
     if pet is None:
         return None
     if table.kind == "lora" and pet.lora is not None:
         lora: dict[str, Tensor | float | int] = {"A": pet.lora.a, "B": pet.lora.b, "scale": pet.lora.scale}
         return lora.get(table.field, pet.lora.rank)
-    if table.kind in ("ia3_in", "ia3_out") and pet.ia3 is not None:
-        scale = pet.ia3.input if table.kind == "ia3_in" else pet.ia3.output
-        return None if scale is None else scale - 1
     if table.kind == "bias":
         return pet.bias
     if table.kind == "layer_norm" and pet.layer_norm is not None:
@@ -135,6 +139,26 @@ def _slot_value(spec: TaskSpec, table: TableSpec) -> Tensor | float | int | None
         adapter: dict[str, Tensor | float] = {"down_w": a.down_w, "down_b": a.down_b, "up_w": a.up_w, "up_b": a.up_b}
         return adapter.get(table.field, a.scaling)
     return None
+
+
+def _ia3_scale(spec: TaskSpec, site: str, kind: str) -> Tensor | None:
+    """The task's IA3 scale l (not l - 1) of `kind` ("ia3_in" / "ia3_out") at `site`, or None (l = 1)."""
+    pet = spec.sites.get(site)
+    if pet is None or pet.ia3 is None:
+        return None
+    return pet.ia3.input if kind == "ia3_in" else pet.ia3.output
+
+
+def _ia3_value(spec: TaskSpec, table: TableSpec) -> Tensor | None:
+    """`l - 1` for an IA3 table; `l_out * l_in - 1` for an output scale that carries `fold_in`'s input scale, the
+    product taken in float64 so that the table is rounded once. None where the task scales neither."""
+    scales = [_ia3_scale(spec, table.site, table.kind)]
+    if table.fold_in is not None:
+        scales.append(_ia3_scale(spec, table.fold_in, "ia3_in"))
+    present = [s for s in scales if s is not None]
+    if len(present) < 2:
+        return present[0] - 1 if present else None
+    return present[0].double() * present[1].double() - 1
 
 
 def _csr(delta: SparseDelta) -> tuple[Tensor, Tensor, Tensor]:
