@@ -1,6 +1,7 @@
 """What the pets runtime is measured against, in the same process: the backbone alone (HF eager, HF replayed from a
 CUDA graph, and the pets pipeline's own program without task ops, served as pets serves), peft's mixed-batch LoRA
-(`adapter_names=` per row), and SeqS (each task's own merged model run on its rows, one task after another)."""
+(`adapter_names=` per row), SeqS (each task's own merged model run on its rows, one task after another) and ParS
+(the same models run concurrently on CUDA streams, PetS's other baseline)."""
 
 from __future__ import annotations
 
@@ -200,45 +201,69 @@ def own_model(base: BaseModel, spec: TaskSpec, device: str, dtype: torch.dtype) 
     return model.to(target, dtype)
 
 
+Group = tuple[OwnModel, Tensor]  # a task's model and the batch rows it runs on
+Outputs = list[tuple[Tensor | None, Tensor]]  # (logits or None, embedding) of each group, in group order
+
+
 @dataclass
 class SeqS:
     """Each task present in the batch runs its own merged model on its rows, in turn (batch split by task).
 
-    Models are kept for up to SEQS_MAX_MODELS tasks; the rows of a task beyond those run on a kept model instead
-    (same shapes, same work), and the timing is then marked an estimate."""
+    Models are kept for up to `max_models` tasks; the rows of a task beyond those run on a kept model instead (same
+    shapes, same work), and the timing is then marked an estimate. A model's parameters that equal the base's
+    (those its task leaves unchanged, bit for bit in the serving dtype) are one shared copy: memory only, every
+    model still reads all its weights in its forward (weight_bytes() gives both counts).
+
+    An all-ones attention mask is passed as None (checked once per plan): HF drops such a mask itself, but only
+    after a host-side check that waits for the device, once per model forward."""
 
     base: BaseModel
     device: str
     dtype: torch.dtype
+    max_models: int = SEQS_MAX_MODELS
     models: dict[str, OwnModel] = field(default_factory=dict)
+    shared: dict[str, torch.nn.Parameter] = field(default_factory=dict, repr=False)  # base weights, serving dtype
+    device_base: BaseModel | None = field(default=None, repr=False)  # the base with its weights on the device
+
+    def build(self, spec: TaskSpec) -> OwnModel:
+        """The task's own model (own_model), its unchanged parameters replaced by the shared copies."""
+        if self.device_base is None:
+            # own_model loads the base weights into every model it builds: from the device, not over PCIe
+            state = {k: v.to(self.device) for k, v in self.base.state_dict.items()}
+            self.device_base = replace(self.base, state_dict=state)
+            self.shared = {
+                k: torch.nn.Parameter(v.to(self.dtype), requires_grad=False)
+                for k, v in state.items()
+                if v.is_floating_point()
+            }
+        model = own_model(self.device_base, spec, self.device, self.dtype)
+        for name, p in list(model.named_parameters()):
+            same = self.shared.get(name.removeprefix("bert."))
+            if same is not None and same.shape == p.shape and same.dtype == p.dtype and torch.equal(same, p):
+                owner, leaf = name.rsplit(".", 1)
+                setattr(model.get_submodule(owner), leaf, same)
+        return model
 
     def model_for(self, name: str, spec: Callable[[str], TaskSpec]) -> tuple[OwnModel, bool]:
         """(the model that runs `name`'s rows, whether it is the task's own)."""
         if name in self.models:
             return self.models[name], True
-        if len(self.models) < SEQS_MAX_MODELS:
-            self.models[name] = own_model(self.base, spec(name), self.device, self.dtype)
+        if len(self.models) < self.max_models:
+            self.models[name] = self.build(spec(name))
             return self.models[name], True
         kept = list(self.models.values())
         return kept[zlib.crc32(name.encode()) % len(kept)], False
 
-    def plan(
-        self, ids: Tensor, mask: Tensor, names: list[str], spec: Callable[[str], TaskSpec]
-    ) -> tuple[Callable[[], object], dict[str, Any]]:
-        """The timed callable for this batch and what it is: distinct models used, sub-batches on a reused model."""
+    def groups(self, names: list[str], spec: Callable[[str], TaskSpec]) -> tuple[list[Group], dict[str, Any]]:
+        """One group per task of the batch, in order of first row: its model and its rows; and what they are."""
         order = list(dict.fromkeys(names))
-        groups = []
+        groups: list[Group] = []
         reused = 0
         for name in order:
             model, own = self.model_for(name, spec)
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=ids.device)
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=self.device)
             groups.append((model, rows))
             reused += not own
-
-        def run() -> object:
-            with torch.inference_mode():
-                return [model(ids.index_select(0, rows), mask.index_select(0, rows)) for model, rows in groups]
-
         info: dict[str, Any] = {
             "sub_batches": len(groups),
             "distinct_models": len({id(m) for m, _ in groups}),
@@ -247,7 +272,87 @@ class SeqS:
         }
         if reused:
             info["note"] = (
-                f"{len(order)} tasks in the batch, models kept for {SEQS_MAX_MODELS} at most: {reused} sub-batches ran "
-                "on another task's merged model (same shapes and work), so this SeqS time is an estimate"
+                f"{len(order)} tasks in the batch, models kept for {self.max_models} at most: {reused} sub-batches "
+                "ran on another task's merged model (same shapes and work), so this time is an estimate"
             )
-        return run, info
+        return groups, info
+
+    def mask_arg(self, mask: Tensor) -> Tensor | None:
+        """The mask the models get: None for an all-ones mask, where pooling does not read it either."""
+        return None if self.base.pooling.mode in ("pooler", "cls") and bool(mask.all()) else mask
+
+    def plan(
+        self, ids: Tensor, mask: Tensor, names: list[str], spec: Callable[[str], TaskSpec]
+    ) -> tuple[Callable[[], Outputs], dict[str, Any]]:
+        """The timed callable for this batch and what it is: distinct models used, sub-batches on a reused model."""
+        groups, info = self.groups(names, spec)
+        return in_turn(groups, ids, self.mask_arg(mask)), info
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Parameter bytes of the kept models: each distinct tensor once, and as if no model shared any."""
+        distinct: dict[int, int] = {}
+        unshared = 0
+        for model in self.models.values():
+            for p in model.parameters():
+                nbytes = p.numel() * p.element_size()
+                distinct[p.data_ptr()] = nbytes
+                unshared += nbytes
+        return {"models": len(self.models), "distinct": sum(distinct.values()), "unshared": unshared}
+
+
+def _run_group(group: Group, ids: Tensor, mask: Tensor | None) -> tuple[Tensor | None, Tensor]:
+    model, rows = group
+    return cast(
+        tuple[Tensor | None, Tensor],
+        model(ids.index_select(0, rows), None if mask is None else mask.index_select(0, rows)),
+    )
+
+
+def in_turn(groups: list[Group], ids: Tensor, mask: Tensor | None) -> Callable[[], Outputs]:
+    """SeqS's callable: each group's model on its rows, one after another, on the current stream."""
+
+    def run() -> Outputs:
+        with torch.inference_mode():
+            return [_run_group(g, ids, mask) for g in groups]
+
+    return run
+
+
+def on_streams(
+    groups: list[Group], ids: Tensor, mask: Tensor | None, streams: int, device: str
+) -> tuple[Callable[[], Outputs], dict[str, Any]]:
+    """PetS's ParS: SeqS's groups (each task's own merged model on its rows) run concurrently, the batch's t-th group
+    on CUDA stream t % streams, every model launched before the streams are joined into the current one (a timing
+    with CUDA events on it spans the whole batch). The callable and how it runs; on the CPU, in turn."""
+    if device != "cuda":
+        return in_turn(groups, ids, mask), {"streams": 0, "how": "in turn (no streams on the CPU)"}
+    pool = [torch.cuda.Stream() for _ in range(min(streams, len(groups)))]
+
+    def run() -> Outputs:
+        main = torch.cuda.current_stream()
+        for stream in pool:  # the inputs were written on the current stream
+            stream.wait_stream(main)
+        outs: Outputs = []
+        with torch.inference_mode():
+            for t, group in enumerate(groups):
+                with torch.cuda.stream(pool[t % len(pool)]):
+                    outs.append(_run_group(group, ids, mask))
+        for stream in pool:
+            main.wait_stream(stream)
+        return outs
+
+    return run, {"streams": len(pool), "how": "task t of the batch on stream t % streams, then joined"}
+
+
+def assemble(outs: Outputs, groups: list[Group], batch: int) -> tuple[Tensor, Tensor]:
+    """Per-row outputs in batch order from SeqS's or ParS's per-group outputs: (logits zero-padded to the widest
+    head, [batch, 0] without heads; embeddings)."""
+    widest = max((logits.shape[-1] for logits, _ in outs if logits is not None), default=0)
+    first = outs[0][1]
+    embedding = first.new_zeros(batch, first.shape[-1])
+    logits_out = first.new_zeros(batch, widest)
+    for (logits, emb), (_, rows) in zip(outs, groups, strict=True):
+        embedding[rows] = emb
+        if logits is not None:
+            logits_out[rows, : logits.shape[-1]] = logits
+    return logits_out, embedding
