@@ -34,17 +34,21 @@ ROOT = Path(__file__).resolve().parents[1]
 # Each script's arguments on the GPU and its budget in seconds, chosen so that the suite fits 10 minutes on an H200
 # (the scripts' own defaults run much longer). A script not yet written gets only --out.
 GPU_ARGS: dict[str, tuple[str, ...]] = {
-    "throughput": ("--suite",),  # its SUITE config: PetS's grid subset (pets_grid.SUITE_GRID), ~4 min
-    "capacity": ("--kinds", "mix,lora_r8,pfeiffer"),  # 28 s a kind, compile included (its default: 4 kinds)
+    "throughput": ("--suite",),  # its SUITE config: PetS's grid subset (pets_grid.SUITE_GRID), ~3.5 min
+    # 20 s a kind, compile included (its default: 4 kinds x 28 s; 3 x 28 took 101 s on the H200)
+    "capacity": ("--kinds", "mix,lora_r8,pfeiffer", "--seconds-per-kind", "20"),
     "breakdown": ("--kinds", "mix"),  # PetS's Fig. 9 setup: 8 tasks of random PET types (its default: 6 kinds)
-    "op_scheduling": ("--suite",),  # its SUITE config: every configuration, fewer timed calls, a 60 s budget
+    "op_scheduling": ("--suite",),  # its SUITE config: every configuration, fewer timed calls, a 50 s budget
     # Fig. 12's extremes, s = 1 and 8, at 32 and 128 tasks, then the wide workload. The default grid (s = 1, 2, 4, 8
     # at 32, 64, 128 tasks) is ~3.2 min by the session-6 H200 records (batching-20261127-session6-h200.jsonl, which
     # carry no run time): timed passes 9 s, timed steady streams 21 s, profiles 12 s, with up to 4 and 2 untimed
     # passes before each, graph captures (~0.6 s each), loading 128 tasks and compiling on top
     "batching": ("--tasks", "32,128", "--sigmas", "1,8"),
 }
-BUDGET_S = {"throughput": 240, "capacity": 90, "breakdown": 30, "op_scheduling": 60, "batching": 150}
+# Measured on the H200 at e918a44 with the arguments before these (two calls, the extension built before each):
+# throughput 263 s, capacity 101, breakdown 45, op_scheduling 59, batching 154, plots 22: 645 s in all, over 10
+# minutes; throughput's grid and capacity's seconds were cut after (not yet re-timed)
+BUDGET_S = {"throughput": 210, "capacity": 75, "breakdown": 50, "op_scheduling": 60, "batching": 160}
 # a script is stopped at 1.5 x its budget + 30 s (start-up: imports, the op library): its records so far are kept,
 # written as each configuration finishes
 TIMEOUT_FACTOR, TIMEOUT_EXTRA_S = 1.5, 30.0
