@@ -5,7 +5,8 @@ A kind's runtime is compiled once (with its first task, or one task of each part
 first, so the tables grow once per step rather than once per task. Memory per task is measured from the device
 allocator across the adds (torch.cuda.memory_allocated after minus before, over the tasks added since the runtime
 was compiled) and computed from the task tables (bytes of one slot in every per-slot table, plus the sparse pools'
-bytes over the tasks loaded).
+live bytes over the tasks loaded). The tables grow by doubling (runtime/tables.py): the allocator's count includes
+the room kept for later adds, none at power-of-two task counts of one kind, up to 2x between them.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ def allocated(device: str) -> int | None:
 
 
 def table_bytes(runtime: pets_compiler.Runtime) -> dict[str, int]:
-    """Bytes of the task tables: one slot of the per-slot tables, the shared (pooled) tables, and in all."""
+    """Bytes of the task tables: one slot of the per-slot tables; the shared tables (the sparse pools) as their
+    live entries ("shared": what the loaded tasks use) and as allocated ("shared_allocated": with freed entries and
+    the room the pools keep for later adds, up to 2x); all tables as allocated ("total")."""
     tables = runtime.tables
-    per_slot = shared = total = 0
+    per_slot = shared_allocated = total = 0
     for spec in tables.specs:
         t = tables.tensors[spec.key]
         nbytes = t.numel() * t.element_size()
@@ -43,8 +46,10 @@ def table_bytes(runtime: pets_compiler.Runtime) -> dict[str, int]:
         if spec.per_slot:
             per_slot += t[0].numel() * t.element_size() if t.shape[0] else 0
         else:
-            shared += nbytes
-    return {"per_slot": per_slot, "shared": shared, "total": total}
+            shared_allocated += nbytes
+    pools = tables.pool_bytes()  # col and val; the other shared tables (none today) count as allocated
+    shared = shared_allocated - pools["allocated"] + pools["live"]
+    return {"per_slot": per_slot, "shared": shared, "shared_allocated": shared_allocated, "total": total}
 
 
 @dataclass

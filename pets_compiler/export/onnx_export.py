@@ -68,13 +68,11 @@ def _check_sparse_rows(spec: TableSpec, row_ptr: Tensor, cols: int) -> None:
 
 
 def export_tables(runtime: Runtime, slots: list[int]) -> list[Tensor]:
-    """The runtime's tables in program order, per-slot tables reduced to `slots` (row i = slots[i]); sparse pools
-    get one zero entry past their end, so that no pool is empty."""
+    """The runtime's tables in program order as if only `slots` were loaded (TaskTables.for_slots: row i = slots[i],
+    each sparse pool holding only those slots' entries); sparse pools get one zero entry past their end, so that no
+    pool is empty."""
     out = []
-    for spec, t in zip(runtime.tables.specs, runtime.tables.inputs(), strict=True):
-        t = t.detach().cpu()
-        if spec.per_slot:
-            t = t[torch.tensor(slots)].contiguous()
+    for spec, t in zip(runtime.tables.specs, runtime.tables.for_slots(slots), strict=True):
         if spec.kind == "sparse" and spec.field == "row_ptr":
             _check_sparse_rows(spec, t, int(runtime.base.state_dict[f"{spec.site}.weight"].shape[1]))
         if spec.kind == "sparse" and spec.field in ("col", "val"):

@@ -4,9 +4,15 @@ Slot 0 is never given to a task and stays zero, so a row with slot 0 computes th
 what a task adds: deltas, `l - 1` for IA3 scales, zero config for adapters). A task owns one slot in every table;
 adding or removing a task writes or zeroes that slot, and a table grows (zero padded) when it needs more slots, a
 larger rank or bottleneck, or more labels. Sparse deltas live in one pool per site (CSR: `row_ptr` per slot into
-shared `col` / `val` arrays); a removed task's entries are reclaimed by compaction, which moves other tasks'
-entries but never changes their values or order. The program takes all tables as inputs with dynamic sizes, so
-none of this retraces or recompiles it.
+shared `col` / `val` arrays); a task's entries are appended at the pool's used end, and a removed task's entries are
+reclaimed by compaction, which moves other tasks' entries but never changes their values or order. The program
+takes all tables as inputs with dynamic sizes, so none of this retraces or recompiles it.
+
+The task slots and the pools grow like a vector's buffer, to at least GROWTH times their size: loading k tasks
+reallocates them O(log k) times, and an add within the room left writes in place. The zeros past the last slot and
+the pool entries past the used end (or freed and not yet compacted) are covered by no slot's row_ptr, so no row
+reads them. Labels, ranks and bottlenecks grow to exactly what a task needs (the logits' width; work every batch
+does). `sizes` holds the allocated sizes; `for_slots` gives tables with no room and no freed entries.
 
 Writing or clearing a slot writes into the existing tensors; growth, compaction and a move to another device
 replace them, and each replacement bumps `generation`, so that whatever holds on to table addresses (captured CUDA
@@ -15,6 +21,7 @@ graphs) knows to let go.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +47,19 @@ def bottleneck_dim(site: str) -> str:
 
 def pool_dim(site: str) -> str:
     return f"pool@{site}"
+
+
+# The task slots and the sparse pools grow to at least this many times their size (see the module docstring).
+GROWTH = 2
+
+
+def _grown_size(dim: str, have: int, need: int) -> int:
+    """The size a dim of `have` grows to when it must hold `need`."""
+    if dim == SLOTS:  # slot 0 is no task's: the tasks' slots grow as the pools do, so equal tasks grow both at once
+        return max(need, GROWTH * (have - 1) + 1)
+    if dim.startswith(pool_dim("")):
+        return max(need, GROWTH * have)
+    return need
 
 
 @dataclass(frozen=True)
@@ -177,17 +197,15 @@ class TaskTables:
             for d in t.dims:
                 if isinstance(d, str):
                     self.sizes.setdefault(d, 0)
-        self.tensors: dict[str, Tensor] = {t.key: self._zeros(t) for t in self.specs}
+        self.tensors: dict[str, Tensor] = {t.key: self._zeros(t, self.sizes) for t in self.specs}
         self._pool_used: dict[str, int] = {t.site: 0 for t in self.specs if t.kind == "sparse"}
         # Free pool entries tolerated before a removal compacts a pool; None: as many as are live (or 4096).
         self.compact_threshold: int | None = None
         self.generation = 0  # bumped whenever a table tensor is replaced; in-place writes leave it
 
-    def _shape(self, t: TableSpec) -> tuple[int, ...]:
-        return tuple(self.sizes[d] if isinstance(d, str) else d for d in t.dims)
-
-    def _zeros(self, t: TableSpec) -> Tensor:
-        return torch.zeros(self._shape(t), dtype=torch.long if t.integer else self.dtype, device=self.device)
+    def _zeros(self, t: TableSpec, sizes: dict[str, int]) -> Tensor:
+        shape = tuple(sizes[d] if isinstance(d, str) else d for d in t.dims)
+        return torch.zeros(shape, dtype=torch.long if t.integer else self.dtype, device=self.device)
 
     def to(self, device: torch.device | str) -> None:
         """Move every table (and future growth) to `device`."""
@@ -202,16 +220,34 @@ class TaskTables:
         return [self.tensors[t.key] for t in self.specs]
 
     def _grow(self, wanted: dict[str, int]) -> None:
-        grow = {d: n for d, n in wanted.items() if d in self.sizes and n > self.sizes[d]}
-        if not grow:
-            return
-        self.sizes.update(grow)
+        """Make every dim of `wanted` hold at least its size: the task slots or a pool to at least GROWTH x their
+        size (exactly the size where that much memory is not there), other dims exactly."""
+        for dim, need in wanted.items():
+            have = self.sizes.get(dim)
+            if have is None or need <= have:
+                continue
+            size = _grown_size(dim, have, need)
+            try:
+                self._resize(dim, size)
+                continue
+            except torch.OutOfMemoryError:
+                if size == need:
+                    raise
+            # Outside the except block, so that the failed attempt's tensors are freed before this one.
+            self._resize(dim, need)
+
+    def _resize(self, dim: str, size: int) -> None:
+        """Reallocate the tables that have `dim` with `dim` = size, contents kept; all or none of them (they must
+        agree on the dim), so a failed allocation leaves the tables as they were."""
+        sizes = {**self.sizes, dim: size}
+        new = {}
         for t in self.specs:
-            old = self.tensors[t.key]
-            if self._shape(t) != old.shape:
-                new = self._zeros(t)
-                new[tuple(slice(0, n) for n in old.shape)] = old
-                self.tensors[t.key] = new
+            if dim in t.dims:
+                old, grown = self.tensors[t.key], self._zeros(t, sizes)
+                grown[tuple(slice(0, n) for n in old.shape)] = old
+                new[t.key] = grown
+        self.sizes = sizes
+        self.tensors.update(new)
         self.generation += 1
 
     def check_fits(self, spec: TaskSpec) -> None:
@@ -234,6 +270,8 @@ class TaskTables:
                 wanted[rank_dim(site)] = pet.lora.rank
             if pet.adapter is not None:
                 wanted[bottleneck_dim(site)] = pet.adapter.bottleneck
+            if pet.sparse is not None:
+                wanted[pool_dim(site)] = self._pool_used[site] + pet.sparse.nnz
         self._grow(wanted)
         for t in self.specs:
             value = _slot_value(spec, t) if t.per_slot else None
@@ -250,8 +288,7 @@ class TaskTables:
 
     def _write_sparse(self, slot: int, site: str, delta: SparseDelta) -> None:
         counts, col, val = _csr(delta)
-        start = self._pool_used[site]
-        self._grow({pool_dim(site): start + delta.nnz})
+        start = self._pool_used[site]  # write() made room for the entries
         self.tensors[f"{site}.sparse_col"][start : start + delta.nnz] = col
         self.tensors[f"{site}.sparse_val"][start : start + delta.nnz] = val.to(self.dtype)
         row_ptr = self.tensors[f"{site}.sparse_row_ptr"][slot]
@@ -294,7 +331,37 @@ class TaskTables:
         self.generation += 1
 
     def nbytes_per_slot(self) -> int:
-        """Bytes one slot takes in the per-slot tables (sparse pools grow with each task's nnz on top)."""
+        """Bytes one slot takes in the per-slot tables (a sparse task's pool entries come on top: pool_bytes)."""
         return sum(
             self.tensors[t.key][0].numel() * self.tensors[t.key].element_size() for t in self.specs if t.per_slot
         )
+
+    def pool_bytes(self) -> dict[str, int]:
+        """Bytes of the sparse pools (col and val): "live", the entries some slot's row_ptr covers, and
+        "allocated", what the pool tensors take (live entries, freed ones not yet compacted, room for later adds)."""
+        live = allocated = 0
+        for site in self._pool_used:
+            col, val = self.tensors[f"{site}.sparse_col"], self.tensors[f"{site}.sparse_val"]
+            entry = col.element_size() + val.element_size()
+            live += self._live_entries(site) * entry
+            allocated += col.shape[0] * entry
+        return {"live": live, "allocated": allocated}
+
+    def for_slots(self, slots: list[int]) -> list[Tensor]:
+        """The tables in program order, on the CPU, as if only `slots` were loaded: row i of a per-slot table is
+        slot slots[i], and each sparse pool holds exactly those slots' entries, in that order (row_ptr rebased), with
+        no room and no freed entries past them (what an export bakes in)."""
+        index = torch.tensor(slots, dtype=torch.long)
+        out = {}
+        for t in self.specs:
+            tensor = self.tensors[t.key].detach().cpu()
+            out[t.key] = tensor[index].contiguous() if t.per_slot else tensor
+        for site in self._pool_used:
+            row_ptr, col, val = (out[f"{site}.sparse_{f}"] for f in ("row_ptr", "col", "val"))
+            spans = [(int(r[0]), int(r[-1])) for r in row_ptr]
+            ends = list(itertools.accumulate(end - begin for begin, end in spans))
+            starts = torch.tensor([0, *ends[:-1]] if ends else [], dtype=torch.long)
+            out[f"{site}.sparse_row_ptr"] = row_ptr - row_ptr[:, :1] + starts.unsqueeze(1)
+            out[f"{site}.sparse_col"] = torch.cat([col[begin:end] for begin, end in spans] or [col[:0]])
+            out[f"{site}.sparse_val"] = torch.cat([val[begin:end] for begin, end in spans] or [val[:0]])
+        return [out[t.key] for t in self.specs]

@@ -14,6 +14,7 @@ from torch import Tensor
 import pets_compiler
 from pets_compiler.runtime.graphs import CaptureError, CudaGraphs, Eager, Forward, GraphConfig, bucket, pad_inputs
 from pets_compiler.runtime.requests import pad
+from pets_compiler.runtime.tables import GROWTH, SLOTS
 
 from builders import make_bitfit, make_peft_lora, make_sparse_finetune, mixed_rows, rel_err
 
@@ -105,8 +106,18 @@ def test_table_generation_bumps_only_when_a_tensor_is_replaced(
     small.add_task("a2", sources["a"])  # b's slot, within the tables' ranks and labels: in place too
     assert tables.generation == start and not replaced()
 
-    small.add_task("b", sources["b"])  # a new slot: every per-slot table grows
+    small.add_task("b", sources["b"])  # a new slot past the room of the 4 tasks: the slots grow to GROWTH x 4
     assert tables.generation > start and replaced()
+    room, before, start = tables.sizes[SLOTS], tables.inputs(), tables.generation
+    assert room - 1 == GROWTH * 4
+    for i in range(small.slot("b") + 1, room):
+        small.add_task(f"b{i}", sources["b"])  # new slots in the room: written in place
+    assert tables.generation == start and not replaced()
+    small.add_task("past", sources["b"])  # past the room: every per-slot table grows again
+    assert tables.generation > start and replaced() and tables.sizes[SLOTS] - 1 == GROWTH * (room - 1)
+    for i in range(small.slot("b") + 1, room):
+        small.remove_task(f"b{i}")
+    small.remove_task("past")
     before, grown = tables.inputs(), tables.generation
     small.remove_task("b")  # zeroes its slot; the tables keep their size
     assert tables.generation == grown and not replaced()
