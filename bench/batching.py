@@ -30,8 +30,9 @@ from bench.baselines import backbone_model
 from bench.kinds import KINDS, make_kinds
 from bench.loading import Served
 from bench.models import MODELS, VOCAB, make_base
+from bench.precision import DTYPES
 from bench.records import RecordFile, environment
-from bench.throughput import DTYPES, RESULTS
+from bench.throughput import RESULTS
 from pets_compiler.serving import POLICIES as SERVING_POLICIES
 from pets_compiler.serving import Engine, profile_costs
 

@@ -29,16 +29,16 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from bench.baselines import own_model
-from bench.check import check_rows, sample_rows
+from bench.check import check_sampled
 from bench.floors import DeviceFloors, measure_device, profile_ops
 from bench.kinds import KINDS, Kind, make_kinds
 from bench.loading import Served
 from bench.measure import batch_stats, draw, failure
 from bench.models import MODELS, make_base
 from bench.pets_exec import eager, pets_forward
+from bench.precision import Precision
 from bench.records import RecordFile, environment
-from bench.throughput import DTYPES, RESULTS
+from bench.throughput import RESULTS
 from bench.timing import timed
 from pets_compiler.frontend.base import BaseModel
 
@@ -47,7 +47,7 @@ PETS_CLAIM = "PetS Fig. 9 (V100): the PET operators take a small share of the ex
 
 
 @dataclass
-class Config:
+class Config(Precision):
     model: str = "bert-base"
     device: str = "cuda"
     dtype: str = "float16"
@@ -61,15 +61,6 @@ class Config:
     seed: int = 0
     out: Path = RESULTS
     smoke: bool = False
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def tolerance(self) -> float:
-        """DESIGN.md: fp32 on the CPU within 1e-5 relative, fp16 / bf16 on a GPU within 1e-2."""
-        return 1e-5 if self.dtype == "float32" else 1e-2
 
 
 SMOKE = Config(
@@ -156,18 +147,7 @@ def measure_shape(
     }
     forward = pets_forward(runtime, ids, mask, names)
     try:
-        logits, embedding = forward()
-        check = check_rows(
-            logits,
-            embedding,
-            ids,
-            mask,
-            names,
-            sample_rows(names, lambda t: part_of[t]),
-            own=lambda t: own_model(served.base, runtime.task(t), cfg.device, torch.float32),
-            spec=runtime.task,
-            tolerance=cfg.tolerance,
-        )
+        check = check_sampled(runtime, served.base, forward(), ids, mask, names, part_of, cfg.device, cfg.tolerance)
         record["check"] = check.to_json()
         if not check.passed:
             record["error"] = f"correctness check failed: max relative error {check.max_rel_err:.3g} > {cfg.tolerance}"

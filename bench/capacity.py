@@ -33,14 +33,15 @@ from typing import Any
 import torch
 
 from bench.baselines import own_model
-from bench.check import check_rows, sample_rows
+from bench.check import check_sampled
 from bench.kinds import KINDS, Kind, make_kinds
 from bench.loading import Served, allocated
 from bench.measure import draw, failure
 from bench.models import MODELS, make_base
 from bench.pets_exec import pets_forward
+from bench.precision import Precision
 from bench.records import RecordFile, environment
-from bench.throughput import DTYPES, RESULTS
+from bench.throughput import RESULTS
 from bench.timing import timed
 from pets_compiler.frontend.base import BaseModel
 
@@ -52,7 +53,7 @@ PETS_CLAIM = "PetS Table 5 (V100-32GB): up to 25x more concurrent tasks than Seq
 
 
 @dataclass
-class Config:
+class Config(Precision):
     model: str = "bert-base"
     device: str = "cuda"
     dtype: str = "float16"
@@ -69,15 +70,6 @@ class Config:
     seed: int = 0
     out: Path = RESULTS
     smoke: bool = False
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def tolerance(self) -> float:
-        """DESIGN.md: fp32 on the CPU within 1e-5 relative, fp16 / bf16 on a GPU within 1e-2."""
-        return 1e-5 if self.dtype == "float32" else 1e-2
 
 
 SMOKE = Config(
@@ -160,18 +152,8 @@ def check_first(cfg: Config, served: Served, rows: list[int], ids: torch.Tensor,
     assert runtime is not None
     names = [kind.task_name(i) for i in rows]
     part_of = {kind.task_name(i): kind.part(i).name for i in set(rows)}
-    logits, embedding = pets_forward(runtime, ids, mask, names)()
-    result = check_rows(
-        logits,
-        embedding,
-        ids,
-        mask,
-        names,
-        sample_rows(names, lambda t: part_of[t]),
-        own=lambda t: own_model(served.base, runtime.task(t), cfg.device, torch.float32),
-        spec=runtime.task,
-        tolerance=cfg.tolerance,
-    )
+    outputs = pets_forward(runtime, ids, mask, names)()
+    result = check_sampled(runtime, served.base, outputs, ids, mask, names, part_of, cfg.device, cfg.tolerance)
     gc.collect()  # the own models go before free memory is measured
     return result.to_json()
 

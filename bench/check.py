@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from bench.baselines import own_model
+from pets_compiler.frontend.base import BaseModel
 from pets_compiler.frontend.taskset import TaskSpec
 from pets_compiler.oracle import OwnModel
 
@@ -87,3 +90,27 @@ def check_rows(
             entry["rel_err_logits"] = rel_err(logits[i, : head.num_labels], want_logits[0])
         result.rows.append(entry)
     return result
+
+
+def check_sampled(
+    runtime: Any,
+    base: BaseModel,
+    outputs: tuple[Tensor, Tensor],
+    ids: Tensor,
+    mask: Tensor,
+    names: list[str],
+    part_of: Mapping[str, str],
+    device: str,
+    tolerance: float,
+) -> CheckResult:
+    """check_rows on one sampled row per kind (`part_of`: task -> its kind) against each task's own fp32 model."""
+    return check_rows(
+        *outputs,
+        ids,
+        mask,
+        names,
+        sample_rows(names, lambda t: part_of[t]),
+        own=lambda t: own_model(base, runtime.task(t), device, torch.float32),
+        spec=runtime.task,
+        tolerance=tolerance,
+    )

@@ -13,8 +13,8 @@ from torch import Tensor
 from transformers import BertModel
 
 import pets_compiler
-from bench.baselines import PLAIN_TASK, GraphedBackbone, PeftMixed, SeqS, backbone_eager, backbone_graph, own_model
-from bench.check import check_rows, rel_err, sample_rows
+from bench.baselines import PLAIN_TASK, GraphedBackbone, PeftMixed, SeqS, backbone_eager, backbone_graph
+from bench.check import check_sampled, rel_err
 from bench.floors import BatchStats, DeviceFloors, backbone_floor, profile_ops
 from bench.kinds import Kind
 from bench.loading import Served
@@ -117,16 +117,8 @@ def measure_config(
     forward = pets_forward(runtime, ids, mask, names)
     try:
         logits, embedding = forward()
-        check = check_rows(
-            logits,
-            embedding,
-            ids,
-            mask,
-            names,
-            sample_rows(names, lambda t: part_of[t]),
-            own=lambda t: own_model(s.base, runtime.task(t), cfg.device, torch.float32),
-            spec=runtime.task,
-            tolerance=cfg.tolerance,
+        check = check_sampled(
+            runtime, s.base, (logits, embedding), ids, mask, names, part_of, cfg.device, cfg.tolerance
         )
         record["check"] = check.to_json()
         record["pets_exec"] = describe(runtime, cfg.pets_exec)

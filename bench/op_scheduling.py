@@ -41,8 +41,9 @@ from torch import Tensor
 import pets_compiler  # noqa: F401  (loads the op library)
 from bench.check import rel_err
 from bench.models import MODELS
+from bench.precision import Precision
 from bench.records import RecordFile, environment
-from bench.throughput import DTYPES, RESULTS, single_thread_on_cpu
+from bench.throughput import RESULTS, single_thread_on_cpu
 from bench.timing import timed
 from pets_compiler.custom_ops.reference import adapter_ref, lora_delta_ref
 
@@ -51,7 +52,7 @@ MODES = ("eager", "graph")
 
 
 @dataclass
-class Config:
+class Config(Precision):
     model: str = "bert-base"  # its hidden size is the op's
     device: str = "cuda"
     dtype: str = "float16"
@@ -72,17 +73,8 @@ class Config:
     smoke: bool = False
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
     def hidden(self) -> int:
         return int(MODELS[self.model]["hidden_size"])
-
-    @property
-    def tolerance(self) -> float:
-        """DESIGN.md: fp32 on the CPU within 1e-5 relative, fp16 / bf16 on a GPU within 1e-2."""
-        return 1e-5 if self.dtype == "float32" else 1e-2
 
 
 SMOKE = Config(

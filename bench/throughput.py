@@ -39,14 +39,14 @@ from bench.models import MODELS, make_base
 from bench.pets_exec import EXEC_MODES
 from bench.pets_grid import GRID_TASKS, PETS_SHAPES, SMOKE_GRID, SUITE_GRID, GridRun, grid_table, release, run_grid
 from bench.pets_grid import progress as grid_progress
+from bench.precision import Precision
 from bench.records import RecordFile, environment, table
 
 RESULTS = Path(__file__).parent / "results"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
-class Config:
+class Config(Precision):
     model: str = "bert-base"
     device: str = "cuda"
     dtype: str = "float16"
@@ -66,15 +66,6 @@ class Config:
     seed: int = 0
     out: Path = RESULTS
     smoke: bool = False
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def tolerance(self) -> float:
-        """DESIGN.md: fp32 on the CPU within 1e-5 relative, fp16 / bf16 on a GPU within 1e-2."""
-        return 1e-5 if self.dtype == "float32" else 1e-2
 
 
 SMOKE = Config(
