@@ -31,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.check import check_sampled
 from bench.floors import DeviceFloors, measure_device, profile_ops
-from bench.kinds import KINDS, Kind, make_kinds
+from bench.kinds import KINDS, Kind, kinds_arg, make_kinds
 from bench.loading import Served
 from bench.measure import batch_stats, draw, failure
 from bench.models import MODELS, make_base
@@ -247,11 +247,7 @@ def parse(argv: list[str] | None = None) -> Config:
     args = p.parse_args(argv)
     cfg = SMOKE if args.smoke else Config()
     if args.kinds:
-        kinds = KINDS if args.kinds == "all" else tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-        unknown = [k for k in kinds if k not in KINDS]
-        if unknown:
-            p.error(f"unknown kind(s) {unknown}; choose from {', '.join(KINDS)}")
-        cfg = replace(cfg, kinds=kinds)
+        cfg = replace(cfg, kinds=kinds_arg(p, args.kinds))
     if args.tasks is not None:
         if args.tasks < 1:
             p.error("--tasks must be at least 1")

@@ -34,7 +34,7 @@ import torch
 
 from bench.baselines import own_model
 from bench.check import check_sampled
-from bench.kinds import KINDS, Kind, make_kinds
+from bench.kinds import KINDS, Kind, kinds_arg, make_kinds
 from bench.loading import Served, allocated
 from bench.measure import draw, failure
 from bench.models import MODELS, make_base
@@ -339,11 +339,7 @@ def parse(argv: list[str] | None = None) -> Config:
     args = p.parse_args(argv)
     cfg = SMOKE if args.smoke else Config()
     if args.kinds:
-        kinds = KINDS if args.kinds == "all" else tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-        unknown = [k for k in kinds if k not in KINDS]
-        if unknown:
-            p.error(f"unknown kind(s) {unknown}; choose from {', '.join(KINDS)}")
-        cfg = replace(cfg, kinds=kinds)
+        cfg = replace(cfg, kinds=kinds_arg(p, args.kinds))
     for flag, key in (
         ("max_tasks", "max_tasks"),
         ("seconds_per_kind", "seconds_per_kind"),

@@ -19,6 +19,7 @@ own): drawing fresh positions for 1024 tasks takes minutes, and the runtime stor
 
 from __future__ import annotations
 
+import argparse
 import math
 import zlib
 from collections.abc import Callable
@@ -212,3 +213,13 @@ def make_kinds(base: BaseModel, names: tuple[str, ...] = KINDS) -> dict[str, Kin
         if mix in names:
             out[mix] = Kind(mix, None, base, parts=tuple(single[p] for p in parts))
     return out
+
+
+def kinds_arg(p: argparse.ArgumentParser, text: str) -> tuple[str, ...]:
+    """A --kinds value: comma-separated names of KINDS, or "all"; an unknown name ends the parse naming it."""
+    if text.strip() == "all":
+        return KINDS
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    if unknown := [k for k in kinds if k not in KINDS]:
+        p.error(f"unknown kind(s) {unknown}; choose from {', '.join(KINDS)}")
+    return kinds

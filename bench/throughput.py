@@ -32,7 +32,7 @@ import torch
 
 from bench.baselines import PeftMixed, SeqS, backbone_model, plain_runtime
 from bench.floors import measure_device
-from bench.kinds import KINDS, Kind, make_kinds
+from bench.kinds import KINDS, Kind, kinds_arg, make_kinds
 from bench.loading import Served
 from bench.measure import Shared, failure, measure_config
 from bench.models import MODELS, make_base
@@ -270,7 +270,7 @@ def parse(argv: list[str] | None = None) -> Config:
     if args.model:
         cfg = replace(cfg, model=args.model)
     if args.kinds:
-        cfg = replace(cfg, kinds=_kinds(p, args.kinds))
+        cfg = replace(cfg, kinds=kinds_arg(p, args.kinds))
     if args.tasks:
         cfg = replace(cfg, tasks=_ints(p, args.tasks, "--tasks"))
     if args.shapes:
@@ -284,7 +284,7 @@ def parse(argv: list[str] | None = None) -> Config:
         models = tuple(m.strip() for m in args.grid_models.split(",")) if args.grid_models else (like.model,)
         if unknown := [m for m in models if m not in MODELS]:
             p.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
-        kinds = _kinds(p, args.grid_kinds) if args.grid_kinds else like.kinds
+        kinds = kinds_arg(p, args.grid_kinds) if args.grid_kinds else like.kinds
         tasks = _ints(p, args.grid_tasks, "--grid-tasks") if args.grid_tasks else like.tasks
         shapes = _pairs(p, args.grid_shapes, "--grid-shapes") if args.grid_shapes else like.shapes
         cfg = replace(cfg, large_batches=False, grid=tuple(GridRun(m, kinds, tasks, shapes) for m in models))
@@ -301,13 +301,6 @@ def parse(argv: list[str] | None = None) -> Config:
         if getattr(args, flag) is not None:
             cfg = replace(cfg, **{key: getattr(args, flag)})
     return cfg
-
-
-def _kinds(p: argparse.ArgumentParser, text: str) -> tuple[str, ...]:
-    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    if unknown := [k for k in kinds if k not in KINDS]:
-        p.error(f"unknown kind(s) {unknown}; choose from {', '.join(KINDS)}")
-    return kinds
 
 
 def _ints(p: argparse.ArgumentParser, text: str, flag: str) -> tuple[int, ...]:

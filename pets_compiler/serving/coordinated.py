@@ -104,10 +104,6 @@ def _envelope(table: Sequence[Sequence[float]]) -> tuple[tuple[float, ...], ...]
     return tuple(tuple(r) for r in out)
 
 
-def _table(rows: Any) -> tuple[tuple[float, ...], ...]:
-    return tuple(tuple(float(v) for v in r) for r in rows)
-
-
 def _look_up(
     table: Sequence[Sequence[float]], rows_axis: Sequence[int], len_axis: Sequence[int], rows: int, length: int
 ) -> float:
