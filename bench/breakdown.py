@@ -154,8 +154,7 @@ def measure_shape(
             return record
         record["timing"] = timed(forward, cfg.device, cfg.warmup, cfg.iters).to_json()
         record["host_s"] = {"served": host_s(forward, cfg.device, cfg.iters)}
-        # batch_stats reads the dtype only (cfg.torch_dtype): this Config has it as throughput's does
-        stats = batch_stats(kind, rows, n, cast(Any, cfg), runtime)
+        stats = batch_stats(kind, rows, n, cfg.torch_dtype, runtime)
         with eager(runtime, "default") as how:
             record["host_s"]["op_by_op"] = host_s(forward, cfg.device, cfg.iters)
             ops = profile_ops(forward, cfg.device, stats, floors, cfg.profile_forwards)

@@ -134,7 +134,7 @@ def measure_config(
         after = time_backbone(s, ids, mask, graph)
         record.update(times(s, before, after, pets_t, peft_t, seqs_t, batch, no_graph, graph, ids, mask))
         with eager(runtime, cfg.pets_exec) as how:
-            stats = batch_stats(kind, rows, n, s.cfg, runtime)
+            stats = batch_stats(kind, rows, n, s.cfg.torch_dtype, runtime)
             forwards = cfg.profile_forwards if pets_t.median_s < 0.5 else 1  # a slow path: one forward tells enough
             record["ops"] = {"ran": how, **profile_ops(forward, cfg.device, stats, s.floors, forwards)}
         record["floors"] = {
@@ -232,7 +232,7 @@ def times(
     }
 
 
-def batch_stats(kind: Kind, rows: list[int], n: int, cfg: Config, runtime: Any) -> BatchStats:
+def batch_stats(kind: Kind, rows: list[int], n: int, dtype: torch.dtype, runtime: Any) -> BatchStats:
     sparse = [kind.part(i).sparse is not None for i in range(n)]
     col = [t for key, t in runtime.tables.tensors.items() if key.endswith("sparse_col")]
     return BatchStats(
@@ -241,6 +241,6 @@ def batch_stats(kind: Kind, rows: list[int], n: int, cfg: Config, runtime: Any) 
         sparse_rows=sum(sparse[i] for i in rows),
         sparse_distinct=len({i for i in rows if sparse[i]}),
         sparse_loaded=sum(sparse),
-        act_bytes=torch.empty(0, dtype=cfg.torch_dtype).element_size(),
+        act_bytes=torch.empty(0, dtype=dtype).element_size(),
         index_bytes=col[0].element_size() if col else 8,
     )
