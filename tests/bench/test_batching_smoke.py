@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import batching
 from bench.batching import POLICIES, SMOKE, parse, run
 
 
@@ -39,6 +40,29 @@ def test_smoke_records(tmp_path: Path) -> None:
     assert 0 < wide["hf_padded_backbone"]["padding_fraction"] < 1 and wide["ratios"]["packed_over_hf_padded"] > 0
     pad = {p: v["padding_fraction"] for p, v in wide["policies"].items()}
     assert pad["packed"] < pad["fixed"] and pad["packed"] < pad["sorted"]  # one task: rows fill up
+
+
+@pytest.mark.parametrize(
+    ("captures", "kept", "discarded"), [([1, 0, 1, 0], 3, 1), ([0, 1, 1, 1], 3, 2), ([0, 0], 1, 0)]
+)
+def test_timed_serve_keeps_the_first_timed_pass_without_a_capture(
+    monkeypatch: pytest.MonkeyPatch, captures: list[int], kept: int, discarded: int
+) -> None:
+    """Each serve() call captures captures[call] graphs: warm passes until one captures nothing, then timed passes
+    until one captures nothing, timed_tries (3) at most."""
+    calls: list[int] = []
+    total = {"captures": 0, "eager": 0}
+
+    def fake_serve(runtime: object, qs: object, policy: str, cfg: object) -> dict[str, object]:
+        total["captures"] += captures[len(calls)]
+        calls.append(len(calls))
+        return {"pass": len(calls) - 1}
+
+    monkeypatch.setattr(batching, "serve", fake_serve)
+    monkeypatch.setattr(batching, "graph_counts", lambda runtime: dict(total))
+    result = batching.timed_serve(None, [], "packed", SMOKE)
+    assert result["pass"] == kept and result["timed_passes_discarded"] == discarded
+    assert result["graph_captures"] == captures[kept]
 
 
 def test_parse() -> None:
