@@ -252,8 +252,7 @@ def _padded_pass(model: Any, qs: list[tuple[str, list[int]]], device: str, batch
 
 def run(cfg: Config) -> list[dict[str, Any]]:
     base = make_base(MODELS[cfg.model], cfg.seed)
-    stem = f"batching{'-smoke' if cfg.smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = RecordFile(cfg.out, stem)
+    out = RecordFile.for_run(cfg.out, "batching", cfg.smoke)
     env = environment(cfg.device)
     # Fig. 12: every task count on one runtime of the mix (PetS gives each task a random PET type)
     kind = make_kinds(base, (cfg.kind,))[cfg.kind]
@@ -271,7 +270,7 @@ def run(cfg: Config) -> list[dict[str, Any]]:
         hf = backbone_model(base, cfg.device, DTYPES[cfg.dtype])
         workload(cfg, served, "wide", 32.0, env, out, profile(served, cfg), hf)
         served.free()
-    print(f"\n{len(out.records)} records -> {out.path}")
+    print(out.summary())
     print(table(out.records))
     return out.records
 

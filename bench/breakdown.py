@@ -39,7 +39,7 @@ from bench.pets_exec import eager, pets_forward
 from bench.precision import Precision
 from bench.records import RecordFile, environment
 from bench.throughput import RESULTS
-from bench.timing import timed
+from bench.timing import on_device, timed
 from pets_compiler.frontend.base import BaseModel
 
 DEFAULT_KINDS = ("mix", "lora_r8", "bitfit", "pfeiffer", "diff", "mask")  # PetS's kinds, LoRA, and PetS's mix
@@ -210,29 +210,22 @@ def breakdown_kind(
 
 def run(cfg: Config) -> list[dict[str, Any]]:
     """Every (kind, shape) of `cfg`; the records, also written to cfg.out as each kind finishes."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --smoke (CPU) or on the GPU machine")
-    threads = torch.get_num_threads()
-    if cfg.device == "cpu":  # on a small machine busy with other work, each thread barrier can wait a time slice
-        torch.set_num_threads(1)
-    try:
+    with on_device(cfg.device):
         started = time.perf_counter()
         base = make_base(MODELS[cfg.model], cfg.seed)
         env = environment(cfg.device)
         floors = measure_device(cfg.device, cfg.torch_dtype)
-        out = RecordFile(cfg.out, f"breakdown-{'smoke-' if cfg.smoke else ''}{time.strftime('%Y%m%d-%H%M%S')}")
+        out = RecordFile.for_run(cfg.out, "breakdown", cfg.smoke)
         for kind in make_kinds(base, cfg.kinds).values():
             t0 = time.perf_counter()
             for record in breakdown_kind(cfg, base, kind, floors, env):
                 record["floors"] = floors.to_json()
                 out.write(record)
             print(f"  {kind.name}: {time.perf_counter() - t0:.0f} s", flush=True)
-        print(f"\n{len(out.records)} records -> {out.path} ({time.perf_counter() - started:.0f} s)")
+        print(out.summary(started))
         print(f"device: {env['device']}  torch {env['versions']['torch']}  commit {env['commit']}  ({PETS_CLAIM})")
         print(table(out.records))
         return out.records
-    finally:
-        torch.set_num_threads(threads)
 
 
 def parse(argv: list[str] | None = None) -> Config:

@@ -42,7 +42,7 @@ from bench.pets_exec import pets_forward
 from bench.precision import Precision
 from bench.records import RecordFile, environment
 from bench.throughput import RESULTS
-from bench.timing import timed
+from bench.timing import on_device, timed
 from pets_compiler.frontend.base import BaseModel
 
 # PetS's Table 5 runs tasks of random PET types (the mix); LoRA r8 is our smallest dense task, the Pfeiffer adapter
@@ -302,27 +302,20 @@ def _fmt(value: float | int | None, spec: str) -> str:
 
 def run(cfg: Config) -> list[dict[str, Any]]:
     """Every kind of `cfg`; the records, also written to cfg.out as each kind finishes."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --smoke (CPU) or on the GPU machine")
-    threads = torch.get_num_threads()
-    if cfg.device == "cpu":  # on a small machine busy with other work, each thread barrier can wait a time slice
-        torch.set_num_threads(1)
-    try:
+    with on_device(cfg.device):
         started = time.perf_counter()
         print(f"capacity: {len(cfg.kinds)} kinds x {cfg.seconds_per_kind:g} s at most, on {cfg.device}", flush=True)
         base = make_base(MODELS[cfg.model], cfg.seed)
         env = environment(cfg.device)
-        out = RecordFile(cfg.out, f"capacity-{'smoke-' if cfg.smoke else ''}{time.strftime('%Y%m%d-%H%M%S')}")
+        out = RecordFile.for_run(cfg.out, "capacity", cfg.smoke)
         for kind in make_kinds(base, cfg.kinds).values():
             record = capacity_of(cfg, base, kind, env)
             out.write(record)
             print(f"  {kind.name}: {record['stopped_by']} after {record['seconds']:.0f} s", flush=True)
-        print(f"\n{len(out.records)} records -> {out.path} ({time.perf_counter() - started:.0f} s)")
+        print(out.summary(started))
         print(f"device: {env['device']}  torch {env['versions']['torch']}  commit {env['commit']}  ({PETS_CLAIM})")
         print(table(out.records))
         return out.records
-    finally:
-        torch.set_num_threads(threads)
 
 
 def parse(argv: list[str] | None = None) -> Config:

@@ -43,8 +43,8 @@ from bench.check import rel_err
 from bench.models import MODELS
 from bench.precision import Precision
 from bench.records import RecordFile, environment
-from bench.throughput import RESULTS, single_thread_on_cpu
-from bench.timing import timed
+from bench.throughput import RESULTS
+from bench.timing import on_device, timed
 from pets_compiler.custom_ops.reference import adapter_ref, lora_delta_ref
 
 OPS = ("lora", "adapter")
@@ -292,16 +292,14 @@ def speedups(time_us: dict[str, float]) -> dict[str, Any]:
 
 
 def run(cfg: Config) -> list[dict[str, Any]]:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --smoke (CPU) or on the GPU machine")
-    with single_thread_on_cpu(cfg.device):
+    with on_device(cfg.device):
         return _run(cfg)
 
 
 def _run(cfg: Config) -> list[dict[str, Any]]:
     modes = cfg.modes if cfg.device == "cuda" else tuple(m for m in cfg.modes if m == "eager")
     env = environment(cfg.device)
-    out = RecordFile(cfg.out, f"op_scheduling{'-smoke' if cfg.smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = RecordFile.for_run(cfg.out, "op_scheduling", cfg.smoke)
     started, skipped = time.perf_counter(), []
     for op in cfg.ops:
         for tasks in cfg.tasks:
@@ -313,7 +311,7 @@ def _run(cfg: Config) -> list[dict[str, Any]]:
                     record = measure(cfg, op, tasks, seq, mode, env)
                     out.write(record)
                     progress(record)
-    print(f"\n{len(out.records)} records -> {out.path} ({time.perf_counter() - started:.0f} s)")
+    print(out.summary(started))
     if skipped:
         print(f"time budget {cfg.time_budget_s} s spent: skipped {', '.join(skipped)}")
     print(f"device: {env['device']}  torch {env['versions']['torch']}  commit {env['commit']}")

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,15 @@ class RecordFile:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f"{stem}.jsonl"
         self.records: list[dict[str, Any]] = []
+
+    @staticmethod
+    def for_run(directory: Path, experiment: str, smoke: bool) -> RecordFile:
+        """`<experiment>[-smoke]-<date>-<time>.jsonl` in `directory` (bench.plot reads smoke records apart)."""
+        return RecordFile(directory, f"{experiment}{'-smoke' if smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def summary(self, started: float | None = None) -> str:
+        took = "" if started is None else f" ({time.perf_counter() - started:.0f} s)"
+        return f"\n{len(self.records)} records -> {self.path}{took}"
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)

@@ -22,13 +22,10 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from bench.baselines import PeftMixed, SeqS, backbone_model, plain_runtime
 from bench.floors import measure_device
@@ -41,6 +38,7 @@ from bench.pets_grid import GRID_TASKS, PETS_SHAPES, SMOKE_GRID, SUITE_GRID, Gri
 from bench.pets_grid import progress as grid_progress
 from bench.precision import Precision
 from bench.records import RecordFile, environment, table
+from bench.timing import on_device
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -151,37 +149,21 @@ def progress(record: dict[str, Any]) -> None:
 
 def run(cfg: Config) -> list[dict[str, Any]]:
     """Every configuration of `cfg`; the records, also written to cfg.out as they finish."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --smoke (CPU) or on the GPU machine")
-    with single_thread_on_cpu(cfg.device):
+    with on_device(cfg.device):
         return _run(cfg)
-
-
-@contextmanager
-def single_thread_on_cpu(device: str) -> Iterator[None]:
-    """One intra-op thread on the CPU: on a small machine busy with other work, each thread barrier can wait a time
-    slice (a tiny op then takes ~0.1 s)."""
-    threads = torch.get_num_threads()
-    if device == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: Config) -> list[dict[str, Any]]:
     started = time.perf_counter()
     env = environment(cfg.device)
-    stem = f"throughput-{'smoke-' if cfg.smoke else ''}{time.strftime('%Y%m%d-%H%M%S')}"
-    records = RecordFile(cfg.out, stem)
+    records = RecordFile.for_run(cfg.out, "throughput", cfg.smoke)
     if cfg.large_batches:
         large_batches(cfg, env, records)
         release(cfg.device)  # the backbone and the plain runtime went with large_batches's frame
     if cfg.grid:
         run_grid(cfg, env, records, grid_progress)
     versions = env["versions"]
-    print(f"\n{len(records.records)} records -> {records.path} ({time.perf_counter() - started:.0f} s)")
+    print(records.summary(started))
     print(f"device: {env['device']}  torch {versions['torch']}  commit {env['commit']}  pets exec: {cfg.pets_exec}")
     large = [r for r in records.records if r.get("experiment") == "throughput"]
     if large:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -32,8 +35,6 @@ def timed(fn: Callable[[], object], device: str, warmup: int, iters: int, budget
     """Time `fn`, each call alone (synchronised). With `budget_s`, warm up for a quarter of it at most and stop the
     timed calls once they took that long (after 3 of them, or 1 that took twice as long): slow baselines (peft, SeqS)
     or a slow path then cost seconds, not minutes, and the median is as good."""
-    import torch
-
     done_warmup = 0
     start = time.perf_counter()
     for _ in range(warmup):
@@ -60,3 +61,19 @@ def timed(fn: Callable[[], object], device: str, warmup: int, iters: int, budget
         if budget_s is not None and spent > budget_s and (len(times) >= 3 or spent > 2 * budget_s):
             break
     return Timing(statistics.median(times), len(times), done_warmup, min(times), max(times))
+
+
+@contextmanager
+def on_device(device: str) -> Iterator[None]:
+    """A benchmark's run on `device`: refused without CUDA where it asks for it; on the CPU with one intra-op thread
+    (on a small machine busy with other work, each thread barrier can wait a time slice: a tiny op then takes
+    ~0.1 s)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --smoke (CPU) or on the GPU machine")
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
