@@ -19,19 +19,13 @@ from pathlib import Path
 import torch
 
 import pets_compiler
+from bench.models import BERT_LARGE, MAX_POSITIONS, VOCAB
 from pets_compiler.cli import main as pets
 from pets_compiler.export.onnx_runner import OnnxRunner
 from pets_compiler.runtime.requests import pad
 from tests.builders import make_peft_lora, make_small_base, mixed_rows, rel_err
 
-LARGE = dict(
-    hidden_size=1024,
-    num_attention_heads=16,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    vocab_size=30522,
-    max_position_embeddings=512,
-)
+LARGE = {**BERT_LARGE, "vocab_size": VOCAB, "max_position_embeddings": MAX_POSITIONS}
 TOL = 1e-4
 
 
