@@ -37,7 +37,7 @@ from bench.measure import batch_stats, draw, failure
 from bench.models import MODELS, make_base
 from bench.pets_exec import eager, pets_forward
 from bench.precision import Precision
-from bench.records import RecordFile, environment
+from bench.records import RecordFile, describe_env, environment
 from bench.throughput import RESULTS
 from bench.timing import on_device, timed
 from pets_compiler.frontend.base import BaseModel
@@ -223,7 +223,7 @@ def run(cfg: Config) -> list[dict[str, Any]]:
                 out.write(record)
             print(f"  {kind.name}: {time.perf_counter() - t0:.0f} s", flush=True)
         print(out.summary(started))
-        print(f"device: {env['device']}  torch {env['versions']['torch']}  commit {env['commit']}  ({PETS_CLAIM})")
+        print(f"{describe_env(env)}  ({PETS_CLAIM})")
         print(table(out.records))
         return out.records
 

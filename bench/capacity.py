@@ -40,7 +40,7 @@ from bench.measure import draw, failure
 from bench.models import MODELS, make_base
 from bench.pets_exec import pets_forward
 from bench.precision import Precision
-from bench.records import RecordFile, environment
+from bench.records import RecordFile, describe_env, environment
 from bench.throughput import RESULTS
 from bench.timing import on_device, timed
 from pets_compiler.frontend.base import BaseModel
@@ -313,7 +313,7 @@ def run(cfg: Config) -> list[dict[str, Any]]:
             out.write(record)
             print(f"  {kind.name}: {record['stopped_by']} after {record['seconds']:.0f} s", flush=True)
         print(out.summary(started))
-        print(f"device: {env['device']}  torch {env['versions']['torch']}  commit {env['commit']}  ({PETS_CLAIM})")
+        print(f"{describe_env(env)}  ({PETS_CLAIM})")
         print(table(out.records))
         return out.records
 

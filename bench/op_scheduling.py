@@ -42,7 +42,7 @@ import pets_compiler  # noqa: F401  (loads the op library)
 from bench.check import rel_err
 from bench.models import MODELS
 from bench.precision import Precision
-from bench.records import RecordFile, environment
+from bench.records import RecordFile, describe_env, environment
 from bench.throughput import RESULTS
 from bench.timing import on_device, timed
 from pets_compiler.custom_ops.reference import adapter_ref, lora_delta_ref
@@ -314,7 +314,7 @@ def _run(cfg: Config) -> list[dict[str, Any]]:
     print(out.summary(started))
     if skipped:
         print(f"time budget {cfg.time_budget_s} s spent: skipped {', '.join(skipped)}")
-    print(f"device: {env['device']}  torch {env['versions']['torch']}  commit {env['commit']}")
+    print(describe_env(env))
     print(table(out.records))
     return out.records
 

@@ -51,6 +51,11 @@ def environment(device: str) -> dict[str, Any]:
     }
 
 
+def describe_env(env: dict[str, Any]) -> str:
+    """The closing line's stamp: device, torch version and commit of an environment() record."""
+    return f"device: {env['device']}  torch {env['versions']['torch']}  commit {env['commit']}"
+
+
 def _git(*args: str) -> str | None:
     """git's output in the repo, or None where there is no git or no repository."""
     try:

@@ -37,7 +37,7 @@ from bench.pets_exec import EXEC_MODES
 from bench.pets_grid import GRID_TASKS, PETS_SHAPES, SMOKE_GRID, SUITE_GRID, GridRun, grid_table, release, run_grid
 from bench.pets_grid import progress as grid_progress
 from bench.precision import Precision
-from bench.records import RecordFile, environment, table
+from bench.records import RecordFile, describe_env, environment, table
 from bench.timing import on_device
 
 RESULTS = Path(__file__).parent / "results"
@@ -162,9 +162,8 @@ def _run(cfg: Config) -> list[dict[str, Any]]:
         release(cfg.device)  # the backbone and the plain runtime went with large_batches's frame
     if cfg.grid:
         run_grid(cfg, env, records, grid_progress)
-    versions = env["versions"]
     print(records.summary(started))
-    print(f"device: {env['device']}  torch {versions['torch']}  commit {env['commit']}  pets exec: {cfg.pets_exec}")
+    print(f"{describe_env(env)}  pets exec: {cfg.pets_exec}")
     large = [r for r in records.records if r.get("experiment") == "throughput"]
     if large:
         print(table(large))
