@@ -187,14 +187,17 @@ class Part:
             logits, embedding = forward()
             check = self.check(logits, embedding, ids, mask, names, bs)
             record["check"] = check.to_json()
+            t0 = time.perf_counter()
+            groups, record["seqs"] = self.seqs.groups(names, self.runtime.task)
+            record["seqs"]["build_s"] = time.perf_counter() - t0  # the merged models of tasks new to this part
             if not check.passed:
+                # The same rows through the merged own models in the same dtype: how far plain fp16 is from fp32.
+                seqs_out = assemble(in_turn(groups, ids, self.seqs.mask_arg(mask))(), groups, len(names))
+                record["seqs"]["check"] = self.check(*seqs_out, ids, mask, names, bs).to_json()
                 record["error"] = f"correctness check failed: max relative error {check.max_rel_err:.3g}"
                 return record
             pets_t = timed(forward, cfg.device, cfg.warmup, cfg.iters, cfg.budget_s)
             record["pets_exec"] = describe(self.runtime, cfg.pets_exec)
-            t0 = time.perf_counter()
-            groups, record["seqs"] = self.seqs.groups(names, self.runtime.task)
-            record["seqs"]["build_s"] = time.perf_counter() - t0  # the merged models of tasks new to this part
             seqs_t, seqs_out = self.time_seqs(groups, ids, mask, names, bs, record["seqs"])
             pars_t, record["pars"] = self.time_pars(groups, ids, mask, seqs_out)
             peft_t, record["peft_mixed"] = self.time_peft(ids, mask, names, embedding)

@@ -14,10 +14,10 @@ import torch
 from bench.baselines import SeqS, own_model
 from bench.kinds import make_kinds
 from bench.models import MODELS, make_base
-from bench.pets_grid import CHECK_TASKS, LARGE, SMOKE_GRID, SUITE_GRID, GridRun, points
+from bench.pets_grid import CHECK_TASKS, LARGE, SMOKE_GRID, SUITE_GRID, GridRun, Part, points
 from bench.plots.throughput import plot
 from bench.records import table
-from bench.throughput import SMOKE, main, parse, run
+from bench.throughput import SMOKE, Config, main, parse, run
 
 
 @pytest.mark.slow
@@ -145,3 +145,18 @@ def test_smoke_half_precision(tmp_path: Path) -> None:
     assert r["error"] is None, r.get("traceback")
     assert r["check"]["tolerance"] == 1e-2 and r["check"]["passed"]
     assert r["seqs"]["distinct_models"] >= 1 and "error" not in r["seqs"]
+
+
+def test_a_failed_grid_check_is_the_record_with_the_plain_models_beside_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bound nothing meets: ours is not timed, the record says why, and the merged own models' errors on the same
+    # rows are there to compare (how far the dtype alone is from the fp32 oracle).
+    monkeypatch.setattr(Config, "tolerance", property(lambda self: 0.0))
+    base = make_base(MODELS["tiny"], seed=0)
+    part = Part(SMOKE, "tiny", base, make_kinds(base, ("lora_r8",))["lora_r8"], {}, 2)
+    try:
+        r = part.measure(2, 1, 8)
+    finally:
+        part.free()
+    assert r["error"].startswith("correctness check failed") and not r["check"]["passed"]
+    assert "queries_per_s" not in r and "timing" not in r["seqs"]
+    assert [row["task"] for row in r["seqs"]["check"]["rows"]] == [row["task"] for row in r["check"]["rows"]]
