@@ -27,7 +27,7 @@ part ops-gpu 150 -m gpu tests/custom_ops
 part runtime-gpu 240 -m gpu tests --ignore=tests/custom_ops
 # memcheck over the kernel tests (a subset of the parameter grid keeps it within a few minutes)
 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
-  python3 -m pytest -q -p no:cacheprovider tests/custom_ops/test_gpu_ops.py -k "uniform or zipf or bert or bitwise or depend or checks" \
+  python3 -m pytest -q -p no:cacheprovider tests/custom_ops/test_gpu_ops.py -k "uniform or zipf or bert or bitwise or depend or checks or splits" \
   >"$OUT/memcheck.log" 2>&1
 echo "memcheck: rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -1) $(grep -E '(passed|failed)' "$OUT/memcheck.log" | tail -1)"
 echo "total: $(( $(date +%s) - start )) s"

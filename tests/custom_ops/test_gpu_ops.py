@@ -455,3 +455,21 @@ def test_sparse_delta_long_rows_alignment_and_bits(dtype: torch.dtype) -> None:
         mask = empty_rows.unsqueeze(1).expand(-1, seq, -1)
         assert bool(mask[2].all()) and bool(mask.any()) and not bool(mask.all())
         assert torch.equal(bits(aligned.cpu()[mask]), bits(y[mask]))
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_sparse_delta_row_splits(dtype: torch.dtype) -> None:
+    """Few (row, token tile) blocks: the kernel splits the output rows across blocks as well (1 row: more splits
+    than needed, the last ones own no rows; 9 rows: a dozen splits; 300 rows: none). Each batch against the
+    reference, and row 0 (same slot, x and y in every batch) bitwise the same whatever the split."""
+    in_f, out_f, seq = 768, 3072, 16
+    pool = sparse_density_pool(4, out_f, in_f, 0.02, dtype, seed=70)
+    x = randn(300, seq, in_f, dtype=dtype, seed=71)
+    y = randn(300, seq, out_f, dtype=dtype, seed=72)
+    ids = torch.arange(300) % 4
+    ids[0] = 2
+    row0 = []
+    for rows in (1, 9, 300):
+        got = check("sparse_delta", sparse_delta_ref, (y[:rows], x[:rows], ids[:rows], *pool), dtype)
+        row0.append(bits(got[0].cpu()))
+    assert all(torch.equal(row0[0], r) for r in row0[1:]), "row 0 depends on how many rows share its batch"

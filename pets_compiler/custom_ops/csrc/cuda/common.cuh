@@ -63,18 +63,29 @@ __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { ret
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// The current device's largest opt-in shared memory per block, queried once per device.
-inline size_t shared_memory_optin() {
-  static std::array<std::atomic<int>, 64> known{};  // 0: not queried yet
+// An attribute of the current device, queried once per device (`known`: one table per attribute).
+inline int device_attribute(std::array<std::atomic<int>, 64>& known, cudaDeviceAttr attr) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   std::atomic<int>& slot = known.at(static_cast<size_t>(device));
-  int optin = slot.load(std::memory_order_relaxed);
-  if (optin == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    slot.store(optin, std::memory_order_relaxed);
+  int value = slot.load(std::memory_order_relaxed);  // 0: not queried yet
+  if (value == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+    slot.store(value, std::memory_order_relaxed);
   }
-  return static_cast<size_t>(optin);
+  return value;
+}
+
+// The current device's largest opt-in shared memory per block.
+inline size_t shared_memory_optin() {
+  static std::array<std::atomic<int>, 64> known{};
+  return static_cast<size_t>(device_attribute(known, cudaDevAttrMaxSharedMemoryPerBlockOptin));
+}
+
+// The current device's count of SMs.
+inline int64_t multiprocessor_count() {
+  static std::array<std::atomic<int>, 64> known{};
+  return device_attribute(known, cudaDevAttrMultiProcessorCount);
 }
 
 // Dynamic shared memory above the default 48 KiB must be opted into per kernel; fails with the op's name when

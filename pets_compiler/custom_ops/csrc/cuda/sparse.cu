@@ -1,5 +1,5 @@
-// Pooled-CSR sparse deltas. sparse_delta's kernel below: COMPILE-CHECKED ONLY; NOT YET RUN ON A GPU (neither
-// tests/custom_ops/test_gpu_ops.py nor scripts/op_times.py has run it; the numbers here are estimates).
+// Pooled-CSR sparse deltas. The estimates below were written before the kernel ran; tests/custom_ops/test_gpu_ops.py
+// runs it on the GPU, and bench.throughput / bench.breakdown record its measured times against its floor.
 //
 // sparse_delta (diff-pruning, MaskBERT at a linear site): out[m, o] = y[m, o] + sum_k val[k] * x[m, col[k]] over the
 // entries k of row o of the batch row's slot matrix D_t. Each (token, entry) pair is one fp32 FMA on one x value
@@ -562,8 +562,23 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
   const int64_t m0 = row * tokens + tok0;
   const int64_t t = slot_of(task_ids, row, slots);
   const int64_t* p = row_ptr + max64(t, 0) * (out_features + 1);
+  // This block's output rows: chunks [c_begin, chunks) of kChunkRows rows, split z of gridDim.z (few tokens: the
+  // host splits the rows so that the grid covers the SMs; the sums of a row do not depend on the split).
+  const int64_t all_chunks = ceil_div(out_features, kChunkRows);
+  const int64_t per_split = ceil_div(all_chunks, static_cast<int64_t>(gridDim.z));
+  const int64_t c_begin = static_cast<int64_t>(blockIdx.z) * per_split;
+  const int64_t chunks = min64(all_chunks, c_begin + per_split);
+  if (c_begin >= chunks) return;  // block-uniform: a split past the last chunk
 
   if (t < 0 || p[0] == p[out_features]) {  // no nonzeros (block-uniform): the tile of y itself
+    if (gridDim.z > 1) {  // this split's outputs of each token
+      const int64_t o_begin = c_begin * kChunkRows, width = min64(chunks * kChunkRows, out_features) - o_begin;
+      for (int64_t v = threadIdx.x; v < count * width; v += blockDim.x) {
+        const int64_t at = (m0 + v / width) * out_features + o_begin + v % width;
+        out[at] = y[at];
+      }
+      return;
+    }
     const int64_t n = static_cast<int64_t>(count) * out_features;
     const scalar_t* src = y + m0 * out_features;
     scalar_t* dst = out + m0 * out_features;
@@ -614,17 +629,16 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
   // Short rows (a slot's average below 16 entries): a group a row; else two groups a row.
   const bool short_rows = p[out_features] - p[0] < 16 * out_features;
 
-  const int64_t chunks = ceil_div(out_features, kChunkRows);
   // Lane l <= kChunkRows of a warp holds row_ptr[t, o0 + l] of its chunk.
   auto chunk_offsets = [&](int64_t chunk) -> int64_t {
     const int64_t o = chunk * kChunkRows + lane;
     return chunk < chunks && lane <= kChunkRows && o <= out_features ? p[o] : 0;
   };
-  int64_t chunk = warp;
+  int64_t chunk = c_begin + warp;
   int64_t q = chunk_offsets(chunk);
   while (chunk < chunks) {
-    int next = 0;
-    if (lane == 0) next = atomicAdd(&next_chunk, 1);
+    int64_t next = 0;
+    if (lane == 0) next = c_begin + atomicAdd(&next_chunk, 1);
     next = __shfl_sync(kFull, next, 0);
     const int64_t q_next = chunk_offsets(next);  // in flight during this chunk
 
@@ -708,7 +722,14 @@ void launch_sparse_delta(const at::Tensor& y3, const at::Tensor& x3, const at::T
   using L = SparseLayout<scalar_t, kColBytes>;
   const int64_t tokens = y3.size(1), in_features = x3.size(2), out_features = y3.size(2);
   const int64_t in_pad = ceil_div(in_features, 8) * 8;
-  const dim3 grid(static_cast<unsigned>(y3.size(0)), static_cast<unsigned>(ceil_div(tokens, L::kT)));
+  // One block an SM: with fewer (row, token tile) blocks than SMs (a few hundred tokens), the output rows are split
+  // across blocks too, each staging its tile of x again (from L2). Profiled on the H200 before the split: at 8 rows
+  // of 64 tokens, 8 or 16 blocks on 132 SMs, 87x the op's memory floor (bench.breakdown, 8 mixed tasks).
+  const int64_t tiles = y3.size(0) * ceil_div(tokens, L::kT);
+  const int64_t sms = multiprocessor_count();
+  const int64_t splits = tiles >= sms ? 1 : min64(ceil_div(out_features, kChunkRows), max64(1, sms / tiles));
+  const dim3 grid(static_cast<unsigned>(y3.size(0)), static_cast<unsigned>(ceil_div(tokens, L::kT)),
+                  static_cast<unsigned>(splits));
   TORCH_CHECK(grid.y <= 65535, "pets::sparse_delta: ", tokens, " tokens per row is more than the kernel's ",
               65535 * L::kT);
   const size_t shared = sparse_shared_bytes<scalar_t, kColBytes>(in_pad, warps);
