@@ -7,7 +7,7 @@
 Each script runs as `python -m bench.<name> [args] --out DIR` in a process of its own (its GPU memory is given back
 when it ends), under a timeout (its budget's, cut to what --deadline leaves), its output in
 `<out>/all-<stamp>-logs/<name>.log`. Then bench.plot draws the figures of the experiments that ran (skipped, with
-a line saying so, where matplotlib is not installed, as on the GPU machine: plot the records elsewhere), and a
+a line saying so, where matplotlib is not installed: plot the records elsewhere), and a
 summary table (script, status, exit code, seconds against the budget) is printed and written beside the logs as
 summary.json. The exit status is 1 if any script failed, timed out, is missing or got no time, or plotting failed.
 """
@@ -34,21 +34,24 @@ ROOT = Path(__file__).resolve().parents[1]
 # Each script's arguments on the GPU and its budget in seconds, chosen so that the suite fits 10 minutes on an H200
 # (the scripts' own defaults run much longer). A script not yet written gets only --out.
 GPU_ARGS: dict[str, tuple[str, ...]] = {
-    "throughput": ("--suite",),  # its SUITE config: PetS's grid subset (pets_grid.SUITE_GRID), ~3.5 min
-    # 20 s a kind, compile included (its default: 4 kinds x 28 s; 3 x 28 took 101 s on the H200)
-    "capacity": ("--kinds", "mix,lora_r8,pfeiffer", "--seconds-per-kind", "20"),
+    "throughput": ("--suite",),  # its SUITE config: PetS's grid subset (pets_grid.SUITE_GRID), ~3 min
+    # 14 s a kind, compile included (its default: 4 kinds x 28 s; 3 x 28 took 101 s on the H200, 3 x 20 86 s)
+    "capacity": ("--kinds", "mix,lora_r8,pfeiffer", "--seconds-per-kind", "14"),
     "breakdown": ("--kinds", "mix"),  # PetS's Fig. 9 setup: 8 tasks of random PET types (its default: 6 kinds)
     "op_scheduling": ("--suite",),  # its SUITE config: every configuration, fewer timed calls, a 50 s budget
     # Fig. 12's extremes, s = 1 and 8, at 32 and 128 tasks, then the wide workload. The default grid (s = 1, 2, 4, 8
     # at 32, 64, 128 tasks) is ~3.2 min by the session-6 H200 records (batching-20261127-session6-h200.jsonl, which
     # carry no run time): timed passes 9 s, timed steady streams 21 s, profiles 12 s, with up to 4 and 2 untimed
-    # passes before each, graph captures (~0.6 s each), loading 128 tasks and compiling on top
-    "batching": ("--tasks", "32,128", "--sigmas", "1,8"),
+    # passes before each, graph captures (~0.6 s each), loading 128 tasks and compiling on top. Steady streams of
+    # 4096 queries (the default 8192: the four Fig. 12 configurations alone took 137 s at 11cc4b8)
+    "batching": ("--tasks", "32,128", "--sigmas", "1,8", "--steady-queries", "4096"),
 }
-# Measured on the H200 at e918a44 with the arguments before these (two calls, the extension built before each):
-# throughput 263 s, capacity 101, breakdown 45, op_scheduling 59, batching 154, plots 22: 645 s in all, over 10
-# minutes; throughput's grid and capacity's seconds were cut after (not yet re-timed)
-BUDGET_S = {"throughput": 210, "capacity": 75, "breakdown": 50, "op_scheduling": 60, "batching": 160}
+# Measured on the H200: at e918a44 throughput 263 s, capacity 101, breakdown 45, op_scheduling 59, batching 154,
+# plots 22 (645 s); at 11cc4b8, with the grid's time budget 180 s and capacity 20 s a kind, throughput 235 s,
+# capacity 86, breakdown 48, op_scheduling 67, batching stopped by the deadline after 137 s (its wide workload not
+# reached), so the cuts above (grid 130 s, capacity 14 s a kind, steady streams halved)
+BUDGET_S = {"throughput": 185, "capacity": 65, "breakdown": 50, "op_scheduling": 65, "batching": 150}
+PLOT_S = 30  # of --deadline, kept for the plots (22 s on the H200 machine)
 # a script is stopped at 1.5 x its budget + 30 s (start-up: imports, the op library): its records so far are kept,
 # written as each configuration finishes
 TIMEOUT_FACTOR, TIMEOUT_EXTRA_S = 1.5, 30.0
@@ -94,7 +97,7 @@ def run_script(name: str, cmd: list[str], timeout_s: float, log: Path, budget_s:
 def run_suite(
     experiments: tuple[str, ...], out: Path, logs: Path, smoke: bool, deadline_s: float | None = None
 ) -> list[Outcome]:
-    """Each script in turn; with `deadline_s`, none runs past that many seconds from now."""
+    """Each script in turn; with `deadline_s`, none runs past that many seconds from now (less PLOT_S)."""
     started = time.perf_counter()
     outcomes = []
     for name in experiments:
@@ -102,7 +105,7 @@ def run_suite(
         budget = None if smoke else BUDGET_S[name]
         timeout = SMOKE_TIMEOUT_S if budget is None else TIMEOUT_FACTOR * budget + TIMEOUT_EXTRA_S
         if deadline_s is not None:
-            timeout = min(timeout, deadline_s - (time.perf_counter() - started))
+            timeout = min(timeout, deadline_s - PLOT_S - (time.perf_counter() - started))
         if find_spec(f"bench.{name}") is None:
             outcome = Outcome(name, "missing", None, 0.0, budget, str(log), f"bench/{name}.py does not exist")
             print(f"[{name}] missing: bench/{name}.py does not exist", flush=True)
@@ -136,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", help=f"comma-separated experiments (default: all of {','.join(EXPERIMENTS)})")
     p.add_argument("--out", type=Path, help="folder for the records (default bench/results; --smoke: a new temp one)")
     p.add_argument("--figures", type=Path, help="folder for the PNGs (default bench/figures; --smoke: <out>/figures)")
-    p.add_argument("--deadline", type=float, help="seconds for all the scripts together: each stops by then")
+    p.add_argument(
+        "--deadline", type=float, help=f"seconds for the whole suite: each script stops by then less {PLOT_S} (plots)"
+    )
     args = p.parse_args(argv)
     try:
         experiments = experiments_of(args.only)

@@ -372,6 +372,7 @@ def parse(argv: list[str] | None = None) -> Config:
     p.add_argument("--tasks", help="comma-separated task counts (default 32,64,128)")
     p.add_argument("--sigmas", help="comma-separated s of the Fig. 12 lengths N(32, s) (default 1,2,4,8)")
     p.add_argument("--queries", type=int, help="queries per workload (default 1024)")
+    p.add_argument("--steady-queries", type=int, help="queries per steady-load run (default 8192)")
     p.add_argument("--no-wide", action="store_true", help="skip the wide workload")
     p.add_argument("--out", type=Path, help="directory for the JSON Lines records (default bench/results)")
     args = p.parse_args(argv)
@@ -384,12 +385,14 @@ def parse(argv: list[str] | None = None) -> Config:
         cfg = replace(cfg, sigmas=tuple(float(s) for s in args.sigmas.split(",")))
     if args.queries is not None:
         cfg = replace(cfg, queries=args.queries)
+    if args.steady_queries is not None:
+        cfg = replace(cfg, steady_queries=args.steady_queries)
     if args.no_wide:
         cfg = replace(cfg, wide=False)
     if args.out is not None:
         cfg = replace(cfg, out=args.out)
-    if any(t < 1 for t in cfg.tasks) or cfg.queries < 1:
-        p.error("--tasks and --queries must be at least 1")
+    if any(t < 1 for t in cfg.tasks) or cfg.queries < 1 or cfg.steady_queries < 1:
+        p.error("--tasks, --queries and --steady-queries must be at least 1")
     return cfg
 
 

@@ -111,6 +111,8 @@ def transient_bytes(fn: Callable[[], object], device: str) -> int | None:
 
 def projection(noun: str, loaded: int, per_item: float, device: str, transient: int | None) -> dict[str, Any]:
     """What is loaded plus what the free memory, less the serving transient, would hold (a projection)."""
+    if per_item <= 0:
+        raise ValueError(f"projection of {noun}: {per_item} bytes per item (the allocator saw no growth)")
     free, how = free_bytes(device)
     room = free - (transient or 0)
     return {

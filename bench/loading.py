@@ -36,20 +36,33 @@ def allocated(device: str) -> int | None:
 def table_bytes(runtime: pets_compiler.Runtime) -> dict[str, int]:
     """Bytes of the task tables: one slot of the per-slot tables; the shared tables (the sparse pools) as their
     live entries ("shared": what the loaded tasks use) and as allocated ("shared_allocated": with freed entries and
-    the room the pools keep for later adds, up to 2x); all tables as allocated ("total")."""
+    the room the pools keep for later adds, up to 2x); all tables as allocated ("total"); "slots": the rows the
+    per-slot tables hold (slot 0, no task, included; up to 2x the slots in use)."""
     tables = runtime.tables
-    per_slot = shared_allocated = total = 0
+    per_slot = shared_allocated = total = slots = 0
     for spec in tables.specs:
         t = tables.tensors[spec.key]
         nbytes = t.numel() * t.element_size()
         total += nbytes
         if spec.per_slot:
             per_slot += t[0].numel() * t.element_size() if t.shape[0] else 0
+            slots = int(t.shape[0])
         else:
             shared_allocated += nbytes
     pools = tables.pool_bytes()  # col and val; the other shared tables (none today) count as allocated
     shared = shared_allocated - pools["allocated"] + pools["live"]
-    return {"per_slot": per_slot, "shared": shared, "shared_allocated": shared_allocated, "total": total}
+    return {
+        "per_slot": per_slot,
+        "shared": shared,
+        "shared_allocated": shared_allocated,
+        "total": total,
+        "slots": slots,
+    }
+
+
+def unused_bytes(tables: dict[str, int], loaded: int) -> int:
+    """What the tables hold beyond what `loaded` tasks use: free slots (slot 0 is in use: no task) and pool room."""
+    return tables["per_slot"] * max(0, tables["slots"] - loaded - 1) + tables["shared_allocated"] - tables["shared"]
 
 
 @dataclass
@@ -69,6 +82,7 @@ class Served:
     add_s: float = 0.0  # Runtime.add_task, cumulative for this runtime
     runtime_bytes: int | None = None  # allocator bytes of program + tables, followed across adds
     compiled_bytes: int | None = None
+    compiled_unused: int = 0  # unused_bytes of the tables as compiled
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def needs_compile(self, n: int) -> bool:
@@ -98,6 +112,7 @@ class Served:
         self.add_s = 0.0
         self.runtime_bytes = None if before is None or after is None else after - before
         self.compiled_bytes = self.runtime_bytes
+        self.compiled_unused = unused_bytes(table_bytes(runtime), k)
 
     def _add(self, indices: range) -> None:
         runtime = self.runtime
@@ -117,23 +132,30 @@ class Served:
         self.loaded = indices[-1] + 1
 
     def memory(self) -> dict[str, Any]:
-        """Bytes per task, measured (allocator, over the tasks added since compiling) and from the tables."""
+        """Bytes per task, measured (allocator, over the tasks added since compiling) and from the tables. The tables
+        grow by doubling, so the allocator's bytes hold room for later adds: "bytes_per_task" leaves it out (what a
+        task costs once the room fills), "bytes_per_task_allocated" keeps it."""
         assert self.runtime is not None
         tables = table_bytes(self.runtime)
         from_tables = tables["per_slot"] + tables["shared"] / max(1, self.loaded)
         added = self.loaded - self.compiled_with
-        measured = None
+        measured = allocated_now = None
+        unused = unused_bytes(tables, self.loaded)
         if added > 0 and self.runtime_bytes is not None and self.compiled_bytes is not None:
-            measured = (self.runtime_bytes - self.compiled_bytes) / added
+            allocated_now = (self.runtime_bytes - self.compiled_bytes) / added
+            measured = (self.runtime_bytes - self.compiled_bytes - unused + self.compiled_unused) / added
         how = (
-            f"allocator: (bytes with {self.loaded} tasks - bytes with {self.compiled_with}) / {added}"
+            f"allocator: (bytes with {self.loaded} tasks - bytes with {self.compiled_with} - the tables' unused room"
+            f" added since) / {added}"
             if measured is not None
             else "tables: one slot of every per-slot table + pooled sparse bytes / tasks loaded"
         )
         return {
             "bytes_per_task": measured if measured is not None else from_tables,
             "bytes_per_task_measured": measured,
+            "bytes_per_task_allocated": allocated_now,
             "bytes_per_task_tables": from_tables,
+            "tables_unused_bytes": unused,
             "how": how,
             "table_bytes": tables,
             "runtime_allocated_bytes": self.runtime_bytes,

@@ -68,6 +68,8 @@ def test_timed_serve_keeps_the_first_timed_pass_without_a_capture(
 def test_parse() -> None:
     cfg = parse(["--tasks", "32,64", "--sigmas", "1,8", "--queries", "100", "--no-wide", "--kind", "lora_r8"])
     assert cfg.tasks == (32, 64) and cfg.sigmas == (1.0, 8.0) and cfg.queries == 100 and not cfg.wide
-    assert cfg.kind == "lora_r8" and cfg.device == "cuda"
-    with pytest.raises(SystemExit):
-        parse(["--queries", "0"])
+    assert cfg.kind == "lora_r8" and cfg.device == "cuda" and cfg.steady_queries == 8192
+    assert parse(["--steady-queries", "4096"]).steady_queries == 4096
+    for bad in (["--queries", "0"], ["--steady-queries", "0"]):
+        with pytest.raises(SystemExit):
+            parse(bad)

@@ -125,3 +125,25 @@ def test_parse() -> None:
     assert cfg.out == Path("/tmp/x") and parse(["--smoke"]).device == "cpu"
     with pytest.raises(SystemExit):
         parse(["--kinds", "lora_r4"])
+
+
+def test_bytes_per_task_leaves_out_the_tables_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An allocator that holds exactly the task tables: the tables grow by doubling (slot 0 and 4 tasks, then 8 task
+    # slots for 5 tasks), so they hold room, which the allocator counts and bytes_per_task must not (LoRA: no pools).
+    base = make_base(MODELS["tiny"], seed=0)
+    served = Served(make_kinds(base, ("lora_r8",))["lora_r8"], base, "cpu", "float32", "eager")
+
+    def table_bytes_only(device: str) -> int:
+        if served.runtime is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in served.runtime.tables.tensors.values())
+
+    monkeypatch.setattr("bench.loading.allocated", table_bytes_only)
+    served.load(1)
+    served.load(4)
+    served.load(5)
+    memory = served.memory()
+    per_slot, slots = memory["table_bytes"]["per_slot"], memory["table_bytes"]["slots"]
+    assert slots == 9 and memory["tables_unused_bytes"] == 3 * per_slot  # slot 0 and 5 tasks: 3 rows of room
+    assert memory["bytes_per_task"] == pytest.approx(per_slot)
+    assert memory["bytes_per_task_allocated"] == pytest.approx(per_slot * 7 / 4)
