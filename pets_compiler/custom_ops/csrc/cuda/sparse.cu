@@ -723,11 +723,15 @@ void launch_sparse_delta(const at::Tensor& y3, const at::Tensor& x3, const at::T
   const int64_t tokens = y3.size(1), in_features = x3.size(2), out_features = y3.size(2);
   const int64_t in_pad = ceil_div(in_features, 8) * 8;
   // One block an SM: with fewer (row, token tile) blocks than SMs (a few hundred tokens), the output rows are split
-  // across blocks too, each staging its tile of x again (from L2). Profiled on the H200 before the split: at 8 rows
-  // of 64 tokens, 8 or 16 blocks on 132 SMs, 87x the op's memory floor (bench.breakdown, 8 mixed tasks).
+  // across blocks too, each staging its tile of x again (from L2). Profiled on the H200 (bench.breakdown, 8 mixed
+  // tasks, bs1 s64): without splits (8 or 16 blocks on 132 SMs) 6.4 ms a forward, 87x the op's memory floor; with
+  // SMs / tiles splits 1.67 ms, 22x. In a mixed batch most rows have no entries (their blocks only copy y), so a
+  // batch of under a quarter as many tiles as SMs gets 4 waves of splits, at least 2 chunks of rows each.
   const int64_t tiles = y3.size(0) * ceil_div(tokens, L::kT);
   const int64_t sms = multiprocessor_count();
-  const int64_t splits = tiles >= sms ? 1 : min64(ceil_div(out_features, kChunkRows), max64(1, sms / tiles));
+  const int64_t waves = 4 * tiles <= sms ? 4 : 1;
+  const int64_t splits =
+      tiles >= sms ? 1 : min64(max64(1, ceil_div(out_features, kChunkRows) / 2), max64(1, waves * sms / tiles));
   const dim3 grid(static_cast<unsigned>(y3.size(0)), static_cast<unsigned>(ceil_div(tokens, L::kT)),
                   static_cast<unsigned>(splits));
   TORCH_CHECK(grid.y <= 65535, "pets::sparse_delta: ", tokens, " tokens per row is more than the kernel's ",
