@@ -460,8 +460,9 @@ def test_sparse_delta_long_rows_alignment_and_bits(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 def test_sparse_delta_row_splits(dtype: torch.dtype) -> None:
     """Few (row, token tile) blocks: the kernel splits the output rows across blocks as well (1 and 9 rows: 187
-    chunks of 16 rows in 93 and 58 splits, the last splits owning none; 300 rows: no split). Each batch against the
-    reference, and row 0 (same slot, x and y in every batch) bitwise the same whatever the split (132 SMs)."""
+    chunks of 16 rows in 132 and 14 splits, the last splits of the 132 owning none; 300 rows: no split). Each batch
+    against the reference, and row 0 (same slot, x and y in every batch) bitwise the same whatever the split (132
+    SMs)."""
     in_f, out_f, seq = 768, 2990, 16
     pool = sparse_density_pool(4, out_f, in_f, 0.02, dtype, seed=70)
     x = randn(300, seq, in_f, dtype=dtype, seed=71)

@@ -725,13 +725,11 @@ void launch_sparse_delta(const at::Tensor& y3, const at::Tensor& x3, const at::T
   // One block an SM: with fewer (row, token tile) blocks than SMs (a few hundred tokens), the output rows are split
   // across blocks too, each staging its tile of x again (from L2). Profiled on the H200 (bench.breakdown, 8 mixed
   // tasks, bs1 s64): without splits (8 or 16 blocks on 132 SMs) 6.4 ms a forward, 87x the op's memory floor; with
-  // SMs / tiles splits 1.67 ms, 22x. In a mixed batch most rows have no entries (their blocks only copy y), so a
-  // batch of under a quarter as many tiles as SMs gets 4 waves of splits, at least 2 chunks of rows each.
+  // SMs / tiles splits 1.67 ms, 22x (11cc4b8). Four waves of splits for batches under SMs / 4 tiles, 2 chunks of
+  // rows a split at least, were slower: 1.93 ms, 25x (44476b4, twice): each split stages all of its tile's x.
   const int64_t tiles = y3.size(0) * ceil_div(tokens, L::kT);
   const int64_t sms = multiprocessor_count();
-  const int64_t waves = 4 * tiles <= sms ? 4 : 1;
-  const int64_t splits =
-      tiles >= sms ? 1 : min64(max64(1, ceil_div(out_features, kChunkRows) / 2), max64(1, waves * sms / tiles));
+  const int64_t splits = tiles >= sms ? 1 : min64(ceil_div(out_features, kChunkRows), max64(1, sms / tiles));
   const dim3 grid(static_cast<unsigned>(y3.size(0)), static_cast<unsigned>(ceil_div(tokens, L::kT)),
                   static_cast<unsigned>(splits));
   TORCH_CHECK(grid.y <= 65535, "pets::sparse_delta: ", tokens, " tokens per row is more than the kernel's ",
