@@ -89,7 +89,7 @@ SUITE = Config(
     iters=20,
     budget_s=1.0,
     baseline_budget_s=0.3,
-    time_budget_s=130.0,
+    time_budget_s=150.0,
 )
 
 

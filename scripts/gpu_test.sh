@@ -24,7 +24,7 @@ part() {  # name, time limit, pytest args...
 }
 K=${1:-}
 part ops-gpu 150 -m gpu tests/custom_ops
-part runtime-gpu 240 -m gpu tests --ignore=tests/custom_ops
+part runtime-gpu 360 -m gpu tests --ignore=tests/custom_ops
 # memcheck over the kernel tests (a subset of the parameter grid keeps it within a few minutes)
 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
   python3 -m pytest -q -p no:cacheprovider tests/custom_ops/test_gpu_ops.py -k "uniform or zipf or bert or bitwise or depend or checks or splits" \
