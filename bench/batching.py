@@ -2,11 +2,11 @@
 serves the same queries, all submitted at once, and the throughput of each is timed in the same process.
 
 Fig. 12: `queries` queries over 32, 64 and 128 tasks (each query's task uniform), lengths ~ N(32, s) for s in 1, 2,
-4, 8, clipped to [1, 128], on a runtime of `kind` (default: the mix of every kind). Wide: lengths ~ N(64, 32)
-clipped to [8, 256], for one task (`wide_kind`, LoRA r8) on a runtime with that task alone (issue 5 compares
-with the HF backbone alone on the same requests, padded batches of 64 in arrival order, about 60% padding, timed
-too). The coordinated policy's cost model is profiled on the runtime first (serving/profile.py). Each policy is
-timed on a pass over the queries that met no new batch shape (timed_serve).
+4, 8, clipped to [1, 128], on a runtime of `kind` (default: the mix of every kind). Wide: `wide_queries` queries,
+lengths ~ N(64, 32) clipped to [8, 256], for one task (`wide_kind`, LoRA r8) on a runtime with that task alone
+(issue 5 compares with the HF backbone alone on the same requests, padded batches of 64 in arrival order, about
+60% padding, timed too). The coordinated policy's cost model is profiled on the runtime first
+(serving/profile.py). Each policy is timed on a pass over the queries that met no new batch shape (timed_serve).
 Steady runs (the first Fig. 12 workload, queries arriving one by one at 50% and 70% of the sorted policy's
 measured rate, each after an unmeasured one) check latency p99 against 2 x max_delay + one batch (the p99 batch
 time). One JSON record per (workload, tasks, s) in bench/results/; a short table last. `--smoke`: a tiny model on
@@ -49,6 +49,9 @@ class Config:
     tasks: tuple[int, ...] = (32, 64, 128)
     sigmas: tuple[float, ...] = (1, 2, 4, 8)
     queries: int = 1024
+    # the wide workload's queries: 1024 of them (~66k tokens) took 0.09-0.13 s a pass on the H200 (44476b4), where
+    # submitting them (19-35 ms) and filling the first batch weigh on the rate, and the HF passes varied 2x
+    wide_queries: int = 4096
     wide: bool = True
     policies: tuple[str, ...] = POLICIES
     fixed_batch: int = 32  # PetS's fixed-size baseline
@@ -83,6 +86,7 @@ SMOKE = Config(
     tasks=(4,),
     sigmas=(1, 8),
     queries=48,
+    wide_queries=48,
     profile_rows=(1, 2, 4, 8, 16, 32, 64),
     steady_queries=48,
     smoke=True,
@@ -100,7 +104,7 @@ def queries(workload: str, tasks: list[str], cfg: Config, sigma: float) -> list[
     rng = random.Random(cfg.seed)
     return [
         (rng.choice(tasks), [rng.randrange(1000, VOCAB) for _ in range(n)])
-        for n in lengths(workload, cfg.queries, sigma, rng)
+        for n in lengths(workload, cfg.wide_queries if workload == "wide" else cfg.queries, sigma, rng)
     ]
 
 
@@ -372,6 +376,7 @@ def parse(argv: list[str] | None = None) -> Config:
     p.add_argument("--tasks", help="comma-separated task counts (default 32,64,128)")
     p.add_argument("--sigmas", help="comma-separated s of the Fig. 12 lengths N(32, s) (default 1,2,4,8)")
     p.add_argument("--queries", type=int, help="queries per workload (default 1024)")
+    p.add_argument("--wide-queries", type=int, help="queries of the wide workload (default 4096)")
     p.add_argument("--steady-queries", type=int, help="queries per steady-load run (default 8192)")
     p.add_argument("--no-wide", action="store_true", help="skip the wide workload")
     p.add_argument("--out", type=Path, help="directory for the JSON Lines records (default bench/results)")
@@ -385,14 +390,16 @@ def parse(argv: list[str] | None = None) -> Config:
         cfg = replace(cfg, sigmas=tuple(float(s) for s in args.sigmas.split(",")))
     if args.queries is not None:
         cfg = replace(cfg, queries=args.queries)
+    if args.wide_queries is not None:
+        cfg = replace(cfg, wide_queries=args.wide_queries)
     if args.steady_queries is not None:
         cfg = replace(cfg, steady_queries=args.steady_queries)
     if args.no_wide:
         cfg = replace(cfg, wide=False)
     if args.out is not None:
         cfg = replace(cfg, out=args.out)
-    if any(t < 1 for t in cfg.tasks) or cfg.queries < 1 or cfg.steady_queries < 1:
-        p.error("--tasks, --queries and --steady-queries must be at least 1")
+    if any(t < 1 for t in cfg.tasks) or min(cfg.queries, cfg.wide_queries, cfg.steady_queries) < 1:
+        p.error("--tasks, --queries, --wide-queries and --steady-queries must be at least 1")
     return cfg
 
 
