@@ -263,6 +263,34 @@ class CudaGraphs:
             return real(logits), real(embedding)
         return logits[:rows].clone(), embedding[:rows].clone()
 
+    def warm(self, rows: int, seq: int, requests_per_row: int | None = None) -> tuple[int, ...] | None:
+        """Capture, ahead of serving, the graph that [rows, seq] batches (packed: rows of up to `requests_per_row`
+        requests) will replay, so that no capture falls on a request's path; returns its padded shape (already
+        captured or not), or None where such a batch runs eagerly (past the limits, or graphs given up). The
+        capture runs on inputs of that shape (pad tokens, slot 0): a graph depends on the shape, not the values."""
+        fits = None if self.disabled else bucket(rows, seq, self.config, self.max_positions)
+        if fits is None:
+            return None
+        shape: tuple[int, ...] = fits
+        if requests_per_row is not None:
+            if requests_per_row < 1:
+                raise ValueError(f"requests_per_row must be at least 1, got {requests_per_row}")
+            shape = (*fits, 1 << (requests_per_row - 1).bit_length())
+        if self.tables.generation != self._generation:
+            self._graphs.clear()
+            self._generation = self.tables.generation
+            self.stats.invalidations += 1
+        if shape in self._graphs:
+            return shape
+        ids = torch.full(fits, self.pad_id, dtype=torch.long)
+        if requests_per_row is None:
+            mask = torch.ones(fits, dtype=torch.long)
+        else:  # one request filling each row
+            mask = torch.zeros(fits[0], shape[2], fits[1], dtype=torch.long)
+            mask[:, 0] = 1
+        entry = self._capture(shape, (ids, mask, torch.zeros(fits[0], dtype=torch.long)))
+        return None if entry is None else shape
+
     def _capture(self, shape: tuple[int, ...], padded: tuple[Tensor, Tensor, Tensor]) -> _Entry | None:
         while len(self._graphs) >= self.config.max_graphs:
             self._graphs.popitem(last=False)

@@ -205,6 +205,35 @@ class Runtime:
         executors = {"padded": self.executor, "packed": self._packed}
         return {k: asdict(e.stats) for k, e in executors.items() if isinstance(e, CudaGraphs)}
 
+    def capture_graphs(
+        self, rows: Sequence[int], seqs: Sequence[int], *, requests_per_row: Sequence[int] = ()
+    ) -> list[tuple[int, ...]]:
+        """Capture now the CUDA graphs that batches of these row counts and lengths will replay (each bucket once),
+        so that a server meets no capture (~0.1-0.5 s each) while it answers requests. With `requests_per_row`,
+        the packed program's graphs for rows holding up to that many requests (the program is built if need be)
+        instead of the padded program's. Returns the padded shapes that have a graph; sizes past the graphs'
+        limits run eagerly and are left out. Needs CUDA graphs on (Runtime.to("cuda"))."""
+        if any(n < 1 for n in (*rows, *seqs, *requests_per_row)):
+            raise InputError(
+                f"rows, seqs and requests_per_row must be at least 1, got {list(rows)}, {list(seqs)}, "
+                f"{list(requests_per_row)}"
+            )
+        if not isinstance(self.executor, CudaGraphs):
+            raise InputError("capture_graphs needs CUDA graphs: serve on a CUDA device with cuda_graphs on")
+        executor = self._packed_executor() if requests_per_row else self.executor
+        if not isinstance(executor, CudaGraphs):
+            raise InputError("capture_graphs: the packed program runs without CUDA graphs")
+        per_row: Sequence[int | None] = requests_per_row or [None]
+        shapes: list[tuple[int, ...]] = []
+        with self._lock, torch.inference_mode():
+            for n in rows:
+                for seq in seqs:
+                    for k in per_row:
+                        shape = executor.warm(n, seq, k)
+                        if shape is not None and shape not in shapes:
+                            shapes.append(shape)
+        return shapes
+
     @property
     def _pad_id(self) -> int:
         return int(getattr(self.base.config, "pad_token_id", None) or 0)

@@ -217,3 +217,22 @@ def test_serving_while_another_thread_changes_tasks(lifecycle: dict[str, Path]) 
     assert_close((logits[:, : want_logits.shape[1]], emb), (want_logits, want_emb), PADDED["float16"], "after")
     # big's first add grew the tables (a new slot, rank and labels); nothing else reallocated them
     assert graphs_of(runtime).stats.invalidations == 1
+
+
+def test_graphs_captured_ahead_replay_on_real_batches(all_kinds: dict[str, Path]) -> None:
+    """Runtime.capture_graphs on CUDA: graphs captured on pad inputs replay real batches of their buckets, padded
+    and packed, with no capture on the way and outputs as the eager forward's."""
+    runtime = pets_compiler.compile(BASE, all_kinds, dtype="float16").to("cuda")
+    graphs = graphs_of(runtime)
+    assert runtime.capture_graphs(rows=[4, 16], seqs=[32]) == [(4, 32), (16, 32)]
+    tasks = runtime.task_names()
+    for n, seed in [(3, 20), (16, 21)]:
+        rows, names = mixed_rows(1000, tasks, n, seed=seed)
+        rows = [r[:32] for r in rows]
+        got, same, _ = run_both(runtime, rows, names)
+        assert_close(got, same, SAME_SHAPE["float16"], (n, seed, "captured ahead"))
+    assert graphs.stats.captures == 2 and graphs.stats.replays == 2
+    packed = runtime.capture_graphs(rows=[8], seqs=[64], requests_per_row=[1, 2, 4])
+    assert packed == [(8, 64, 1), (8, 64, 2), (8, 64, 4)]
+    stats = runtime.graph_stats()["packed"]
+    assert stats["captures"] == 3 and stats["eager"] == 0

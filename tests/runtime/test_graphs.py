@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 import pets_compiler
+from pets_compiler.errors import InputError
 from pets_compiler.runtime.graphs import CaptureError, CudaGraphs, Eager, Forward, GraphConfig, bucket, pad_inputs
 from pets_compiler.runtime.requests import pad
 from pets_compiler.runtime.tables import GROWTH, SLOTS
@@ -275,3 +276,27 @@ def test_an_error_of_the_forward_itself_reaches_the_caller_and_keeps_graphs(smal
     with pytest.raises(ValueError, match="warm-up failed"):
         small.forward(ids, mask, ["a"])
     assert graphs.disabled is None
+
+
+def test_capture_graphs_ahead_of_serving(small: pets_compiler.Runtime) -> None:
+    """Runtime.capture_graphs captures each bucket of the given sizes once (sizes past the limits left out), and
+    batches of those buckets then replay them: no capture on a request's path, outputs as eager."""
+    capture = StandInCapture()
+    eager, graphs = use_graphs(small, capture, max_batch=16)
+    shapes = small.capture_graphs(rows=[3, 4, 16, 40], seqs=[20, 30])
+    assert shapes == [(4, 32), (16, 32)] and capture.captured == [(4, 32), (16, 32)]
+    assert small.capture_graphs(rows=[4], seqs=[32]) == [(4, 32)] and len(capture.captured) == 2  # kept
+    tasks = small.task_names()
+    check_against_eager(small, eager, tasks, 3, seed=10, longest=24)
+    check_against_eager(small, eager, tasks, 13, seed=11, longest=30)
+    assert graphs.stats.captures == 2 and graphs.stats.replays == 2
+
+
+def test_capture_graphs_refusals(small: pets_compiler.Runtime) -> None:
+    with pytest.raises(InputError, match="capture_graphs needs CUDA graphs"):
+        small.capture_graphs(rows=[4], seqs=[32])
+    use_graphs(small, StandInCapture())
+    with pytest.raises(InputError, match=r"at least 1, got \[0\], \[32\], \[\]"):
+        small.capture_graphs(rows=[0], seqs=[32])
+    with pytest.raises(InputError, match="the packed program runs without CUDA graphs"):
+        small.capture_graphs(rows=[4], seqs=[32], requests_per_row=[2])

@@ -204,3 +204,42 @@ def test_packed_on_gpu_matches_own_models(small_base: Path, every_kind: dict[str
             logits, emb = own_output(own[p.task], p.ids)
             got, want = (a["logits"], logits) if "logits" in a else (a["embedding"], emb)
             assert want is not None and rel_err(torch.tensor(got), want) < OWN[dtype], p.task
+
+
+def test_capture_graphs_ahead_of_packed_batches(runtime: pets_compiler.Runtime) -> None:
+    """Runtime.capture_graphs with requests_per_row captures the packed program's graph for that bucket; a packed
+    batch of that shape then replays it (no capture on its path) and answers as eager."""
+    from tests.runtime.test_graphs import StandInCapture
+
+    batch = prepared(runtime, 19, seed=8)
+    want = runtime.run_batch(batch, packed=True)[0]
+    eager = runtime._packed_executor()
+
+    def graphs_on_packed() -> tuple[CudaGraphs, StandInCapture]:
+        capture = StandInCapture()
+        graphs = CudaGraphs(
+            eager.fn,  # type: ignore[attr-defined]
+            runtime.tables,
+            runtime.device,
+            pad_id=0,
+            max_positions=int(runtime.base.config.max_position_embeddings),
+            config=GraphConfig(),
+            capture=capture,
+        )
+        runtime._packed = graphs
+        return graphs, capture
+
+    padded = runtime.executor
+    try:
+        learn, _ = graphs_on_packed()  # the batch's bucket, as serving meets it
+        runtime.run_batch(batch, packed=True)
+        ((rows, seq, per_row),) = learn.shapes()
+        graphs, capture = graphs_on_packed()
+        runtime.executor = learn  # capture_graphs needs graphs on (the padded program's executor)
+        shapes = runtime.capture_graphs(rows=[rows], seqs=[seq], requests_per_row=[per_row])
+        got = runtime.run_batch(batch, packed=True)[0]
+    finally:
+        runtime._packed, runtime.executor = eager, padded
+    assert shapes == [(rows, seq, per_row)] and len(capture.captured) == 1
+    assert graphs.stats.captures == 1 and graphs.stats.replays == 1
+    answers_close(got, want)
