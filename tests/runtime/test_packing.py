@@ -155,17 +155,14 @@ def test_packed_adapters(tmp_path: Path) -> None:
     answers_close(rt.run_batch(batch, packed=True)[0], rt.run_prepared(batch))
 
 
-def test_packed_through_graphs_equals_eager(runtime: pets_compiler.Runtime) -> None:
-    """Bucketed (rows, width, requests per row) shapes with padded rows, columns and request slots change no
-    real answer; the stand-in capture runs the forward as a graph replay would."""
+def packed_graphs(runtime: pets_compiler.Runtime, eager: Any) -> tuple[CudaGraphs, Any]:
+    """CUDA graphs with the stand-in capture (test_graphs.py) over the packed program, installed as the runtime's
+    packed executor (restore `eager` after)."""
     from tests.runtime.test_graphs import StandInCapture
 
-    batch = prepared(runtime, 19, seed=6)
-    want = runtime.run_batch(batch, packed=True)[0]
-    eager = runtime._packed_executor()
     capture = StandInCapture()
     graphs = CudaGraphs(
-        eager.fn,  # type: ignore[attr-defined]
+        eager.fn,
         runtime.tables,
         runtime.device,
         pad_id=0,
@@ -174,6 +171,16 @@ def test_packed_through_graphs_equals_eager(runtime: pets_compiler.Runtime) -> N
         capture=capture,
     )
     runtime._packed = graphs
+    return graphs, capture
+
+
+def test_packed_through_graphs_equals_eager(runtime: pets_compiler.Runtime) -> None:
+    """Bucketed (rows, width, requests per row) shapes with padded rows, columns and request slots change no
+    real answer; the stand-in capture runs the forward as a graph replay would."""
+    batch = prepared(runtime, 19, seed=6)
+    want = runtime.run_batch(batch, packed=True)[0]
+    eager = runtime._packed_executor()
+    graphs, _ = packed_graphs(runtime, eager)
     try:
         got = runtime.run_batch(batch, packed=True)[0]
         again = runtime.run_batch(batch, packed=True)[0]  # replayed
@@ -209,32 +216,15 @@ def test_packed_on_gpu_matches_own_models(small_base: Path, every_kind: dict[str
 def test_capture_graphs_ahead_of_packed_batches(runtime: pets_compiler.Runtime) -> None:
     """Runtime.capture_graphs with requests_per_row captures the packed program's graph for that bucket; a packed
     batch of that shape then replays it (no capture on its path) and answers as eager."""
-    from tests.runtime.test_graphs import StandInCapture
-
     batch = prepared(runtime, 19, seed=8)
     want = runtime.run_batch(batch, packed=True)[0]
     eager = runtime._packed_executor()
-
-    def graphs_on_packed() -> tuple[CudaGraphs, StandInCapture]:
-        capture = StandInCapture()
-        graphs = CudaGraphs(
-            eager.fn,  # type: ignore[attr-defined]
-            runtime.tables,
-            runtime.device,
-            pad_id=0,
-            max_positions=int(runtime.base.config.max_position_embeddings),
-            config=GraphConfig(),
-            capture=capture,
-        )
-        runtime._packed = graphs
-        return graphs, capture
-
     padded = runtime.executor
     try:
-        learn, _ = graphs_on_packed()  # the batch's bucket, as serving meets it
+        learn, _ = packed_graphs(runtime, eager)  # the batch's bucket, as serving meets it
         runtime.run_batch(batch, packed=True)
         ((rows, seq, per_row),) = learn.shapes()
-        graphs, capture = graphs_on_packed()
+        graphs, capture = packed_graphs(runtime, eager)
         runtime.executor = learn  # capture_graphs needs graphs on (the padded program's executor)
         shapes = runtime.capture_graphs(rows=[rows], seqs=[seq], requests_per_row=[per_row])
         got = runtime.run_batch(batch, packed=True)[0]
