@@ -194,8 +194,7 @@ class Part:
             record["seqs"]["build_s"] = time.perf_counter() - t0  # the merged models of tasks new to this part
             if not check.passed:
                 # The same rows through the merged own models in the same dtype: how far plain fp16 is from fp32.
-                seqs_out = assemble(in_turn(groups, ids, self.seqs.mask_arg(mask))(), groups, len(names))
-                record["seqs"]["check"] = self.check(*seqs_out, ids, mask, names, bs).to_json()
+                self.run_seqs(groups, ids, mask, names, bs, record["seqs"])
                 record["error"] = f"correctness check failed: max relative error {check.max_rel_err:.3g}"
                 return record
             pets_t = timed(forward, cfg.device, cfg.warmup, cfg.iters, cfg.budget_s)
@@ -211,17 +210,26 @@ class Part:
     def time_seqs(
         self, groups: list[Group], ids: Tensor, mask: Tensor, names: list[str], bs: int, info: dict[str, Any]
     ) -> tuple[Timing | None, tuple[Tensor, Tensor]]:
-        """SeqS checked (its rows against the same own models as ours) and timed; info gets what happened."""
+        """SeqS checked (run_seqs) and timed; info gets what happened."""
+        run, out, passed = self.run_seqs(groups, ids, mask, names, bs, info)
+        if not passed:
+            return None, out
+        t = timed(run, self.cfg.device, min(self.cfg.warmup, 3), self.cfg.iters, self.cfg.baseline_budget_s)
+        info["timing"] = t.to_json()
+        return t, out
+
+    def run_seqs(
+        self, groups: list[Group], ids: Tensor, mask: Tensor, names: list[str], bs: int, info: dict[str, Any]
+    ) -> tuple[Callable[[], Any], tuple[Tensor, Tensor], bool]:
+        """SeqS run once and its rows checked against the same own models as ours: (the run, its outputs, passed);
+        info gets the check and the models' weight bytes."""
         run = in_turn(groups, ids, self.seqs.mask_arg(mask))
         out = assemble(run(), groups, len(names))
         check = self.check(*out, ids, mask, names, bs)
         info.update(check=check.to_json(), weight_bytes=self.seqs.weight_bytes())
         if not check.passed:
             info["error"] = f"SeqS's own models fail the check: max relative error {check.max_rel_err:.3g}"
-            return None, out
-        t = timed(run, self.cfg.device, min(self.cfg.warmup, 3), self.cfg.iters, self.cfg.baseline_budget_s)
-        info["timing"] = t.to_json()
-        return t, out
+        return run, out, check.passed
 
     def time_pars(
         self, groups: list[Group], ids: Tensor, mask: Tensor, seqs_out: tuple[Tensor, Tensor]

@@ -224,17 +224,11 @@ class CudaGraphs:
     def __call__(self, ids: Tensor, mask: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
         rows, cols = ids.shape
         packed = mask.dim() == 3  # segments [rows, K, seq]
-        fits = None if self.disabled else bucket(rows, cols, self.config, self.max_positions)
-        shape: tuple[int, ...] | None = fits
-        if fits is not None and packed:
-            shape = (*fits, 1 << max(mask.shape[1] - 1, 0).bit_length())
+        shape = self._shape(rows, cols, mask.shape[1] if packed else None)
         if shape is None:
             self.stats.eager += 1
             return self.eager(ids, mask, slots)
-        if self.tables.generation != self._generation:
-            self._graphs.clear()  # they read the old tensors' addresses
-            self._generation = self.tables.generation
-            self.stats.invalidations += 1
+        self._follow_tables()
         padded = pad_inputs(ids, mask, slots, shape, self.pad_id)
         entry = self._graphs.get(shape)
         if entry is None:
@@ -268,28 +262,37 @@ class CudaGraphs:
         requests) will replay, so that no capture falls on a request's path; returns its padded shape (already
         captured or not), or None where such a batch runs eagerly (past the limits, or graphs given up). The
         capture runs on inputs of that shape (pad tokens, slot 0): a graph depends on the shape, not the values."""
-        fits = None if self.disabled else bucket(rows, seq, self.config, self.max_positions)
-        if fits is None:
+        if requests_per_row is not None and requests_per_row < 1:
+            raise ValueError(f"requests_per_row must be at least 1, got {requests_per_row}")
+        shape = self._shape(rows, seq, requests_per_row)
+        if shape is None:
             return None
-        shape: tuple[int, ...] = fits
-        if requests_per_row is not None:
-            if requests_per_row < 1:
-                raise ValueError(f"requests_per_row must be at least 1, got {requests_per_row}")
-            shape = (*fits, 1 << (requests_per_row - 1).bit_length())
+        self._follow_tables()
+        if shape in self._graphs:
+            return shape
+        ids = torch.full(shape[:2], self.pad_id, dtype=torch.long)
+        if requests_per_row is None:
+            mask = torch.ones(shape[:2], dtype=torch.long)
+        else:  # one request filling each row
+            mask = torch.zeros(shape[0], shape[2], shape[1], dtype=torch.long)
+            mask[:, 0] = 1
+        entry = self._capture(shape, (ids, mask, torch.zeros(shape[0], dtype=torch.long)))
+        return None if entry is None else shape
+
+    def _shape(self, rows: int, seq: int, requests_per_row: int | None) -> tuple[int, ...] | None:
+        """The padded shape whose graph serves [rows, seq] (packed: and up to requests_per_row requests a row, to a
+        power of two), or None where such a batch runs eagerly."""
+        fits = None if self.disabled else bucket(rows, seq, self.config, self.max_positions)
+        if fits is None or requests_per_row is None:
+            return fits
+        return (*fits, 1 << max(requests_per_row - 1, 0).bit_length())
+
+    def _follow_tables(self) -> None:
+        """Drop every graph if the task tables were reallocated since: they read the old tensors' addresses."""
         if self.tables.generation != self._generation:
             self._graphs.clear()
             self._generation = self.tables.generation
             self.stats.invalidations += 1
-        if shape in self._graphs:
-            return shape
-        ids = torch.full(fits, self.pad_id, dtype=torch.long)
-        if requests_per_row is None:
-            mask = torch.ones(fits, dtype=torch.long)
-        else:  # one request filling each row
-            mask = torch.zeros(fits[0], shape[2], fits[1], dtype=torch.long)
-            mask[:, 0] = 1
-        entry = self._capture(shape, (ids, mask, torch.zeros(fits[0], dtype=torch.long)))
-        return None if entry is None else shape
 
     def _capture(self, shape: tuple[int, ...], padded: tuple[Tensor, Tensor, Tensor]) -> _Entry | None:
         while len(self._graphs) >= self.config.max_graphs:
