@@ -48,6 +48,9 @@ class GraphConfig:
     # forwards before a capture: the first initialises what a capture cannot (cuBLAS workspaces, lazy modules);
     # each costs an eager forward (tens of ms for bert-base), and a server meets new shapes while it serves
     warmup: int = 1
+    # False: a shape without a graph runs eagerly instead of being captured on the request's path (a capture is
+    # ~0.1-0.5 s); only Runtime.capture_graphs captures. Runtime.capture_on_demand switches it while serving.
+    capture_on_demand: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_seq", "seq_multiple", "batch_multiple", "max_graphs", "warmup"):
@@ -175,7 +178,9 @@ class CudaCapture:
 class GraphStats:
     captures: int = 0
     replays: int = 0
-    eager: int = 0  # calls served eagerly: shapes past the limits, or graphs given up
+    # calls served eagerly: shapes past the limits, shapes without a graph while capture on demand is off, or
+    # graphs given up
+    eager: int = 0
     invalidations: int = 0  # times every graph was dropped because the tables were reallocated
 
 
@@ -209,6 +214,7 @@ class CudaGraphs:
         self.eager = Eager(fn, tables, device)
         self.stats = GraphStats()
         self.disabled: str | None = None
+        self.capture_on_demand = self.config.capture_on_demand
         self._graphs: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
         self._generation = tables.generation
 
@@ -232,7 +238,7 @@ class CudaGraphs:
         padded = pad_inputs(ids, mask, slots, shape, self.pad_id)
         entry = self._graphs.get(shape)
         if entry is None:
-            entry = self._capture(shape, padded)
+            entry = self._capture(shape, padded) if self.capture_on_demand else None
             if entry is None:
                 self.stats.eager += 1
                 return self.eager(ids, mask, slots)

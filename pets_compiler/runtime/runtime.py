@@ -97,6 +97,7 @@ class Runtime:
         self._execution: tuple[bool, str | None, GraphConfig | None] = (False, None, None)
         self._packed_program: ExportedProgram | None = None  # the packed program (run_batch), built on first use
         self._packed: Executor | None = None
+        self._on_demand: bool | None = None  # capture_on_demand(): None keeps the graph config's choice
 
     # ---- task registry -------------------------------------------------------------------------------------
     def task_names(self) -> list[str]:
@@ -197,7 +198,25 @@ class Runtime:
         if not graphs:
             return Eager(fn, self.tables, self.device)
         positions = int(self.base.config.max_position_embeddings)
-        return CudaGraphs(fn, self.tables, self.device, pad_id=self._pad_id, max_positions=positions, config=config)
+        cuda_graphs = CudaGraphs(
+            fn, self.tables, self.device, pad_id=self._pad_id, max_positions=positions, config=config
+        )
+        if self._on_demand is not None:
+            cuda_graphs.capture_on_demand = self._on_demand
+        return cuda_graphs
+
+    def capture_on_demand(self, on: bool) -> None:
+        """Whether a batch whose padded shape has no CUDA graph captures one first (on, the default) or runs eagerly
+        (off): a server that captured its buckets ahead (capture_graphs) turns it off so that no capture (~0.1-0.5
+        s) falls on a request's path; graph_stats()' `eager` counts the batches that ran eagerly. Applies to the
+        padded and the packed program, now and after accelerate(). Graphs dropped when the task tables are
+        reallocated (a larger rank, more slots or pool) are not captured again while it is off: call
+        capture_graphs again after such a change."""
+        with self._lock:
+            self._on_demand = bool(on)
+            for executor in (self.executor, self._packed):
+                if isinstance(executor, CudaGraphs):
+                    executor.capture_on_demand = self._on_demand
 
     def graph_stats(self) -> dict[str, dict[str, int]]:
         """CUDA graph counts (captures, replays, eager calls, invalidations) of the padded and, once built, the

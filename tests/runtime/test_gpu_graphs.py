@@ -236,3 +236,8 @@ def test_graphs_captured_ahead_replay_on_real_batches(all_kinds: dict[str, Path]
     assert packed == [(8, 64, 1), (8, 64, 2), (8, 64, 4)]
     stats = runtime.graph_stats()["packed"]
     assert stats["captures"] == 3 and stats["eager"] == 0
+    runtime.capture_on_demand(False)  # a new bucket now runs eagerly, with the same outputs
+    rows, names = mixed_rows(1000, tasks, 7, seed=22)
+    got, _, unpadded = run_both(runtime, [r[:20] for r in rows], names)
+    assert_close(got, unpadded, SAME_SHAPE["float16"], "eager while capture on demand is off")
+    assert graphs.stats.captures == 2 and graphs.stats.eager == 1

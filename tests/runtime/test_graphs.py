@@ -169,7 +169,9 @@ class StandInGraph:
             static.copy_(new)
 
 
-def use_graphs(runtime: pets_compiler.Runtime, capture: StandInCapture, **config: int) -> tuple[Eager, CudaGraphs]:
+def use_graphs(
+    runtime: pets_compiler.Runtime, capture: StandInCapture, **config: int | bool
+) -> tuple[Eager, CudaGraphs]:
     eager = runtime.executor
     assert isinstance(eager, Eager)
     graphs = CudaGraphs(
@@ -300,3 +302,24 @@ def test_capture_graphs_refusals(small: pets_compiler.Runtime) -> None:
         small.capture_graphs(rows=[0], seqs=[32])
     with pytest.raises(InputError, match="the packed program runs without CUDA graphs"):
         small.capture_graphs(rows=[4], seqs=[32], requests_per_row=[2])
+
+
+def test_capture_on_demand_off_serves_new_shapes_eagerly(small: pets_compiler.Runtime) -> None:
+    """With capture on demand off, a bucket captured ahead replays and a new one runs eagerly (no capture on the
+    request's path), with the same outputs; turned back on, the new bucket is captured. GraphConfig sets it too."""
+    capture = StandInCapture()
+    eager, graphs = use_graphs(small, capture, max_batch=16)
+    small.capture_graphs(rows=[4], seqs=[32])
+    small.capture_on_demand(False)
+    tasks = small.task_names()
+    check_against_eager(small, eager, tasks, 3, seed=12, longest=24)  # (4, 32): captured ahead, replayed
+    check_against_eager(small, eager, tasks, 9, seed=13, longest=24)  # (16, 32): eager, not captured
+    assert capture.captured == [(4, 32)] and graphs.stats.replays == 1 and graphs.stats.eager == 1
+    assert small.capture_graphs(rows=[9], seqs=[24]) == [(16, 32)]  # capturing ahead still works while it is off
+    small.capture_on_demand(True)
+    check_against_eager(small, eager, tasks, 2, seed=14, longest=40)  # (2, 48): captured on demand again
+    assert capture.captured == [(4, 32), (16, 32), (2, 48)] and graphs.stats.eager == 1
+    small.executor = eager
+    _, off = use_graphs(small, StandInCapture(), capture_on_demand=False)
+    check_against_eager(small, eager, tasks, 2, seed=14, longest=40)
+    assert off.capture_on_demand is False and off.stats.eager == 1 and off.stats.captures == 0
