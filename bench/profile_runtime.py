@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument(
+        "--per-op", action="store_true", help="also run the program eagerly: CUDA time per pets and aten op"
+    )
     args = parser.parse_args()
     base = make_base(BERT_BASE)
     kind = make_kinds(base, (args.kind,))[args.kind]
@@ -65,6 +68,18 @@ def main() -> None:
         events = prof.key_averages()
         print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=40))
         print(events.table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=40))
+    if args.per_op:  # op by op (no CUDA graph): each op's kernels under its name
+        runtime.accelerate(cuda_graphs=False)
+        ours()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                ours()
+            torch.cuda.synchronize()
+        ops = [e for e in prof.key_averages() if e.key.startswith(("pets::", "aten::")) and e.device_time_total > 0]
+        print("== pets eager, per op (5 forwards; CUDA total includes the op's kernels)")
+        for e in sorted(ops, key=lambda e: -e.device_time_total)[:30]:
+            print(f"{e.key:<48} {e.count:>5} calls {e.device_time_total / 5e3:8.3f} ms a forward")
 
 
 if __name__ == "__main__":

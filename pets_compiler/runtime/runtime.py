@@ -396,8 +396,11 @@ class PendingBatch:
         logits, embedding, done = self._outputs
         if done is not None:
             done.synchronize()
+        # numpy views of the host outputs: a row, slice and argmax of a tensor cost ~6 us a request in dispatch,
+        # of an array ~0.7 us
+        logits_np, embedding_np = logits.numpy(), embedding.numpy()
         rows = zip(self._batch, self._heads, self._at, strict=True)
-        return [_answer(p, head, logits[i], embedding[i]) for p, head, i in rows], self.tokens
+        return [_answer(p, head, logits_np[i], embedding_np[i]) for p, head, i in rows], self.tokens
 
 
 def _to_host_async(logits: Tensor, embedding: Tensor) -> tuple[Tensor, Tensor, torch.cuda.Event | None]:
@@ -416,7 +419,7 @@ def _to_host_async(logits: Tensor, embedding: Tensor) -> tuple[Tensor, Tensor, t
     return host[0], host[1], done
 
 
-def _answer(p: Prepared, head: Head | None, logits: Tensor, embedding: Tensor) -> dict[str, Any]:
+def _answer(p: Prepared, head: Head | None, logits: Any, embedding: Any) -> dict[str, Any]:
     if head is None:
         return answer(p, None, (), logits, embedding)
     return answer(p, head.num_labels, head.labels, logits, embedding)
