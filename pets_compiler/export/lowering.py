@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch._ops import OpOverload
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from pets_compiler.custom_ops import onnx_translations
 from pets_compiler.errors import ExportError
@@ -33,3 +34,20 @@ def lower_pets_ops(gm: GraphModule, table: dict[OpOverload, Callable[..., Tensor
         n.target = table[n.target]
     gm.recompile()
     return len(nodes)
+
+
+def expand_attention_masks(gm: GraphModule) -> int:
+    """Expand each attention's mask to the queries' length, in place; returns how many. The program's key padding
+    mask is [batch, 1, 1, seq] (passes/attention_mask.py), broadcast over queries by torch, but ONNX Runtime's
+    Attention (opset 23) asks the mask's query dimension to equal the queries' ("inconsistent q_sequence_length")."""
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    count = 0
+    for n in [n for n in gm.graph.nodes if n.target is sdpa and len(n.args) > 3 and isinstance(n.args[3], Node)]:
+        with gm.graph.inserting_before(n):
+            queries = gm.graph.call_function(torch.ops.aten.sym_size.int, (n.args[0], 2))
+            mask = gm.graph.call_function(torch.ops.aten.expand.default, (n.args[3], [-1, -1, queries, -1]))
+        n.args = (*n.args[:3], mask, *n.args[4:])
+        count += 1
+    if count:
+        gm.recompile()
+    return count

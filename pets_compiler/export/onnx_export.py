@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.export import Dim, ExportedProgram
 
 from pets_compiler.errors import ExportError
-from pets_compiler.export.lowering import lower_pets_ops
+from pets_compiler.export.lowering import expand_attention_masks, lower_pets_ops
 from pets_compiler.frontend.base import TOKENIZER_FILES
 from pets_compiler.runtime.runtime import Runtime
 from pets_compiler.runtime.tables import TableSpec
@@ -117,6 +117,7 @@ def lowered_program(runtime: Runtime) -> ExportedProgram:
         raise ExportError("the artifact has no tasks; add one (pets tasks ARTIFACT_DIR add NAME=PATH) first")
     program = runtime.portable_program.module()
     lower_pets_ops(program)
+    expand_attention_masks(program)
     module = _Program(program, export_tables(runtime, [runtime.slot(n) for n in names]))
     batch, seq = Dim("batch"), Dim("seq", max=int(runtime.base.config.max_position_embeddings))
     example = (

@@ -15,6 +15,7 @@ from pets_compiler.passes.attach_ia3 import attach_ia3
 from pets_compiler.passes.attach_layer_norm_delta import attach_layer_norm_delta
 from pets_compiler.passes.attach_lora import attach_lora
 from pets_compiler.passes.attach_sparse_delta import attach_sparse_delta
+from pets_compiler.passes.attention_mask import attention_mask
 from pets_compiler.passes.check_graph import check_graph
 from pets_compiler.passes.context import CompileContext, PassResult, SitePlan
 from pets_compiler.passes.drop_training_nodes import drop_training_nodes
@@ -29,6 +30,7 @@ Pass = Callable[[GraphModule, CompileContext], PassResult]
 PIPELINE: tuple[Pass, ...] = (
     find_sites,
     drop_training_nodes,
+    attention_mask,
     add_task_ids,
     attach_lora,
     attach_bias_delta,

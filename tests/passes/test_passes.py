@@ -437,7 +437,6 @@ def test_full_pipeline_with_zero_tables_is_the_base_model(base: BaseModel) -> No
 def test_a_failing_pass_is_named_with_the_passes_before_it(base: BaseModel) -> None:
     gm = capture(base)
     ctx = CompileContext(base, SitePlan(lora=("encoder.layer.0.nonexistent",)), base.pooling)
-    with pytest.raises(
-        CompileError, match=r"pass attach_lora failed \(after: find_sites, drop_training_nodes, add_task_ids\)"
-    ):
+    before = "find_sites, drop_training_nodes, attention_mask, add_task_ids"
+    with pytest.raises(CompileError, match=rf"pass attach_lora failed \(after: {before}\)"):
         passes.run_pipeline(gm, ctx)
