@@ -1,0 +1,54 @@
+"""Where the engine's own thread spends a pass of the wide workload (issue 5): cProfile of Engine._serve while the
+packed policy serves bench.batching's wide queries (one LoRA r8 task, bert-base fp16 on the GPU), after warm-up
+passes. A development probe: `python -m scripts.profile_engine [--policy packed] [--queries 4096]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+from dataclasses import replace
+
+from bench.batching import Config, queries, serve
+from bench.kinds import make_kinds
+from bench.loading import Served
+from bench.models import BERT_BASE, make_base
+from pets_compiler.serving import engine
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--policy", default="packed")
+    p.add_argument("--queries", type=int, default=4096)
+    args = p.parse_args()
+    cfg = replace(Config(), wide_queries=args.queries)
+    base = make_base(BERT_BASE)
+    served = Served(make_kinds(base, ("lora_r8",))["lora_r8"], base, "cuda", "float16", "default")
+    served.load(1)
+    runtime = served.runtime
+    assert runtime is not None
+    qs = queries("wide", runtime.task_names(), cfg, 32.0)
+    for _ in range(3):
+        serve(runtime, qs, args.policy, cfg)
+    profiler = cProfile.Profile()
+    loop = engine.Engine._serve
+
+    def profiled(self: engine.Engine) -> None:
+        profiler.enable()
+        try:
+            loop(self)
+        finally:
+            profiler.disable()
+
+    engine.Engine._serve = profiled  # type: ignore[method-assign]
+    result = serve(runtime, qs, args.policy, cfg)
+    keys = ("queries_per_s", "seconds", "submit_s", "batches", "batch_time_p50_ms", "launch_time_p50_ms")
+    print({k: result[k] for k in keys})
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(30)
+
+
+if __name__ == "__main__":
+    main()
