@@ -86,6 +86,12 @@ class Runtime:
         self.base = base
         self.tables = TaskTables(list(info.tables), info.dtype)
         self.tokenizer = Tokenizer(base.tokenizer_dir, info.max_length)
+        # read once: an attribute of a transformers 5 config costs ~1.7 us (its __getattribute__ hooks), and
+        # prepare() reads two a request
+        config = base.config
+        self._vocab = int(config.vocab_size)
+        self._positions = int(config.max_position_embeddings)
+        self._pad = int(getattr(config, "pad_token_id", None) or 0)
         self.report: list[str] = []
         self.program_sha256: str | None = None  # set once the program is saved or loaded
         self.cost_model: CostModel | None = None  # the coordinated policy's (serving/profile.py), saved with it
@@ -197,7 +203,7 @@ class Runtime:
         fn = module if mode is None else torch.compile(module, mode=mode)
         if not graphs:
             return Eager(fn, self.tables, self.device)
-        positions = int(self.base.config.max_position_embeddings)
+        positions = self._positions
         cuda_graphs = CudaGraphs(
             fn, self.tables, self.device, pad_id=self._pad_id, max_positions=positions, config=config
         )
@@ -255,7 +261,7 @@ class Runtime:
 
     @property
     def _pad_id(self) -> int:
-        return int(getattr(self.base.config, "pad_token_id", None) or 0)
+        return self._pad
 
     def prepare_packed(self) -> None:
         """Build the packed program now (packed batches build it on first use otherwise: a few seconds)."""
@@ -303,8 +309,7 @@ class Runtime:
 
     def prepare(self, requests: Sequence[Any]) -> list[Prepared]:
         """Check and tokenize requests (every one before any runs); unknown tasks are refused here."""
-        vocab, positions = int(self.base.config.vocab_size), int(self.base.config.max_position_embeddings)
-        prepared = [prepare(i, r, self.tokenizer, vocab, positions) for i, r in enumerate(requests)]
+        prepared = [prepare(i, r, self.tokenizer, self._vocab, self._positions) for i, r in enumerate(requests)]
         for p in prepared:
             self._entry(p.task)
         return prepared
@@ -357,7 +362,7 @@ class Runtime:
         return PendingBatch(outputs, batch, [e.spec.head for e in entries], range(len(batch)), ids.numel())
 
     def _launch_packed(self, batch: Sequence[Prepared]) -> PendingBatch:
-        positions = int(self.base.config.max_position_embeddings)
+        positions = self._positions
         executor = self._packed_executor()
         lengths, tasks = [len(p.ids) for p in batch], [p.task for p in batch]
         packing = pack(lengths, tasks, min(ROW_TOKENS, positions), executor.tokens_run)
