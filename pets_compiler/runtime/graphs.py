@@ -263,6 +263,12 @@ class CudaGraphs:
             return real(logits), real(embedding)
         return logits[:rows].clone(), embedding[:rows].clone()
 
+    def has_graph(self, rows: int, seq: int, requests_per_row: int | None = None) -> bool:
+        """Whether a [rows, seq] batch (packed: of up to requests_per_row requests a row) would replay a graph
+        captured already (the tables unchanged since)."""
+        shape = self._shape(rows, seq, requests_per_row)
+        return shape is not None and self.tables.generation == self._generation and shape in self._graphs
+
     def warm(self, rows: int, seq: int, requests_per_row: int | None = None) -> tuple[int, ...] | None:
         """Capture, ahead of serving, the graph that [rows, seq] batches (packed: rows of up to `requests_per_row`
         requests) will replay, so that no capture falls on a request's path; returns its padded shape (already

@@ -365,7 +365,8 @@ class Runtime:
         positions = self._positions
         executor = self._packed_executor()
         lengths, tasks = [len(p.ids) for p in batch], [p.task for p in batch]
-        packing = pack(lengths, tasks, min(ROW_TOKENS, positions), executor.tokens_run)
+        captured = executor.has_graph if isinstance(executor, CudaGraphs) else None
+        packing = pack(lengths, tasks, min(ROW_TOKENS, positions), executor.tokens_run, captured)
         ids, segments = packed_inputs(batch, packing, self._pad_id)
         with self._lock, torch.inference_mode():
             entries = [self._entry(p.task) for p in batch]

@@ -288,6 +288,8 @@ def test_capture_graphs_ahead_of_serving(small: pets_compiler.Runtime) -> None:
     shapes = small.capture_graphs(rows=[3, 4, 16, 40], seqs=[20, 30])
     assert shapes == [(4, 32), (16, 32)] and capture.captured == [(4, 32), (16, 32)]
     assert small.capture_graphs(rows=[4], seqs=[32]) == [(4, 32)] and len(capture.captured) == 2  # kept
+    assert graphs.has_graph(3, 24) and graphs.has_graph(16, 30)
+    assert not graphs.has_graph(8, 24) and not graphs.has_graph(40, 24)  # not captured; past max_batch
     tasks = small.task_names()
     check_against_eager(small, eager, tasks, 3, seed=10, longest=24)
     check_against_eager(small, eager, tasks, 13, seed=11, longest=30)

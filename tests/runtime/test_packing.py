@@ -64,6 +64,27 @@ def test_pack_minimises_the_cost_it_is_given() -> None:
     assert (graphed.width, len(graphed.rows)) == (112, 2)
 
 
+def test_pack_prefers_a_shape_with_a_graph_within_the_slack() -> None:
+    """A packing whose shape replays a graph wins over a cheaper one that would capture a new graph, while it runs
+    at most CAPTURED_SLACK times the tokens; else the cheapest stays; with no graph at all, the cheapest."""
+    lengths, tasks = [50] * 4, ["a"] * 4
+    widths = {}
+    for w in (50, 64, 100, 128):
+        p = first_fit(lengths, tasks, w)
+        widths[w] = (len(p.rows), p.width, p.per_row)
+    assert widths[50] == (4, 50, 1) and widths[100] == (2, 100, 2) and widths[128] == (2, 128, 2)
+    only = lambda shape: lambda rows, width, per_row: (rows, width, per_row) == shape  # noqa: E731
+    # cheapest 4 x 50 = 200 tokens; 2 x 128 = 256 is within 2x
+    got = pack(lengths, tasks, 128, captured=only(widths[128]))
+    assert (len(got.rows), got.width) == (2, 128)
+    assert pack(lengths, tasks, 128, captured=only(widths[50])).width == 50  # the cheapest has a graph
+    assert pack(lengths, tasks, 128, captured=lambda *shape: False).width == 50  # none has one
+    # past the slack: 4 requests of 10 tokens (cheapest: 4 rows of 10, 40 tokens) against a graph of one 128-wide
+    # row (128 tokens, more than 2 x 40)
+    short = pack([10] * 4, ["a"] * 4, 128, captured=only((1, 128, 4)))
+    assert short.width == 10 and len(short.rows) == 4
+
+
 def test_packed_inputs_mark_each_request() -> None:
     batch = [Prepared("a", [5, 6, 7], {}), Prepared("a", [8, 9], {}), Prepared("b", [4], {})]
     p = first_fit([3, 2, 1], ["a", "a", "b"], 8)
