@@ -3,11 +3,12 @@
 The captured BertModel gives each `scaled_dot_product_attention` a boolean mask: [batch, 1, seq, seq] (the key
 padding mask, and-ed with an all-true query mask and expanded), which SDPA converts to an additive one at every
 layer (a `where` kernel a layer), and with which cuDNN's attention ran at 30 us a layer against 17 us unmasked (H200,
-bert-base fp16, bs64 s128). The padded program's mask is the key padding mask alone: it becomes the additive
-[batch, 1, 1, seq] (0 where attention_mask is 1, -inf where 0) built once from attention_mask, where running the
-captured mask's nodes on an example with padding gives that mask (else it is converted as it is). The packed
-program's mask (block diagonal per request, [rows, 1, seq, seq]) is converted to additive once and shared. A token
-attends to at least itself in both programs, so no row of scores is all -inf.
+bert-base fp16, bs64 s128; 24 us with this pass's mask, and 0.17 ms less a forward of the mix_dense program). The
+padded program's mask is the key padding mask alone: it becomes the additive [batch, 1, 1, seq] (0 where
+attention_mask is 1, -inf where 0) built once from attention_mask, where running the captured mask's nodes on an
+example with padding gives that mask (else it is converted as it is). The packed program's mask (block diagonal per
+request, [rows, 1, seq, seq]) is converted to additive once and shared. A token attends to at least itself in both
+programs, so no row of scores is all -inf.
 """
 
 from __future__ import annotations
