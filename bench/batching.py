@@ -328,8 +328,8 @@ def workload(
             # every bucket a sorted batch of this stream can take (rows up to max_batch x its lengths), captured
             # before the runs: with them the measured runs meet no new padded shape (packed batches take too many
             # shapes, rows x width x requests a row, to capture them all: the warm-up runs capture those met)
-            lengths = sorted({len(ids) for _, ids in stream})
-            record["captured_ahead"] = len(runtime.capture_graphs(rows=range(1, cfg.max_batch + 1), seqs=lengths))
+            seqs = sorted({len(ids) for _, ids in stream})
+            record["captured_ahead"] = len(runtime.capture_graphs(rows=range(1, cfg.max_batch + 1), seqs=seqs))
         for policy in cfg.steady_policies:
             for load in cfg.steady_loads:
                 arrivals = load * rate_of(results, policy)

@@ -8,13 +8,10 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-from dataclasses import replace
 
-from bench.batching import Config, queries, serve
-from bench.kinds import make_kinds
-from bench.loading import Served
-from bench.models import BERT_BASE, make_base
+from bench.batching import serve
 from pets_compiler.serving import engine
+from scripts.profile_packed import wide_runtime
 
 
 def main() -> None:
@@ -22,13 +19,9 @@ def main() -> None:
     p.add_argument("--policy", default="packed")
     p.add_argument("--queries", type=int, default=4096)
     args = p.parse_args()
-    cfg = replace(Config(), wide_queries=args.queries)
-    base = make_base(BERT_BASE)
-    served = Served(make_kinds(base, ("lora_r8",))["lora_r8"], base, "cuda", "float16", "default")
-    served.load(1)
+    cfg, served, qs = wide_runtime(args.queries)
     runtime = served.runtime
     assert runtime is not None
-    qs = queries("wide", runtime.task_names(), cfg, 32.0)
     for _ in range(3):
         serve(runtime, qs, args.policy, cfg)
     profiler = cProfile.Profile()

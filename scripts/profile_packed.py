@@ -1,6 +1,6 @@
 """Where the wide workload's time goes (issue 5): the packed policy against the HF backbone's padded batches.
 
-    python -m scripts.profile_packed [--queries 1024]
+    python -m scripts.profile_packed [--queries 4096]
 
 The same queries as bench.batching's wide workload (one LoRA r8 task, lengths ~ N(64, 32) in [8, 256]). Each side is
 warmed up, then one pass is profiled (torch.profiler, CPU and CUDA): the wall time, the device time summed over
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -37,21 +38,27 @@ def profiled(label: str, fn: Callable[[], object]) -> None:
     print(events.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
 
 
+def wide_runtime(n: int) -> tuple[Config, Served, list[tuple[str, list[int]]]]:
+    """bench.batching's wide workload of n queries and a bert-base fp16 runtime on the GPU with its one LoRA r8
+    task: (the config, the served runtime, the queries)."""
+    cfg = replace(Config(), wide_queries=n)
+    base = make_base(BERT_BASE)
+    served = Served(make_kinds(base, ("lora_r8",))["lora_r8"], base, "cuda", "float16", "default")
+    served.load(1)
+    assert served.runtime is not None
+    return cfg, served, queries("wide", served.runtime.task_names(), cfg, 32.0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    p.add_argument("--queries", type=int, default=1024)
+    p.add_argument("--queries", type=int, default=4096)
     args = p.parse_args()
-    cfg = Config(queries=args.queries)
-    base = make_base(BERT_BASE)
-    kind = make_kinds(base, ("lora_r8",))["lora_r8"]
-    served = Served(kind, base, "cuda", "float16", "default")
-    served.load(1)
+    cfg, served, qs = wide_runtime(args.queries)
     runtime = served.runtime
     assert runtime is not None
-    qs = queries("wide", runtime.task_names(), cfg, 32.0)
     for _ in range(3):
         serve(runtime, qs, "packed", cfg)
-    hf = backbone_model(base, "cuda", torch.float16)
+    hf = backbone_model(served.base, "cuda", torch.float16)
     profiled("packed", lambda: serve(runtime, qs, "packed", cfg))
     profiled("hf padded", lambda: _padded_pass(hf, qs, "cuda", cfg.max_batch))
     print("graphs:", runtime.graph_stats())

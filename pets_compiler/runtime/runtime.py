@@ -91,7 +91,7 @@ class Runtime:
         config = base.config
         self._vocab = int(config.vocab_size)
         self._positions = int(config.max_position_embeddings)
-        self._pad = int(getattr(config, "pad_token_id", None) or 0)
+        self._pad_id = int(getattr(config, "pad_token_id", None) or 0)
         self.report: list[str] = []
         self.program_sha256: str | None = None  # set once the program is saved or loaded
         self.cost_model: CostModel | None = None  # the coordinated policy's (serving/profile.py), saved with it
@@ -203,9 +203,8 @@ class Runtime:
         fn = module if mode is None else torch.compile(module, mode=mode)
         if not graphs:
             return Eager(fn, self.tables, self.device)
-        positions = self._positions
         cuda_graphs = CudaGraphs(
-            fn, self.tables, self.device, pad_id=self._pad_id, max_positions=positions, config=config
+            fn, self.tables, self.device, pad_id=self._pad_id, max_positions=self._positions, config=config
         )
         if self._on_demand is not None:
             cuda_graphs.capture_on_demand = self._on_demand
@@ -258,10 +257,6 @@ class Runtime:
                         if shape is not None and shape not in shapes:
                             shapes.append(shape)
         return shapes
-
-    @property
-    def _pad_id(self) -> int:
-        return self._pad
 
     def prepare_packed(self) -> None:
         """Build the packed program now (packed batches build it on first use otherwise: a few seconds)."""
@@ -362,11 +357,10 @@ class Runtime:
         return PendingBatch(outputs, batch, [e.spec.head for e in entries], range(len(batch)), ids.numel())
 
     def _launch_packed(self, batch: Sequence[Prepared]) -> PendingBatch:
-        positions = self._positions
         executor = self._packed_executor()
         lengths, tasks = [len(p.ids) for p in batch], [p.task for p in batch]
         captured = executor.has_graph if isinstance(executor, CudaGraphs) else None
-        packing = pack(lengths, tasks, min(ROW_TOKENS, positions), executor.tokens_run, captured)
+        packing = pack(lengths, tasks, min(ROW_TOKENS, self._positions), executor.tokens_run, captured)
         ids, segments = packed_inputs(batch, packing, self._pad_id)
         with self._lock, torch.inference_mode():
             entries = [self._entry(p.task) for p in batch]

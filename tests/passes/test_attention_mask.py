@@ -57,12 +57,16 @@ def test_packed_program_converts_its_mask_once(base: BaseModel) -> None:
     segments[0, 0, :3], segments[0, 1, 3:7], segments[1, 0, :8] = 1, 1, 1
     with torch.no_grad():
         before = gm(ids, segments)
+        (captured,) = set(masks(gm))
+        keep = GraphModule(gm, _output_of(gm, captured))(ids, segments)  # the captured boolean mask
     result = attention_mask(gm, CompileContext(base, SitePlan(), base.pooling))
     assert result.changed == base.config.num_hidden_layers and "[rows, 1, seq, seq]" in result.detail
     (shared,) = set(masks(gm))
-    assert shared.meta.get("val") is None or shared.meta["val"].dtype == torch.float32
     with torch.no_grad():
         after = gm(ids, segments)
+        got = GraphModule(gm, _output_of(gm, shared))(ids, segments)
+    assert got.dtype == torch.float32 and got.shape == keep.shape == (2, 1, 8, 8)
+    assert torch.equal(got == 0, keep) and torch.isneginf(got[~keep]).all()
     for b, a in zip(before, after, strict=True):
         assert rel_err(a, b) < 1e-6
 
