@@ -7,8 +7,8 @@ that uses the ops. The ops, their schemas and semantics:
 - `pets::lora_delta(y, x, task_ids, lora_a, lora_b, scale, rank)`: y + scale[t] * (x @ A[t, :r].T) @ B[t, :, :r].T
   with r = rank[t] (tables are padded to the largest rank; a slot's own rank keeps its result independent of it)
 - `pets::bias_delta(y, task_ids, bias)`: y + bias[t]
-- `pets::linear_delta(y, x, task_ids, lora_a?, lora_b?, lora_scale?, lora_rank?, bias?)`: both terms of one
-  site, fused
+- `pets::linear_delta(y, x, task_ids, lora_a?, lora_b?, lora_scale?, lora_rank?, bias?, out_scale?)`: the terms
+  of one site, fused: (y + the LoRA term + bias[t]) * (1 + out_scale[t]) (IA3's output scale, stored as l - 1)
 - `pets::layer_norm(x, task_ids, weight, bias, weight_delta, bias_delta, eps)`: LayerNorm with per-task
   affine deltas
 - `pets::segmented_linear(x, task_ids, weight, bias)`: x @ weight[t].T + bias[t] (per-task heads)

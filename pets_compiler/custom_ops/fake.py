@@ -37,6 +37,7 @@ def _linear_delta_fake(
     lora_scale: Tensor | None,
     lora_rank: Tensor | None,
     bias: Tensor | None,
+    out_scale: Tensor | None = None,
 ) -> Tensor:
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 

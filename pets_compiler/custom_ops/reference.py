@@ -54,11 +54,15 @@ def linear_delta_ref(
     lora_scale: Tensor | None,
     lora_rank: Tensor | None,
     bias: Tensor | None,
+    out_scale: Tensor | None = None,
 ) -> Tensor:
-    """All task terms of one linear site: LoRA (if lora_a is given) and bias delta (if bias is given).
+    """All task terms of one linear site: LoRA (if lora_a is given), bias delta (if bias is given) and IA3's output
+    scale (if out_scale is given, stored as l - 1 as scale_ref's delta).
 
-    Semantics: out[i] = y[i] + scale[t] * (x[i] @ lora_a[t].T) @ lora_b[t].T + bias[t]  where t = task_ids[i]
-    Shapes: as lora_delta_ref and bias_delta_ref; lora_a, lora_b, lora_scale and lora_rank are all given or all None.
+    Semantics: out[i] = (y[i] + scale[t] * (x[i] @ lora_a[t].T) @ lora_b[t].T + bias[t]) * (1 + out_scale[t])
+    where t = task_ids[i]
+    Shapes: as lora_delta_ref, bias_delta_ref and scale_ref; lora_a, lora_b, lora_scale and lora_rank are all given
+    or all None.
     """
     out = y
     if lora_a is not None:
@@ -67,6 +71,8 @@ def linear_delta_ref(
         out = lora_delta_ref(out, x, task_ids, lora_a, lora_b, lora_scale, lora_rank)
     if bias is not None:
         out = bias_delta_ref(out, task_ids, bias)
+    if out_scale is not None:
+        out = scale_ref(out, task_ids, out_scale)
     return out.clone() if out is y else out
 
 

@@ -23,12 +23,15 @@ def check_graph(gm: GraphModule, ctx: CompileContext) -> PassResult:
     if any(n.target is torch.ops.aten.dropout.default for n in gm.graph.nodes):
         raise RuntimeError("a dropout node is left in the graph")
     ops = Counter(str(n.target) for n in gm.graph.nodes if str(n.target).startswith("pets."))
-    # A gelu_delta (fuse_activation) or row_delta (fuse_row_terms) carries a site's bias delta and / or an IA3 scale.
+    # A gelu_delta (fuse_activation) or row_delta (fuse_row_terms) carries a site's bias delta and / or an IA3 scale;
+    # a linear_delta may carry its site's IA3 output scale (fuse_row_terms).
     terms = ops.copy()
     for n in gm.graph.nodes:
         if n.target in (torch.ops.pets.gelu_delta.default, torch.ops.pets.row_delta.default):
             terms["pets.bias_delta.default"] += n.args[2] is not None
             terms["pets.scale.default"] += n.args[3] is not None
+        if n.target is torch.ops.pets.linear_delta.default:
+            terms["pets.scale.default"] += len(n.args) > 8 and n.args[8] is not None
     linear_ops = sum(terms[f"pets.{op}.default"] for op in ("lora_delta", "bias_delta", "linear_delta"))
     expected = len(set(ctx.plan.lora) | set(ctx.plan.bias))
     if linear_ops != expected:

@@ -91,14 +91,36 @@ def test_lora_delta(mix: str, rank: int, dtype: torch.dtype, tokens: tuple[int, 
     check("lora_delta", lora_delta_ref, (y, x, task_ids_for(mix), *lora_tables(rank, dtype)), dtype)
 
 
-@pytest.mark.parametrize("terms", ["lora+bias", "lora", "bias", "none"])
+@pytest.mark.parametrize(
+    "terms", ["lora+bias", "lora", "bias", "none", "lora+bias+scale", "lora+scale", "bias+scale", "scale"]
+)
+@pytest.mark.parametrize("rank", [16, 40])  # the split kernels (R <= 16) and the tensor-core one
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("mix", MIXES)
-def test_linear_delta(mix: str, dtype: torch.dtype, terms: str) -> None:
+def test_linear_delta(mix: str, dtype: torch.dtype, rank: int, terms: str) -> None:
     x, y = site(dtype, (37,))
-    lora = lora_tables(16, dtype) if "lora" in terms else (None,) * 4
+    lora = lora_tables(rank, dtype) if "lora" in terms else (None,) * 4
     bias = randn(SLOTS, OUT, dtype=dtype, seed=6) if "bias" in terms else None
-    check("linear_delta", linear_delta_ref, (y, x, task_ids_for(mix), *lora, bias), dtype)
+    out_scale = randn(SLOTS, OUT, dtype=dtype, seed=8, std=0.3) if "scale" in terms else None
+    check("linear_delta", linear_delta_ref, (y, x, task_ids_for(mix), *lora, bias, out_scale), dtype)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("rank", [8, 40, 200])  # split (fp16/bf16 tensor cores, fp32/fp64 CUDA cores), mma, fallback
+def test_linear_delta_out_scale_rounds_as_the_scale_op(dtype: torch.dtype, rank: int) -> None:
+    """Every kernel path applies the output scale to its rounded result as pets::scale after it would: bitwise the
+    unfused pair; a zero slot's rows are the unscaled result bit for bit."""
+    ids = task_ids_for("uniform").cuda()
+    x, y = (t.cuda() for t in site(dtype, (37,)))
+    lora = [t.cuda() for t in lora_tables(rank, dtype)]
+    bias = randn(SLOTS, OUT, dtype=dtype, seed=6).cuda()
+    out_scale = randn(SLOTS, OUT, dtype=dtype, seed=8, std=0.3).cuda()
+    out_scale[ids[0]] = 0
+    unscaled = ops.linear_delta(y, x, ids, *lora, bias)
+    fused = ops.linear_delta(y, x, ids, *lora, bias, out_scale)
+    assert torch.equal(bits(fused), bits(ops.scale(unscaled, ids, out_scale)))
+    same = ids == ids[0]
+    assert torch.equal(bits(fused[same]), bits(unscaled[same])) and not torch.equal(fused[~same], unscaled[~same])
 
 
 @pytest.mark.parametrize("tokens", GPU_TOKENS, ids=["2d", "3d", "3d-long"])

@@ -82,7 +82,9 @@ def test_bias_delta_matches_reference(mix: str, dtype: torch.dtype, tokens: tupl
     assert_matches(ops.bias_delta(y, ids, bias), bias_delta_ref(*f64(y, ids, bias)), dtype)
 
 
-@pytest.mark.parametrize("terms", ["lora+bias", "lora", "bias", "none"])
+@pytest.mark.parametrize(
+    "terms", ["lora+bias", "lora", "bias", "none", "lora+bias+scale", "lora+scale", "bias+scale", "scale"]
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mix", ["one", "uniform", "zipf"])
 def test_linear_delta_matches_reference(mix: str, dtype: torch.dtype, terms: str) -> None:
@@ -91,9 +93,29 @@ def test_linear_delta_matches_reference(mix: str, dtype: torch.dtype, terms: str
     y = randn(BATCH, 5, OUT, dtype=dtype, seed=5)
     a, b, scale, r = lora_tables(7, dtype) if "lora" in terms else (None, None, None, None)
     bias = randn(SLOTS, OUT, dtype=dtype, seed=6) if "bias" in terms else None
-    out = ops.linear_delta(y, x, ids, a, b, scale, r, bias)
-    assert_matches(out, linear_delta_ref(*f64(y, x, ids, a, b, scale, r, bias)), dtype)
+    out_scale = randn(SLOTS, OUT, dtype=dtype, seed=8, std=0.3) if "scale" in terms else None
+    out = ops.linear_delta(y, x, ids, a, b, scale, r, bias, out_scale)
+    assert_matches(out, linear_delta_ref(*f64(y, x, ids, a, b, scale, r, bias, out_scale)), dtype)
     assert out.data_ptr() != y.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("terms", ["lora+bias", "lora", "bias", "none"])
+def test_linear_delta_out_scale_is_the_scale_op_after_it(terms: str, dtype: torch.dtype) -> None:
+    """On the CPU the fused output scale rounds as pets::scale after the unfused op: bitwise the same; a zero slot
+    leaves the site's result as it was."""
+    ids = task_ids_for("uniform")
+    x = randn(BATCH, 5, IN, dtype=dtype, seed=4)
+    y = randn(BATCH, 5, OUT, dtype=dtype, seed=5)
+    a, b, scale, r = lora_tables(7, dtype) if "lora" in terms else (None, None, None, None)
+    bias = randn(SLOTS, OUT, dtype=dtype, seed=6) if "bias" in terms else None
+    out_scale = randn(SLOTS, OUT, dtype=dtype, seed=8, std=0.3)
+    out_scale[ids[0]] = 0
+    unscaled = ops.linear_delta(y, x, ids, a, b, scale, r, bias)
+    fused = ops.linear_delta(y, x, ids, a, b, scale, r, bias, out_scale)
+    assert torch.equal(bits(fused), bits(ops.scale(unscaled, ids, out_scale)))
+    same = ids == ids[0]
+    assert torch.equal(bits(fused[same]), bits(unscaled[same])) and not torch.equal(fused[~same], unscaled[~same])
 
 
 @pytest.mark.parametrize("tokens", TOKENS, ids=["2d", "3d"])
@@ -724,6 +746,7 @@ def _bad(op: str, **changes: object) -> Callable[[], Tensor]:
         "lora_scale": scale,
         "rank": r,
         "bias": randn(4, 6),
+        "out_scale": randn(4, 6),
         "weight": randn(4, 6, 8),
         "head_bias": randn(4, 6),
         "ln_weight": randn(8),
@@ -752,7 +775,15 @@ def _bad(op: str, **changes: object) -> Callable[[], Tensor]:
             k["y"], k["x"], k["task_ids"], k["lora_a"], k["lora_b"], k["scale"], k["rank"]
         ),
         "linear_delta": lambda: ops.linear_delta(
-            k["y"], k["x"], k["task_ids"], k["lora_a"], k["lora_b"], k["lora_scale"], k["rank"], k["bias"]
+            k["y"],
+            k["x"],
+            k["task_ids"],
+            k["lora_a"],
+            k["lora_b"],
+            k["lora_scale"],
+            k["rank"],
+            k["bias"],
+            k["out_scale"],
         ),
         "bias_delta": lambda: ops.bias_delta(k["y"], k["task_ids"], k["bias"]),
         "layer_norm": lambda: ops.layer_norm(
@@ -804,6 +835,8 @@ BAD_CALLS = [
     ("lora_delta", {"rank": torch.tensor([0, 1, 1, 5])}, r"rank\[3\] = 5 is outside \[0, 2\]"),
     ("linear_delta", {"bias": randn(4, 5)}, r"linear_delta: bias has out_features 5, y has 6"),
     ("linear_delta", {"bias": randn(3, 6)}, r"task_ids\[1\] = 3 is not a slot of bias, which has T = 3"),
+    ("linear_delta", {"out_scale": randn(4, 5)}, r"linear_delta: out_scale has features 5, y has 6"),
+    ("linear_delta", {"out_scale": randn(3, 6)}, r"task_ids\[1\] = 3 is not a slot of out_scale, which has T = 3"),
     ("bias_delta", {"bias": randn(4, 6, dtype=torch.float64)}, r"bias has dtype Double, y has Float"),
     ("layer_norm", {"ln_weight": randn(7)}, r"weight must be \[H\] with H = x.size\(-1\) = 8, got .*\[7\]"),
     ("layer_norm", {"bias_delta": randn(4, 9)}, r"bias_delta must be \[T, H\] with H = x.size\(-1\) = 8"),

@@ -370,6 +370,37 @@ def test_fuse_row_terms_changes_no_cpu_result(base: BaseModel) -> None:
     assert_same_outputs(fused, unfused, ctx)
 
 
+def out_scaled(nodes: Iterable[Node]) -> dict[Node, tuple[bool, bool]]:
+    """(LoRA, bias) given, of each linear_delta carrying an IA3 output scale, by its site's linear node."""
+    return {
+        n.args[0]: (n.args[3] is not None, n.args[7] is not None)
+        for n in nodes
+        if n.target is PETS.linear_delta.default and len(n.args) > 8 and n.args[8] is not None
+    }
+
+
+def test_fuse_row_terms_puts_output_scales_into_linear_delta(base: BaseModel) -> None:
+    """An IA3 output scale right after a site's LoRA op goes into it (linear_delta's out_scale), with or without a
+    bias delta there; one followed by a residual add goes to a row_delta with that add; the CPU results are bitwise
+    the unfused program's and check_graph counts the scales."""
+    value = "encoder.layer.{}.attention.self.value"
+    plan = SitePlan(
+        lora=(value.format(0), value.format(1), SELF_OUT.format(0)),
+        bias=(value.format(0),),
+        ia3_out=(value.format(0), value.format(1), SELF_OUT.format(0)),
+    )
+    fused, unfused, ctx = with_and_without(base, plan, passes.fuse_row_terms)
+    site_of = {node: site for site, node in ctx.linear_nodes.items()}
+    assert {site_of[y]: terms for y, terms in out_scaled(fused.graph.nodes).items()} == {
+        value.format(0): (True, True),
+        value.format(1): (True, False),
+    }
+    assert ops(fused)["pets.lora_delta.default"] == 1 and ops(fused)["pets.scale.default"] == 0
+    assert row_delta_terms(fused.graph.nodes) == Counter({(False, True, True): 1})  # the attention output's
+    assert ops(unfused)["pets.scale.default"] == 3 and not out_scaled(unfused.graph.nodes)
+    assert_same_outputs(fused, unfused, ctx)
+
+
 @pytest.fixture(scope="module")
 def row_sources(small_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("row_terms")
@@ -404,14 +435,16 @@ def test_bitfit_and_ia3_serve_through_row_delta(
 def test_mix_dense_serves_through_row_delta(small_base: Path, base: BaseModel) -> None:
     """The benchmark's mix of dense kinds (LoRA, BitFit, Pfeiffer, IA3): the key's bias delta and IA3 scale and the
     attention output's bias delta and residual add are one row_delta each (the FFN output's bias delta goes to the
-    adapter, the value's IA3 scale follows its LoRA op), and every row still equals its task's own model."""
+    adapter), the value's IA3 scale goes into its site's linear_delta with its LoRA and bias terms, and every row
+    still equals its task's own model."""
     kind = make_kinds(base, ("mix_dense",))["mix_dense"]
     sources: dict[str, Path | TaskSpec] = {kind.task_name(i): kind.task(i) for i in range(kind.cycle)}
     runtime = pets_compiler.compile(small_base, sources | {"plain": small_base})
     nodes = list(runtime.program.graph.nodes)
     layers = runtime.base.config.num_hidden_layers
     assert row_delta_terms(nodes) == Counter({(True, True, False): layers, (True, False, True): layers})
-    assert not unfused_row_terms(nodes)
+    assert list(out_scaled(nodes).values()) == [(True, True)] * layers
+    assert not unfused_row_terms(nodes) and not any(n.target is PETS.scale.default for n in nodes)
     assert_rows_are_own_models(runtime, sources | {"plain": small_base})
 
 

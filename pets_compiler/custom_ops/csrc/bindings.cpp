@@ -35,10 +35,11 @@ TORCH_LIBRARY(pets, m) {
       tags);
   // out[i] = y[i] + bias[t] (every token of row i), t = task_ids[i]
   m.def("bias_delta(Tensor y, Tensor task_ids, Tensor bias) -> Tensor", tags);
-  // out = y + the lora_delta term (if lora_a is given) + the bias_delta term (if bias is given), one output
+  // out = (y + the lora_delta term (if lora_a is given) + the bias_delta term (if bias is given)) * (1 + out_scale[t])
+  // (if out_scale is given: IA3's output scale, stored as l - 1), one output
   m.def(
       "linear_delta(Tensor y, Tensor x, Tensor task_ids, Tensor? lora_a, Tensor? lora_b, Tensor? lora_scale, "
-      "Tensor? lora_rank, Tensor? bias) -> Tensor",
+      "Tensor? lora_rank, Tensor? bias, Tensor? out_scale=None) -> Tensor",
       tags);
   // out[i] = normalize(x[i]) * (weight + weight_delta[t]) + (bias + bias_delta[t]), t = task_ids[i]
   m.def(

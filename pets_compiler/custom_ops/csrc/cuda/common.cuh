@@ -37,6 +37,23 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+// A linear site's per-task row terms besides LoRA (linear_delta): bias[t] added, then the output times
+// (1 + scale[t]) (IA3, stored as l - 1); nullptr where absent, `*_slots` the rows of each table.
+template <typename scalar_t>
+struct SiteTerms {
+  const scalar_t* bias;
+  int64_t bias_slots;
+  const scalar_t* scale;
+  int64_t scale_slots;
+};
+
+// IA3's output scale on a result already rounded to its dtype, rounded as pets::scale rounds it: y * (1 + 0) is y
+// exactly.
+template <typename scalar_t, typename acc>
+__device__ __forceinline__ scalar_t scale_out(scalar_t v, acc l) {
+  return static_cast<scalar_t>(static_cast<acc>(v) * (acc(1) + l));
+}
+
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a < b ? b : a; }
 

@@ -6,7 +6,8 @@
 // h = x @ A[t, :r].T for them into shared memory (fp32, one warp per token pair and rank chunk, lanes across
 // in_features), phase 2 writes out = y + scale[t] * h @ B[t, :, :r].T (+ bias[t]) with threads across out_features
 // (coalesced y and out). A slot's own rank r bounds both phases, so padding of the tables beyond r is never read.
-// A site with a bias delta and no LoRA goes to the row-term kernel (rowwise.cu).
+// Every kernel applies IA3's output scale (1 + out_scale[t]) to its rounded result, as pets::scale after it would.
+// A site with row terms and no LoRA goes to the row-term kernel (rowwise.cu).
 #include "../common/task_groups.h"
 #include "../lora/lora.h"
 #include "common.cuh"
@@ -29,8 +30,8 @@ __global__ void __launch_bounds__(kThreads)
                         const int64_t* __restrict__ task_ids, const scalar_t* __restrict__ lora_a,
                         const scalar_t* __restrict__ lora_b, const scalar_t* __restrict__ lora_scale,
                         const int64_t* __restrict__ lora_rank, int64_t lora_slots, int64_t table_rank,
-                        const scalar_t* __restrict__ bias, int64_t bias_slots, scalar_t* __restrict__ out,
-                        int64_t tokens, int64_t in_features, int64_t out_features, bool vectorized) {
+                        SiteTerms<scalar_t> terms, scalar_t* __restrict__ out, int64_t tokens,
+                        int64_t in_features, int64_t out_features, bool vectorized) {
   using acc = acc_t<scalar_t>;
   extern __shared__ unsigned char shared_raw[];
   acc* h = reinterpret_cast<acc*>(shared_raw);  // [kTokens, table_rank]
@@ -50,7 +51,8 @@ __global__ void __launch_bounds__(kThreads)
     s = static_cast<acc>(lora_scale[t_lora]);
     if (s == acc(0)) r = 0;  // a slot without LoRA here: its rows are y (+ bias) exactly
   }
-  const int64_t t_bias = bias != nullptr ? slot_of(task_ids, row, bias_slots) : -1;
+  const int64_t t_bias = terms.bias != nullptr ? slot_of(task_ids, row, terms.bias_slots) : -1;
+  const int64_t t_scale = terms.scale != nullptr ? slot_of(task_ids, row, terms.scale_slots) : -1;
 
   if (r > 0) {
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
@@ -112,7 +114,8 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   const scalar_t* b = r > 0 ? lora_b + t_lora * out_features * table_rank : nullptr;
-  const scalar_t* bt = t_bias >= 0 ? bias + t_bias * out_features : nullptr;
+  const scalar_t* bt = t_bias >= 0 ? terms.bias + t_bias * out_features : nullptr;
+  const scalar_t* st = t_scale >= 0 ? terms.scale + t_scale * out_features : nullptr;
   for (int64_t o = threadIdx.x; o < out_features; o += blockDim.x) {
     acc sum[kTokens];
 #pragma unroll
@@ -135,27 +138,37 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     const acc bias_o = bt != nullptr ? static_cast<acc>(bt[o]) : acc(0);
+    const acc scale_o = st != nullptr ? static_cast<acc>(st[o]) : acc(0);
 #pragma unroll
     for (int tm = 0; tm < kTokens; ++tm) {
       if (tm < count) {
         const int64_t i = (m0 + tm) * out_features + o;
-        if (r == 0 && bt == nullptr) {
-          out[i] = y[i];  // bitwise y
-        } else {
-          acc v = static_cast<acc>(y[i]);
-          if (r > 0) v += s * sum[tm];
-          if (bt != nullptr) v += bias_o;
-          out[i] = static_cast<scalar_t>(v);
+        scalar_t v = y[i];  // bitwise y when there is no term
+        if (r > 0 || bt != nullptr) {
+          acc z = static_cast<acc>(v);
+          if (r > 0) z += s * sum[tm];
+          if (bt != nullptr) z += bias_o;
+          v = static_cast<scalar_t>(z);
         }
+        out[i] = st != nullptr ? scale_out(v, scale_o) : v;
       }
     }
   }
 }
 
-// y + the LoRA term (tables with padded rank R > 0) + the bias term if `bias` is given.
+// The bias and output scale tables of a launch (undefined where absent) for its kernels.
+template <typename scalar_t>
+SiteTerms<scalar_t> site_terms(const at::Tensor& bias, const at::Tensor& out_scale) {
+  return {bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, bias.defined() ? bias.size(0) : 0,
+          out_scale.defined() ? out_scale.const_data_ptr<scalar_t>() : nullptr,
+          out_scale.defined() ? out_scale.size(0) : 0};
+}
+
+// (y + the LoRA term (tables with padded rank R > 0) + the bias term if `bias` is given) * (1 + out_scale[t]) if
+// `out_scale` is given.
 at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& lora_a,
                   const at::Tensor& lora_b, const at::Tensor& lora_scale, const at::Tensor& lora_rank,
-                  const at::Tensor* bias) {
+                  const at::Tensor* bias, const at::Tensor* out_scale) {
   const c10::cuda::OptionalCUDAGuard guard(y.device());
   const at::Tensor y3 = as_rows(y).contiguous();
   const at::Tensor x3 = as_rows(x).contiguous();
@@ -166,6 +179,7 @@ at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& ta
   const at::Tensor a = lora_a.contiguous(), b = lora_b.contiguous();
   const at::Tensor sc = lora_scale.contiguous(), rk = lora_rank.contiguous();
   const at::Tensor bs = bias != nullptr ? bias->contiguous() : at::Tensor();
+  const at::Tensor os = out_scale != nullptr ? out_scale->contiguous() : at::Tensor();
   const int64_t table_rank = a.size(1);
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(ceil_div(tokens, kTokens)));
   TORCH_CHECK(grid.y <= 65535, "pets::linear_delta: ", tokens, " tokens per row is more than the kernel's ",
@@ -174,7 +188,8 @@ at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& ta
   const int64_t in_features = x3.size(2), out_features = y3.size(2);
   if (table_rank <= split_lora::kMaxRank && dtype != at::kDouble && vectorizable(x3, in_features) &&
       vectorizable(y3, out_features) && vectorizable(out, out_features) && vectorizable(a, in_features) &&
-      vectorizable(b, out_features * table_rank) && (bias == nullptr || vectorizable(bs, out_features))) {
+      vectorizable(b, out_features * table_rank) && (bias == nullptr || vectorizable(bs, out_features)) &&
+      (out_scale == nullptr || vectorizable(os, out_features))) {
     // Shrink on tensor cores: h [B, N, R] = each row's x @ its slot's A.T (cuBLAS, tables read in place).
     at::Tensor h = at::empty({batch, tokens, table_rank}, y.options());
     slot_gemm(x3, a, ids, h);
@@ -185,11 +200,10 @@ at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& ta
       TORCH_CHECK(tiles <= INT32_MAX && col_tiles <= 65535, "pets::linear_delta: ", batch, " x ", tokens,
                   " tokens and ", out_features, " out_features are more than the kernel's grid");
       const dim3 expand_grid(static_cast<unsigned>(tiles), static_cast<unsigned>(col_tiles));
-      split_lora::expand<scalar_t>()<<<expand_grid, split_lora::kThreads, 0, stream()>>>(
+      split_lora::expand<scalar_t>(out_scale != nullptr)<<<expand_grid, split_lora::kThreads, 0, stream()>>>(
           y3.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
           b.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(), rk.const_data_ptr<int64_t>(), a.size(0),
-          table_rank, bias != nullptr ? bs.const_data_ptr<scalar_t>() : nullptr, bias != nullptr ? bs.size(0) : 0,
-          out.mutable_data_ptr<scalar_t>(), tokens, out_features);
+          table_rank, site_terms<scalar_t>(bs, os), out.mutable_data_ptr<scalar_t>(), tokens, out_features);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return out;
@@ -200,11 +214,11 @@ at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& ta
           y3.const_data_ptr<scalar_t>(), x3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
           a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
           rk.const_data_ptr<int64_t>(), a.size(0), table_rank,
-          bias != nullptr ? bs.const_data_ptr<scalar_t>() : nullptr, bias != nullptr ? bs.size(0) : 0,
-          out.mutable_data_ptr<scalar_t>(), tokens, x3.size(2), y3.size(2),
+          site_terms<scalar_t>(bs, os), out.mutable_data_ptr<scalar_t>(), tokens, x3.size(2), y3.size(2),
           vectorizable(x3, x3.size(2)) && vectorizable(y3, y3.size(2)) &&
               vectorizable(out, y3.size(2)) && vectorizable(a, a.size(2)) &&
-              vectorizable(b, table_rank) && (bias == nullptr || vectorizable(bs, bs.size(1))));
+              vectorizable(b, table_rank) && (bias == nullptr || vectorizable(bs, bs.size(1))) &&
+              (out_scale == nullptr || vectorizable(os, os.size(1))));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return out;
@@ -215,8 +229,8 @@ at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& ta
     linear_delta_kernel<scalar_t><<<grid, kThreads, shared, stream()>>>(
         y3.const_data_ptr<scalar_t>(), x3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
         a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
-        rk.const_data_ptr<int64_t>(), a.size(0), table_rank, bias != nullptr ? bs.const_data_ptr<scalar_t>() : nullptr,
-        bias != nullptr ? bs.size(0) : 0, out.mutable_data_ptr<scalar_t>(), tokens, x3.size(2), y3.size(2),
+        rk.const_data_ptr<int64_t>(), a.size(0), table_rank, site_terms<scalar_t>(bs, os),
+        out.mutable_data_ptr<scalar_t>(), tokens, x3.size(2), y3.size(2),
         vectorizable(x3, x3.size(2)) && vectorizable(a, a.size(2)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -231,19 +245,22 @@ at::Tensor lora_delta(const at::Tensor& y, const at::Tensor& x, const at::Tensor
   check_site_inputs(op, y, x, task_ids);
   check_lora_tables(op, y, x, lora_a, lora_b, scale, rank);
   if (lora_a.size(1) == 0) return y.clone(at::MemoryFormat::Contiguous);  // rank 0: no term at all
-  return launch(y, x, task_ids, lora_a, lora_b, scale, rank, nullptr);
+  return launch(y, x, task_ids, lora_a, lora_b, scale, rank, nullptr, nullptr);
 }
 
 at::Tensor linear_delta(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids,
                         const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
                         const std::optional<at::Tensor>& lora_scale, const std::optional<at::Tensor>& lora_rank,
-                        const std::optional<at::Tensor>& bias) {
-  check_linear_delta_inputs(y, x, task_ids, lora_a, lora_b, lora_scale, lora_rank, bias);
+                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out_scale) {
+  check_linear_delta_inputs(y, x, task_ids, lora_a, lora_b, lora_scale, lora_rank, bias, out_scale);
   if (lora_a.has_value() && lora_a->size(1) > 0) {
-    return launch(y, x, task_ids, *lora_a, *lora_b, *lora_scale, *lora_rank, bias.has_value() ? &*bias : nullptr);
+    return launch(y, x, task_ids, *lora_a, *lora_b, *lora_scale, *lora_rank, bias.has_value() ? &*bias : nullptr,
+                  out_scale.has_value() ? &*out_scale : nullptr);
   }
-  // No LoRA term at this site: the bias term alone (rowwise.cu), or y itself.
-  if (bias.has_value()) return add_row_bias("pets::linear_delta", y, task_ids, *bias);
+  // No LoRA term at this site: the row terms alone (rowwise.cu), or y itself.
+  if (bias.has_value() || out_scale.has_value()) {
+    return add_row_terms("pets::linear_delta", y, task_ids, bias, out_scale);
+  }
   return y.clone(at::MemoryFormat::Contiguous);
 }
 

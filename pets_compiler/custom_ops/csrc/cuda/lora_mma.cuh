@@ -38,8 +38,8 @@ __global__ void __launch_bounds__(kThreads)
     kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ x, const int64_t* __restrict__ task_ids,
            const scalar_t* __restrict__ lora_a, const scalar_t* __restrict__ lora_b,
            const scalar_t* __restrict__ lora_scale, const int64_t* __restrict__ lora_rank, int64_t lora_slots,
-           int64_t table_rank, const scalar_t* __restrict__ bias, int64_t bias_slots, scalar_t* __restrict__ out,
-           int64_t tokens, int64_t in_features, int64_t out_features, bool vec) {
+           int64_t table_rank, SiteTerms<scalar_t> terms, scalar_t* __restrict__ out, int64_t tokens,
+           int64_t in_features, int64_t out_features, bool vec) {
   using namespace nvcuda;
   constexpr int V = kVecBytes / sizeof(scalar_t);  // 8 elements a vector
   using T = typename MmaType<scalar_t>::type;  // the same bits as scalar_t
@@ -65,7 +65,8 @@ __global__ void __launch_bounds__(kThreads)
     s = static_cast<float>(lora_scale[t]);
     if (s == 0.f) r = 0;
   }
-  const int64_t t_bias = bias != nullptr ? slot_of(task_ids, row, bias_slots) : -1;
+  const int64_t t_bias = terms.bias != nullptr ? slot_of(task_ids, row, terms.bias_slots) : -1;
+  const int64_t t_scale = terms.scale != nullptr ? slot_of(task_ids, row, terms.scale_slots) : -1;
   const int chunks = (r + kTile - 1) / kTile;
   const scalar_t* a = lora_a + max64(t, 0) * table_rank * in_features;
 
@@ -124,16 +125,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   const scalar_t* b = lora_b + max64(t, 0) * out_features * table_rank;
-  const scalar_t* bt = t_bias >= 0 ? bias + t_bias * out_features : nullptr;
+  const scalar_t* bt = t_bias >= 0 ? terms.bias + t_bias * out_features : nullptr;
+  const scalar_t* st = t_scale >= 0 ? terms.scale + t_scale * out_features : nullptr;
   for (int64_t o0 = static_cast<int64_t>(warp) * kTile; o0 < out_features; o0 += kWarps * kTile) {
     // The epilogue's y (and bias) vectors are loaded first, so they are in flight during the B tile and the mma.
     const int e_tm = lane / 2, e_oo = (lane % 2) * V;
     const bool e_in = vec && e_tm < count && o0 + e_oo < out_features;
     const int64_t e_idx = (m0 + e_tm) * out_features + o0 + e_oo;
-    Vec<scalar_t> yv{}, bias_v{};
+    Vec<scalar_t> yv{}, bias_v{}, scale_v{};
     if (e_in) {
       yv = load_vec<scalar_t>(y + e_idx, 0);
       if (bt != nullptr) bias_v = load_vec<scalar_t>(bt + o0 + e_oo, 0);
+      if (st != nullptr) scale_v = load_vec<scalar_t>(st + o0 + e_oo, 0);
     }
     if (chunks > 0) {
       wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc;
@@ -181,6 +184,10 @@ __global__ void __launch_bounds__(kThreads)
             ov.v[e] = static_cast<scalar_t>(v);
           }
         }
+        if (st != nullptr) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) ov.v[e] = scale_out(ov.v[e], static_cast<float>(scale_v.v[e]));
+        }
         reinterpret_cast<Vec<scalar_t>*>(out + e_idx)[0] = ov;
       }
     } else {
@@ -188,14 +195,14 @@ __global__ void __launch_bounds__(kThreads)
         const int tm = i / kTile, o = i % kTile;
         if (tm >= count || o0 + o >= out_features) continue;
         const int64_t idx = (m0 + tm) * out_features + o0 + o;
-        if (chunks == 0 && bt == nullptr) {
-          out[idx] = y[idx];  // bitwise y
-          continue;
+        scalar_t v = y[idx];  // bitwise y when there is no term
+        if (chunks > 0 || bt != nullptr) {
+          float z = static_cast<float>(v);
+          if (chunks > 0) z += s * red[warp][i];
+          if (bt != nullptr) z += static_cast<float>(bt[o0 + o]);
+          v = static_cast<scalar_t>(z);
         }
-        float v = static_cast<float>(y[idx]);
-        if (chunks > 0) v += s * red[warp][i];
-        if (bt != nullptr) v += static_cast<float>(bt[o0 + o]);
-        out[idx] = static_cast<scalar_t>(v);
+        out[idx] = st != nullptr ? scale_out(v, static_cast<float>(st[o0 + o])) : v;
       }
     }
     __syncwarp();

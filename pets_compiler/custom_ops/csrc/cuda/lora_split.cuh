@@ -59,8 +59,8 @@ __global__ void __launch_bounds__(kThreads)
     expand_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ h,
                   const int64_t* __restrict__ task_ids, const scalar_t* __restrict__ lora_b,
                   const scalar_t* __restrict__ lora_scale, const int64_t* __restrict__ lora_rank, int64_t lora_slots,
-                  int64_t table_rank, const scalar_t* __restrict__ bias, int64_t bias_slots,
-                  scalar_t* __restrict__ out, int64_t tokens, int64_t out_features) {
+                  int64_t table_rank, SiteTerms<scalar_t> terms, scalar_t* __restrict__ out, int64_t tokens,
+                  int64_t out_features) {
   using acc = acc_t<scalar_t>;
   constexpr int V = kVecBytes / sizeof(scalar_t);
   constexpr int kColVecs = kTileCols / V;         // threads across a token's columns
@@ -86,9 +86,12 @@ __global__ void __launch_bounds__(kThreads)
   float s;
   const int r = slot_rank(slot_of(task_ids, row, lora_slots), lora_scale, lora_rank, table_rank, s);
   const int64_t t = r > 0 ? task_ids[row] : 0;
-  const int64_t t_bias = bias != nullptr ? slot_of(task_ids, row, bias_slots) : -1;
-  const scalar_t* bias_t = t_bias >= 0 ? bias + t_bias * out_features : nullptr;
+  const int64_t t_bias = terms.bias != nullptr ? slot_of(task_ids, row, terms.bias_slots) : -1;
+  const scalar_t* bias_t = t_bias >= 0 ? terms.bias + t_bias * out_features : nullptr;
   const Vec<scalar_t> bv = (col_ok && bias_t != nullptr) ? load_vec<scalar_t>(bias_t, ov) : Vec<scalar_t>{};
+  const int64_t t_scale = terms.scale != nullptr ? slot_of(task_ids, row, terms.scale_slots) : -1;
+  const scalar_t* scale_t = t_scale >= 0 ? terms.scale + t_scale * out_features : nullptr;
+  const Vec<scalar_t> sv = (col_ok && scale_t != nullptr) ? load_vec<scalar_t>(scale_t, ov) : Vec<scalar_t>{};
 
   if (r > 0) {
     for (int i = threadIdx.x; i < kTileTokens * r; i += kThreads) {
@@ -131,6 +134,10 @@ __global__ void __launch_bounds__(kThreads)
         if (bias_t != nullptr) v += static_cast<acc>(bv.v[e]);
         o.v[e] = static_cast<scalar_t>(v);
       }
+    }
+    if (scale_t != nullptr) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) o.v[e] = scale_out(o.v[e], static_cast<acc>(sv.v[e]));
     }
     reinterpret_cast<Vec<scalar_t>*>(out + (m0 + tm) * out_features)[ov] = o;
   }
@@ -232,13 +239,15 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
   }
 }
 
-template <typename scalar_t>
+// kScale: the site has an output scale table (a template argument: the kernel without one is the same as before it
+// existed, with no spill; with one, 8 bytes spill at the 64-register bound).
+template <typename scalar_t, bool kScale>
 __global__ void __launch_bounds__(kThreads, kMmaBlocks)
     expand_mma_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ h,
                       const int64_t* __restrict__ task_ids, const scalar_t* __restrict__ lora_b,
                       const scalar_t* __restrict__ lora_scale, const int64_t* __restrict__ lora_rank,
-                      int64_t lora_slots, int64_t table_rank, const scalar_t* __restrict__ bias, int64_t bias_slots,
-                      scalar_t* __restrict__ out, int64_t tokens, int64_t out_features) {
+                      int64_t lora_slots, int64_t table_rank, SiteTerms<scalar_t> terms, scalar_t* __restrict__ out,
+                      int64_t tokens, int64_t out_features) {
   constexpr int V = kVecBytes / sizeof(scalar_t);  // 8 features or ranks a vector
   constexpr int kVecs = kWarpCols / V;             // lanes across a warp's features: 8
   constexpr int kRows = kWarp / kVecs;             // tokens a warp writes at once: 4
@@ -272,14 +281,14 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocks)
   const Bits hv = so < count ? load_ranks(h + (m0 + so) * table_rank, sj, table_rank, vec) : Bits{};
   // Everything the task id gives is loaded before the rank is checked: one dependent step.
   const int64_t t = slot_of(task_ids, row, lora_slots);
-  const int64_t t_bias = bias != nullptr ? slot_of(task_ids, row, bias_slots) : -1;
+  const int64_t t_bias = terms.bias != nullptr ? slot_of(task_ids, row, terms.bias_slots) : -1;
   const Bits bv = (t >= 0 && so < cols)
                       ? load_ranks(lora_b + (t * out_features + c0 + so) * table_rank, sj, table_rank, vec)
                       : Bits{};
   const bool has_bias = t_bias >= 0;
   Bits bias_v{};
   if (col_ok && has_bias) {
-    bias_v = load_vec<uint32_t>(reinterpret_cast<const uint32_t*>(bias + t_bias * out_features + c0 + lc), 0);
+    bias_v = load_vec<uint32_t>(reinterpret_cast<const uint32_t*>(terms.bias + t_bias * out_features + c0 + lc), 0);
   }
   float s;
   const int r = slot_rank(t, lora_scale, lora_rank, table_rank, s);
@@ -314,6 +323,12 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocks)
     __syncwarp();
   }
   if (!col_ok) return;
+  // The output scale is looked up and loaded here, not with the bias: held through the mma it spilled more.
+  const int64_t t_scale = kScale ? slot_of(task_ids, row, terms.scale_slots) : -1;
+  const bool has_scale = kScale && t_scale >= 0;
+  const Bits scale_v = has_scale ? load_vec<uint32_t>(reinterpret_cast<const uint32_t*>(
+                                                          terms.scale + t_scale * out_features + c0 + lc), 0)
+                                 : Bits{};
 
 #pragma unroll
   for (int k = 0; k < kPer; ++k) {
@@ -339,6 +354,13 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocks)
         o.v[w] = pack2<scalar_t>(v);
       }
     }
+    if (has_scale) {  // on the rounded result, as pets::scale after it: y * (1 + 0) is y exactly
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const float2 v = unpack2<scalar_t>(o.v[w]), l = unpack2<scalar_t>(scale_v.v[w]);
+        o.v[w] = pack2<scalar_t>(make_float2(v.x * (1.f + l.x), v.y * (1.f + l.y)));
+      }
+    }
     // __stwb (a plain store): storing a Bits or uint4 compiled to four 4-byte stores.
     __stwb(reinterpret_cast<uint4*>(out + lane_off + k * step),
            make_uint4(o.v[0], o.v[1], o.v[2], o.v[3]));
@@ -349,9 +371,9 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocks)
 template <typename scalar_t>
 constexpr bool kExpandMma = std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
 template <typename scalar_t>
-auto expand() {
+auto expand(bool scaled) {
   if constexpr (kExpandMma<scalar_t>) {
-    return expand_mma_kernel<scalar_t>;
+    return scaled ? expand_mma_kernel<scalar_t, true> : expand_mma_kernel<scalar_t, false>;
   } else {
     return expand_kernel<scalar_t>;
   }

@@ -14,7 +14,7 @@ at::Tensor lora_delta(const at::Tensor& y, const at::Tensor& x, const at::Tensor
 at::Tensor linear_delta(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids,
                         const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
                         const std::optional<at::Tensor>& lora_scale, const std::optional<at::Tensor>& lora_rank,
-                        const std::optional<at::Tensor>& bias);
+                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out_scale);
 at::Tensor bias_delta(const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& bias);
 at::Tensor scale(const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& delta);
 at::Tensor gelu_delta(const at::Tensor& y, const at::Tensor& task_ids, const std::optional<at::Tensor>& bias,

@@ -196,6 +196,11 @@ at::Tensor add_row_bias(const char* op, const at::Tensor& y, const at::Tensor& t
   return launch<Act::kIdentity>(op, y, task_ids, bias, std::nullopt, std::nullopt);
 }
 
+at::Tensor add_row_terms(const char* op, const at::Tensor& y, const at::Tensor& task_ids,
+                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale) {
+  return launch<Act::kIdentity>(op, y, task_ids, bias, scale, std::nullopt);
+}
+
 at::Tensor bias_delta(const at::Tensor& y, const at::Tensor& task_ids, const at::Tensor& bias) {
   check_bias_delta_inputs(y, task_ids, bias);
   return add_row_bias("pets::bias_delta", y, task_ids, bias);

@@ -1,5 +1,5 @@
 // LoRA at a linear site, per row: y + scale[t] * (x @ A[t].T) @ B[t].T with t = task_ids[row], and the fused
-// linear_delta (LoRA + bias delta of one site in one output).
+// linear_delta (LoRA + bias delta + IA3 output scale of one site in one output).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -32,11 +32,13 @@ at::Tensor lora_delta_cpu(const at::Tensor& y, const at::Tensor& x, const at::Te
 void check_linear_delta_inputs(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids,
                                const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
                                const std::optional<at::Tensor>& lora_scale,
-                               const std::optional<at::Tensor>& lora_rank, const std::optional<at::Tensor>& bias);
+                               const std::optional<at::Tensor>& lora_rank, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& out_scale);
 
 at::Tensor linear_delta_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids,
                             const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
                             const std::optional<at::Tensor>& lora_scale,
-                            const std::optional<at::Tensor>& lora_rank, const std::optional<at::Tensor>& bias);
+                            const std::optional<at::Tensor>& lora_rank, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& out_scale);
 
 }  // namespace pets
