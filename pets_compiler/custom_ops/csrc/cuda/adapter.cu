@@ -271,7 +271,10 @@ at::Tensor adapter(const at::Tensor& h, const at::Tensor& residual, const at::Te
     });
     // A task id outside the tables trips slot_gemm's device assert, like the kernels'.
     at::Tensor down = at::empty({h3.size(0), tokens, padded}, h3.options());
-    slot_gemm(a_in, dw, ids, down);  // each row times its own slot's down_w, read in place
+    // Each row times its own slot's down_w, read in place; rows without an adapter are left out (their `down` and
+    // `up` rows are never read: the activation zeroes `down`'s, adapter_out returns before reading `up`).
+    const SlotSkip no_adapter{cfg.const_data_ptr<int64_t>() + kAdapterEnabled, kAdapterConfigColumns};
+    slot_gemm(a_in, dw, ids, down, no_adapter);
     const int64_t total = down.numel();
     const bool act_vec = vectorizable(down, padded) && vectorizable(db, padded);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::adapter", [&] {
@@ -288,7 +291,7 @@ at::Tensor adapter(const at::Tensor& h, const at::Tensor& residual, const at::Te
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     at::Tensor up = at::empty_like(h3);  // [B, N, H]
-    slot_gemm(down, uw, ids, up);
+    slot_gemm(down, uw, ids, up, no_adapter);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::adapter", [&] {
       adapter_out_kernel<scalar_t><<<blocks, kThreads, 0, stream()>>>(
           h3.const_data_ptr<scalar_t>(), res3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),

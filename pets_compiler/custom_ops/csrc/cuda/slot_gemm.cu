@@ -9,16 +9,19 @@
 namespace pets::cuda {
 namespace {
 
+// Rows left out (SlotSkip) read `spare_x` and write `spare_out` instead of their own rows.
 template <typename scalar_t>
 __global__ void slot_pointers_kernel(const scalar_t* x, const scalar_t* w, const int64_t* task_ids, scalar_t* out,
                                      int64_t batch, int64_t slots, int64_t x_stride, int64_t w_stride,
-                                     int64_t out_stride, void** ptrs) {
+                                     int64_t out_stride, SlotSkip skip, const scalar_t* spare_x,
+                                     scalar_t* spare_out, void** ptrs) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= batch) return;
   const int64_t t = slot_of(task_ids, b, slots);
+  const bool left_out = skip.flags != nullptr && t >= 0 && skip.flags[t * skip.stride] == 0;
   ptrs[b] = const_cast<scalar_t*>(w + max64(t, 0) * w_stride);  // cuBLAS reads it as const
-  ptrs[batch + b] = const_cast<scalar_t*>(x + b * x_stride);
-  ptrs[2 * batch + b] = out + b * out_stride;
+  ptrs[batch + b] = const_cast<scalar_t*>(left_out ? spare_x : x + b * x_stride);
+  ptrs[2 * batch + b] = left_out ? spare_out : out + b * out_stride;
 }
 
 template <typename scalar_t>
@@ -50,7 +53,8 @@ struct CublasType<double> {
 
 }  // namespace
 
-void slot_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& task_ids, at::Tensor& out) {
+void slot_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& task_ids, at::Tensor& out,
+               SlotSkip skip) {
   const int64_t batch = x.size(0), n = x.size(1), k = x.size(2), f = w.size(1);
   if (batch == 0 || n == 0 || f == 0) return;
   TORCH_CHECK(n <= INT32_MAX && k <= INT32_MAX && f <= INT32_MAX && batch <= INT32_MAX,
@@ -60,13 +64,18 @@ void slot_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& task_
     return;
   }
   at::Tensor ptrs = at::empty({3 * batch}, x.options().dtype(at::kLong));
+  // The left-out rows' shared input and output (their values are never read back).
+  const at::Tensor spare_x = skip.flags != nullptr ? at::empty({n, k}, x.options()) : at::Tensor();
+  at::Tensor spare_out = skip.flags != nullptr ? at::empty({n, f}, x.options()) : at::Tensor();
   void** p = reinterpret_cast<void**>(ptrs.mutable_data_ptr<int64_t>());
   const void* const* in_ptrs = p;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pets::slot_gemm", [&] {
     using C = CublasType<scalar_t>;
     slot_pointers_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(batch, 128)), 128, 0, stream()>>>(
         x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), task_ids.const_data_ptr<int64_t>(),
-        out.mutable_data_ptr<scalar_t>(), batch, w.size(0), n * k, f * k, n * f, p);
+        out.mutable_data_ptr<scalar_t>(), batch, w.size(0), n * k, f * k, n * f, skip,
+        skip.flags != nullptr ? spare_x.const_data_ptr<scalar_t>() : nullptr,
+        skip.flags != nullptr ? spare_out.mutable_data_ptr<scalar_t>() : nullptr, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const typename C::alpha one = 1, zero = 0;
     cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to the current stream

@@ -7,9 +7,19 @@
 
 namespace pets::cuda {
 
+// Batch rows whose slot has no term at the call (a row without LoRA at a LoRA site, without an adapter at an adapter
+// site): row b is left out where flags[task_ids[b] * stride] == 0. Its GEMM still runs (the batch size is the
+// host's), but on a shared [N, K] input and into a shared [N, F] output that stay in L2, so the call's memory
+// traffic is that of the rows with the term alone; its rows of `out` are not written.
+struct SlotSkip {
+  const int64_t* flags = nullptr;  // nullptr: no row is left out
+  int64_t stride = 1;
+};
+
 // out[b] = x[b] @ w[task_ids[b]].T for x [B, N, K], w [T, F, K], out [B, N, F] (all contiguous, one dtype,
-// fp32 accumulation for the half types). Inputs already checked by the caller; a task id outside [0, T) asserts
-// on the device and its row reads slot 0.
-void slot_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& task_ids, at::Tensor& out);
+// fp32 accumulation for the half types), for the rows `skip` does not leave out. Inputs already checked by the
+// caller; a task id outside [0, T) asserts on the device and its row reads slot 0.
+void slot_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& task_ids, at::Tensor& out,
+               SlotSkip skip = {});
 
 }  // namespace pets::cuda
