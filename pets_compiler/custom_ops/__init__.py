@@ -9,8 +9,9 @@ that uses the ops. The ops, their schemas and semantics:
 - `pets::bias_delta(y, task_ids, bias)`: y + bias[t]
 - `pets::linear_delta(y, x, task_ids, lora_a?, lora_b?, lora_scale?, lora_rank?, bias?, out_scale?)`: the terms
   of one site, fused: (y + the LoRA term + bias[t]) * (1 + out_scale[t]) (IA3's output scale, stored as l - 1)
-- `pets::layer_norm(x, task_ids, weight, bias, weight_delta, bias_delta, eps)`: LayerNorm with per-task
-  affine deltas
+- `pets::layer_norm(x, task_ids, weight, bias, weight_delta, bias_delta, eps, x_bias?, residual?)`: LayerNorm with
+  per-task affine deltas, of (x + x_bias[t]) + residual where given (the bias delta of the linear before it and the
+  sublayer's residual add, in its one pass; each sum rounded to x's dtype as the unfused ops round it)
 - `pets::segmented_linear(x, task_ids, weight, bias)`: x @ weight[t].T + bias[t] (per-task heads)
 - `pets::scale(y, task_ids, delta)`: y * (1 + delta[t]) (IA3; a scale l is stored as l - 1, so a zero slot is the
   identity, bitwise)
@@ -23,8 +24,9 @@ that uses the ops. The ops, their schemas and semantics:
 - `pets::embedding_delta(y, ids, task_ids, row_ptr, col, val)`: y + D_t[ids], D_t [V, H] in the same pooled CSR
   form (sparse deltas of embedding tables)
 - `pets::adapter(h, residual, task_ids, ln_weight, ln_bias, ln_weight_delta, ln_bias_delta, eps, down_w, down_b,
-  up_w, up_b, scaling, config)`: a sublayer end LN_t(h + residual) with slot t's bottleneck adapter placed as
-  AdapterHub does; config [T, 6] per ADAPTER_CONFIG_COLUMNS, activation codes per ADAPTER_ACTIVATIONS
+  up_w, up_b, scaling, config, h_bias?)`: a sublayer end LN_t(h + residual) with slot t's bottleneck adapter placed
+  as AdapterHub does; config [T, 6] per ADAPTER_CONFIG_COLUMNS, activation codes per ADAPTER_ACTIVATIONS; with
+  h_bias (the dense's bias delta), h + h_bias[t] (rounded to h's dtype) stands for h wherever the op reads it
 
 with t = task_ids[row]; the `*_ref` functions are their plain-torch references (`reference.py`).
 """

@@ -51,6 +51,8 @@ def _layer_norm_fake(
     weight_delta: Tensor,
     bias_delta: Tensor,
     eps: float,
+    x_bias: Tensor | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
@@ -107,5 +109,6 @@ def _adapter_fake(
     up_b: Tensor,
     scaling: Tensor,
     config: Tensor,
+    h_bias: Tensor | None = None,
 ) -> Tensor:
     return torch.empty_like(h, memory_format=torch.contiguous_format)

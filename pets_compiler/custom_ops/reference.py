@@ -84,14 +84,22 @@ def layer_norm_ref(
     weight_delta: Tensor,
     bias_delta: Tensor,
     eps: float,
+    x_bias: Tensor | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """LayerNorm over the last dim with a per-task affine delta (BitFit on LayerNorm).
+    """LayerNorm over the last dim with a per-task affine delta (BitFit on LayerNorm), of x or of x with the terms
+    before it (the bias delta of the linear that made x, the sublayer's residual), each sum rounded to x's dtype.
 
-    Semantics: out[i] = (x[i] - mean) / sqrt(var + eps) * (weight + weight_delta[t]) + (bias + bias_delta[t])
+    Semantics: v = (x[i] + x_bias[t]) + residual[i]  (each term only where given)
+               out[i] = (v - mean) / sqrt(var + eps) * (weight + weight_delta[t]) + (bias + bias_delta[t])
                where t = task_ids[i], mean and biased var over the last dim
-    Shapes: x [B, ..., H], task_ids int64 [B], weight and bias [H], weight_delta and bias_delta [T, H]
-    -> [B, ..., H].
+    Shapes: x [B, ..., H], task_ids int64 [B], weight and bias [H], weight_delta and bias_delta [T, H],
+    x_bias [T, H] or None, residual x's shape or None -> [B, ..., H].
     """
+    if x_bias is not None:
+        x = bias_delta_ref(x, task_ids, x_bias)
+    if residual is not None:
+        x = x + residual
     normed = _as_rows(F.layer_norm(x, (x.shape[-1],), eps=eps))
     gamma = (weight + weight_delta[task_ids]).unsqueeze(1)
     beta = (bias + bias_delta[task_ids]).unsqueeze(1)
@@ -257,10 +265,13 @@ def adapter_ref(
     up_b: Tensor,
     scaling: Tensor,
     config: Tensor,
+    h_bias: Tensor | None = None,
 ) -> Tensor:
     """The end of a BERT sublayer (residual add + LayerNorm, after dense + dropout) with a per-task bottleneck
     adapter placed as AdapterHub places it (Pfeiffer `seq_bn` = (1, 1, 1, 1, relu), Houlsby `double_seq_bn` =
     (1, 0, 1, 1, swish) at each of its two sites). Only the first r = config[t, 5] bottleneck units take part.
+    With h_bias (the bias delta of the dense that made h), h[i] + h_bias[t], rounded to h's dtype, stands for h[i]
+    throughout.
 
     Semantics: LN_t(z) = layer_norm(z, eps) * (ln_weight + ln_weight_delta[t]) + (ln_bias + ln_bias_delta[t]);
                with t = task_ids[i], (enabled, ln_before, res_before_ln, ln_after, act, r) = config[t]:
@@ -270,11 +281,15 @@ def adapter_ref(
                out[i] = LN_t(z + residual[i]) if ln_after else z                             if enabled
     Shapes: h and residual [B, ..., H], task_ids int64 [B], ln_weight and ln_bias [H], ln_weight_delta and
     ln_bias_delta [T, H], down_w [T, R, H], down_b [T, R], up_w [T, H, R], up_b [T, H], scaling [T],
-    config int64 [T, 6] (ADAPTER_CONFIG_COLUMNS; activation codes ADAPTER_ACTIVATIONS) -> [B, ..., H].
+    config int64 [T, 6] (ADAPTER_CONFIG_COLUMNS; activation codes ADAPTER_ACTIVATIONS), h_bias [T, H] or None
+    -> [B, ..., H].
     """
 
     def ln(v: Tensor) -> Tensor:
         return layer_norm_ref(v, task_ids, ln_weight, ln_bias, ln_weight_delta, ln_bias_delta, eps)
+
+    if h_bias is not None:
+        h = bias_delta_ref(h, task_ids, h_bias)
 
     h3, residual3 = _as_rows(h), _as_rows(residual)
     enabled, ln_before, res_before_ln, ln_after, act, rank = (c.view(-1, 1, 1) for c in config[task_ids].unbind(1))

@@ -27,9 +27,11 @@ from pets_compiler.custom_ops import (
 )
 
 from op_cases import (
+    ADAPTER_TOLERANCE,
     BATCH,
     IN,
     LABELS,
+    LN_TERMS,
     MIXES,
     OUT,
     ROW_TERMS,
@@ -41,6 +43,7 @@ from op_cases import (
     f64,
     gen,
     ln_params,
+    ln_terms,
     lora_tables,
     randn,
     row_operands,
@@ -56,16 +59,6 @@ GPU_TOKENS = [(), (5,), (37,)]  # [B, F]; [B, S, F] with one partial tile; sever
 
 def cuda(*args: object) -> list[object]:
     return [a.cuda() if isinstance(a, Tensor) else a for a in args]
-
-
-# The adapter rounds its intermediates to the input dtype where a matmul or add in that dtype would (as the CPU
-# kernel and the task's own fp16 model do), and two LayerNorms amplify that rounding: fp16 outputs then differ from
-# the float64 reference by up to ~3e-3 (seen: 2.9e-3 at bert-base sizes), so its half-type bounds are wider.
-ADAPTER_TOLERANCE = {
-    torch.float32: TOLERANCE[torch.float32],
-    torch.float16: {"rtol": 5e-3, "atol": 5e-3},
-    torch.bfloat16: {"rtol": 4e-2, "atol": 4e-2},
-}
 
 
 def check(op: str, ref: Callable[..., Tensor], args: tuple[object, ...], dtype: torch.dtype) -> Tensor:
@@ -134,6 +127,43 @@ def test_row_ops_and_layer_norm(mix: str, dtype: torch.dtype, tokens: tuple[int,
     check("layer_norm", layer_norm_ref, (x * 3 + 1, ids, *ln_params(dtype), 1e-5), dtype)
     head = (randn(SLOTS, LABELS, IN, dtype=dtype, seed=8), randn(SLOTS, LABELS, dtype=dtype, seed=9))
     check("segmented_linear", segmented_linear_ref, (x, ids, *head), dtype)
+
+
+@pytest.mark.parametrize("terms", LN_TERMS)
+@pytest.mark.parametrize("tokens", GPU_TOKENS, ids=["2d", "3d", "3d-long"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("mix", MIXES)
+def test_layer_norm_of_a_sum(mix: str, dtype: torch.dtype, tokens: tuple[int, ...], terms: str) -> None:
+    """The register path (72 features: whole 16-byte vectors), x_bias's row staged per block; 5 and 37 tokens a row
+    put blocks of 8 tokens across batch rows, whose tokens of the other slot read their row from global memory."""
+    x = randn(BATCH, *tokens, IN, dtype=dtype, seed=4, std=3.0)
+    check("layer_norm", layer_norm_ref, (x, task_ids_for(mix), *ln_params(dtype), 1e-5, *ln_terms(terms, x)), dtype)
+
+
+# Hidden sizes of pets::layer_norm's and pets::adapter's two paths: bert-base's 768 in registers; 75 (not whole
+# 16-byte vectors) and 1544 (fp16: 193 vectors, past the 128 a warp holds; fp32: 386) by the generic kernels.
+NORM_HIDDEN = [768, 75, 1544]
+
+
+@pytest.mark.parametrize("hidden", NORM_HIDDEN)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_layer_norm_of_a_sum_at_each_path(dtype: torch.dtype, hidden: int) -> None:
+    """Every combination of terms at each path's sizes, 45 and 1 tokens a row; then x_bias and residual off 16-byte
+    alignment (the generic kernel at 768)."""
+    ids = torch.tensor([3, 0, 7, 3, 5])
+    ln = ln_params(dtype, slots=8, hidden=hidden)
+    for tokens in [(45,), ()]:
+        x = randn(5, *tokens, hidden, dtype=dtype, seed=4, std=3.0)
+        for terms in LN_TERMS:
+            check("layer_norm", layer_norm_ref, (x, ids, *ln, 1e-12, *ln_terms(terms, x, slots=8)), dtype)
+    if hidden == 768:
+        x = randn(5, 45, hidden, dtype=dtype, seed=4, std=3.0)
+        x_bias, residual = ln_terms("bias+residual", x, slots=8)
+        assert x_bias is not None and residual is not None
+        want = layer_norm_ref(*f64(x, ids, *ln), 1e-12, *f64(x_bias, residual)).to(dtype)
+        for terms in [(misaligned(x_bias), residual), (x_bias, misaligned(residual))]:
+            got = ops.layer_norm(*cuda(x, ids, *ln, 1e-12), *cuda(*terms))
+            torch.testing.assert_close(got.cpu(), want, **TOLERANCE[dtype])
 
 
 def gelu_tables(terms: str, dtype: torch.dtype, slots: int = SLOTS, f: int = OUT) -> tuple[Tensor | None, ...]:
@@ -248,6 +278,47 @@ def test_adapter(mix: str, bottleneck: int, dtype: torch.dtype, tokens: tuple[in
     check("adapter", adapter_ref, args, dtype)
 
 
+@pytest.mark.parametrize("tokens", [(), (5,), (37,)], ids=["2d", "3d", "3d-long"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("bottleneck", [5, 64])
+@pytest.mark.parametrize("mix", MIXES)
+def test_adapter_with_h_bias(mix: str, bottleneck: int, dtype: torch.dtype, tokens: tuple[int, ...]) -> None:
+    """The register path (72 features) with h_bias, over adapter_tables' configs (LN before the adapter or not, the
+    residual from h or not): h + h_bias[t] wherever h is read."""
+    ids = task_ids_for(mix)
+    h, residual = randn(BATCH, *tokens, IN, dtype=dtype, seed=4), randn(BATCH, *tokens, IN, dtype=dtype, seed=5)
+    h_bias = randn(SLOTS, IN, dtype=dtype, seed=11, std=0.5)
+    args = (h, residual, ids, *ln_params(dtype), 1e-5, *adapter_tables(bottleneck, dtype), h_bias)
+    check("adapter", adapter_ref, args, dtype)
+
+
+@pytest.mark.parametrize("hidden", NORM_HIDDEN)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_adapter_with_h_bias_at_each_path(dtype: torch.dtype, hidden: int) -> None:
+    """h_bias at each path's sizes (the generic kernel also for padded bottleneck 0 and for h_bias off 16-byte
+    alignment at 768), 45 and 1 tokens a row; rows without an adapter are pets::layer_norm of the same sum, bitwise
+    (the two ops share their LayerNorm code on each path)."""
+    ids = torch.tensor([3, 0, 7, 3, 5, 6])  # slot 0: no adapter; slot 6: disabled
+    ln = ln_params(dtype, slots=8, hidden=hidden)
+    tables = adapter_tables(16, dtype, slots=8, hidden=hidden)
+    h_bias = randn(8, hidden, dtype=dtype, seed=11, std=0.5)
+    for tokens in [(45,), ()]:
+        h = randn(6, *tokens, hidden, dtype=dtype, seed=4)
+        residual = randn(6, *tokens, hidden, dtype=dtype, seed=5)
+        got = check("adapter", adapter_ref, (h, residual, ids, *ln, 1e-12, *tables, h_bias), dtype)
+        plain = ops.layer_norm(*cuda(h, ids, *ln, 1e-12, h_bias, residual))
+        assert torch.equal(bits(got[[1, 5]]), bits(plain[[1, 5]]))
+    down_w, down_b, up_w, up_b, scaling, config = tables
+    config = config.clone()
+    config[:, 5] = 0
+    no_units = (down_w[:, :0], down_b[:, :0], up_w[..., :0], up_b, scaling, config)
+    check("adapter", adapter_ref, (h, residual, ids, *ln, 1e-12, *no_units, h_bias), dtype)
+    if hidden == 768:
+        want = adapter_ref(*f64(h, residual, ids, *ln), 1e-12, *f64(*tables, h_bias)).to(dtype)
+        got = ops.adapter(*cuda(h, residual, ids, *ln, 1e-12, *tables), misaligned(h_bias))
+        torch.testing.assert_close(got.cpu(), want, **ADAPTER_TOLERANCE[dtype])
+
+
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 def test_bert_base_sizes(dtype: torch.dtype) -> None:
     """Hidden 768 and intermediate 3072 over 32 slots, 128 tokens a row: the sizes the benchmark runs, and the
@@ -263,6 +334,8 @@ def test_bert_base_sizes(dtype: torch.dtype) -> None:
     ln = ln_params(dtype, slots=slots, hidden=hidden)
     args = (h, y, ids, *ln, 1e-12, *adapter_tables(64, dtype, slots=slots, hidden=hidden))
     check("adapter", adapter_ref, args, dtype)
+    check("adapter", adapter_ref, (*args, randn(slots, hidden, dtype=dtype, seed=11, std=0.5)), dtype)
+    check("layer_norm", layer_norm_ref, (h, ids, *ln, 1e-12, *ln_terms("bias+residual", h, slots)), dtype)
     ffn = randn(batch, seq, inter, dtype=dtype, seed=6, std=2.0)
     check("gelu_delta", gelu_delta_ref, (ffn, ids, *gelu_tables("bias+scale", dtype, slots, inter), "none"), dtype)
     check("row_delta", row_delta_ref, (y, ids, *row_operands("bias+scale+residual", y, slots)), dtype)
@@ -356,6 +429,14 @@ def test_checks_name_the_wrong_input() -> None:
         ops.row_delta(y, ids, None, randn(SLOTS, OUT, dtype=torch.float16).cuda(), y.cpu())
     with pytest.raises(RuntimeError, match=r"row_delta: bias and scale are both None"):
         ops.row_delta(y, ids, None, None, y)
+    ln = [t.cuda() for t in ln_params(torch.float16)]
+    with pytest.raises(RuntimeError, match=r"layer_norm: x_bias is on cpu, x is on cuda"):
+        ops.layer_norm(x, ids, *ln, 1e-5, randn(SLOTS, IN, dtype=torch.float16), None)
+    with pytest.raises(RuntimeError, match=r"layer_norm: residual is on cpu, x is on cuda"):
+        ops.layer_norm(x, ids, *ln, 1e-5, None, x.cpu())
+    tables = [t.cuda() for t in adapter_tables(7, torch.float16)]
+    with pytest.raises(RuntimeError, match=r"adapter: h_bias is on cpu, h is on cuda"):
+        ops.adapter(x, x, ids, *ln, 1e-5, *tables, randn(SLOTS, IN, dtype=torch.float16))
     with pytest.raises(RuntimeError, match=r"row_ptr must be an int64 \[T, out \+ 1\]"):
         row_ptr, col, val = (t.cuda() for t in sparse_pool(SLOTS, OUT, IN, torch.float16))
         ops.sparse_delta(y, x, ids, row_ptr[:, :-1], col, val)

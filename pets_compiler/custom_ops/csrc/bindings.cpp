@@ -41,10 +41,11 @@ TORCH_LIBRARY(pets, m) {
       "linear_delta(Tensor y, Tensor x, Tensor task_ids, Tensor? lora_a, Tensor? lora_b, Tensor? lora_scale, "
       "Tensor? lora_rank, Tensor? bias, Tensor? out_scale=None) -> Tensor",
       tags);
-  // out[i] = normalize(x[i]) * (weight + weight_delta[t]) + (bias + bias_delta[t]), t = task_ids[i]
+  // out[i] = normalize(v) * (weight + weight_delta[t]) + (bias + bias_delta[t]), t = task_ids[i], with
+  // v = x[i] + x_bias[t] + residual[i] (each term only where given, each sum rounded to x's dtype)
   m.def(
       "layer_norm(Tensor x, Tensor task_ids, Tensor weight, Tensor bias, Tensor weight_delta, "
-      "Tensor bias_delta, float eps) -> Tensor",
+      "Tensor bias_delta, float eps, Tensor? x_bias=None, Tensor? residual=None) -> Tensor",
       tags);
   // out[i] = x[i] @ weight[t].T + bias[t], t = task_ids[i] (per-task heads, labels zero-padded to L)
   m.def("segmented_linear(Tensor x, Tensor task_ids, Tensor weight, Tensor bias) -> Tensor", tags);
@@ -64,11 +65,12 @@ TORCH_LIBRARY(pets, m) {
   m.def(
       "embedding_delta(Tensor y, Tensor ids, Tensor task_ids, Tensor row_ptr, Tensor col, Tensor val) -> Tensor",
       tags);
-  // out[i] = LN_t(h[i] + residual[i]) with slot t's AdapterHub bottleneck adapter per config[t], t = task_ids[i]
+  // out[i] = LN_t(h[i] + residual[i]) with slot t's AdapterHub bottleneck adapter per config[t], t = task_ids[i];
+  // with h_bias, h[i] + h_bias[t] (rounded to h's dtype) stands for h[i] wherever the op reads it
   m.def(
       "adapter(Tensor h, Tensor residual, Tensor task_ids, Tensor ln_weight, Tensor ln_bias, "
       "Tensor ln_weight_delta, Tensor ln_bias_delta, float eps, Tensor down_w, Tensor down_b, Tensor up_w, "
-      "Tensor up_b, Tensor scaling, Tensor config) -> Tensor",
+      "Tensor up_b, Tensor scaling, Tensor config, Tensor? h_bias=None) -> Tensor",
       tags);
 }
 

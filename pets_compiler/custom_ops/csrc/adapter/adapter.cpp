@@ -2,6 +2,7 @@
 
 #include <vector>
 
+#include "../bias/bias.h"
 #include "../common/checks.h"
 #include "../common/task_groups.h"
 #include "../layer_norm/layer_norm.h"
@@ -107,32 +108,36 @@ void check_adapter_inputs(const at::Tensor& h, const at::Tensor& residual, const
                           const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& ln_weight_delta,
                           const at::Tensor& ln_bias_delta, const at::Tensor& down_w, const at::Tensor& down_b,
                           const at::Tensor& up_w, const at::Tensor& up_b, const at::Tensor& scaling,
-                          const at::Tensor& config) {
+                          const at::Tensor& config, const std::optional<at::Tensor>& h_bias) {
   check_batch_tensor(kOp, "h", h);
-  TORCH_CHECK(residual.sizes() == h.sizes(), kOp, ": residual must have the shape of h, got residual ",
-              residual.sizes(), " and h ", h.sizes());
-  check_dtype(kOp, "residual", residual, "h", h);
-  check_device(kOp, "residual", residual, "h", h);
+  check_like(kOp, "residual", residual, "h", h);
   check_task_ids(kOp, task_ids, "h", h);
   check_layer_norm_params(kOp, "h", h, {"ln_weight", "ln_bias", "ln_weight_delta", "ln_bias_delta"}, ln_weight,
                           ln_bias, ln_weight_delta, ln_bias_delta);
   check_adapter_tables(h, ln_weight_delta, down_w, down_b, up_w, up_b, scaling, config);
+  if (h_bias.has_value()) check_feature_table(kOp, "h_bias", *h_bias, "h", h);
 }
 
 at::Tensor adapter_cpu(const at::Tensor& h, const at::Tensor& residual, const at::Tensor& task_ids,
                        const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& ln_weight_delta,
                        const at::Tensor& ln_bias_delta, double eps, const at::Tensor& down_w,
                        const at::Tensor& down_b, const at::Tensor& up_w, const at::Tensor& up_b,
-                       const at::Tensor& scaling, const at::Tensor& config) {
+                       const at::Tensor& scaling, const at::Tensor& config, const std::optional<at::Tensor>& h_bias) {
   check_adapter_inputs(h, residual, task_ids, ln_weight, ln_bias, ln_weight_delta, ln_bias_delta, down_w, down_b,
-                       up_w, up_b, scaling, config);
+                       up_w, up_b, scaling, config, h_bias);
   check_task_id_range(kOp, task_ids, config.size(0), "config");
+  if (h_bias.has_value()) check_task_id_range(kOp, task_ids, h_bias->size(0), "h_bias");
   const at::Tensor config_host = config.contiguous();
   const int64_t* cfg = config_host.const_data_ptr<int64_t>();
   const int64_t padded = down_w.size(1);
   check_used_configs(task_ids, cfg, config.size(0), padded);
 
-  const at::Tensor h3 = as_rows(h).contiguous();
+  at::Tensor h3 = as_rows(h).contiguous();
+  if (h_bias.has_value()) {  // h + h_bias[t] as pets::bias_delta computes it, read below wherever h is
+    at::Tensor biased = at::empty_like(h3);
+    add_bias_cpu(biased, h3, task_ids, *h_bias);
+    h3 = biased;
+  }
   const at::Tensor res3 = as_rows(residual).contiguous();
   const int64_t tokens = h3.size(1), hidden = h3.size(2);
   // LN_t(h + residual) for every row, by pets::layer_norm's own code on the same sum: the rows of slots without

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace pets {
 
 // Activation codes of config[:, kAdapterActivation]. reference.py exports the same table to Python as
@@ -32,17 +34,21 @@ enum AdapterConfigColumn : int64_t {
 };
 constexpr int64_t kAdapterConfigColumns = 6;
 
-// Every check of pets::adapter that does not read task_ids or config (the CPU kernel also checks those).
+// Every check of pets::adapter that does not read task_ids or config (the CPU kernel also checks those); h_bias, where
+// given, [T, H] in h's dtype and on its device.
 void check_adapter_inputs(const at::Tensor& h, const at::Tensor& residual, const at::Tensor& task_ids,
                           const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& ln_weight_delta,
                           const at::Tensor& ln_bias_delta, const at::Tensor& down_w, const at::Tensor& down_b,
                           const at::Tensor& up_w, const at::Tensor& up_b, const at::Tensor& scaling,
-                          const at::Tensor& config);
+                          const at::Tensor& config, const std::optional<at::Tensor>& h_bias);
 
+// With h_bias, h + h_bias[t] (pets::bias_delta's sum, rounded to h's dtype) stands for h everywhere: the adapter's
+// input, the residual taken from h, the LayerNorm's input. On the CPU that is bitwise pets::adapter of
+// pets::bias_delta(h, task_ids, h_bias).
 at::Tensor adapter_cpu(const at::Tensor& h, const at::Tensor& residual, const at::Tensor& task_ids,
                        const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& ln_weight_delta,
                        const at::Tensor& ln_bias_delta, double eps, const at::Tensor& down_w,
                        const at::Tensor& down_b, const at::Tensor& up_w, const at::Tensor& up_b,
-                       const at::Tensor& scaling, const at::Tensor& config);
+                       const at::Tensor& scaling, const at::Tensor& config, const std::optional<at::Tensor>& h_bias);
 
 }  // namespace pets

@@ -41,6 +41,23 @@ inline void check_table(const char* op, const char* name, const at::Tensor& t, i
   check_device(op, name, t, ref_name, ref);
 }
 
+// A per-slot table of rows [T, F] with F = ref.size(-1), in the dtype and on the device of `ref`.
+inline void check_feature_table(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                                const at::Tensor& ref) {
+  check_table(op, name, t, 2, ref_name, ref);
+  TORCH_CHECK(t.size(1) == ref.size(-1), op, ": ", name, " must be [T, H] with H = ", ref_name, ".size(-1) = ",
+              ref.size(-1), ", got shape ", t.sizes());
+}
+
+// A tensor added to `ref` elementwise (a residual): ref's shape, dtype and device.
+inline void check_like(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", name, " must have the shape of ", ref_name, ", got ", name, " ",
+              t.sizes(), " and ", ref_name, " ", ref.sizes());
+  check_dtype(op, name, t, ref_name, ref);
+  check_device(op, name, t, ref_name, ref);
+}
+
 // task_ids: int64 [B] on the device of `ref` whose dim 0 is the batch.
 inline void check_task_ids(const char* op, const at::Tensor& task_ids, const char* ref_name,
                            const at::Tensor& ref) {

@@ -10,6 +10,7 @@
 #include "row_regs.cuh"
 #include "slot_gemm.h"
 
+#include <algorithm>
 #include <type_traits>
 
 namespace pets::cuda {
@@ -30,21 +31,25 @@ static_assert(kThreads >= kRowVecs, "fetch_slot_rows: a vector of each row per t
 // Before (profiled on the H200, bert-base, fp16): adapter_out 23.3 us against a ~12 us floor, adapter_in 14.3
 // against ~9, with chains of dependent loads (task id -> config -> config -> rows -> residual -> 4 rounds of LN
 // rows) and 128 registers in adapter_out. Now (nvcc 13, sm_90, fp16/bf16): 80 and 64 registers (were 128 and 76),
-// no spills, 16-byte loads and stores only. Compile-checked only: not yet run or timed on a GPU.
+// no spills, 16-byte loads and stores only. Compile-checked only: not yet run or timed on a GPU. With h_bias (the
+// kBias instances): 88 and 64 registers, no spills; compile-checked only too.
 
 // LN_t(h + residual) per token: the output of rows without an adapter; else the adapter input a_in. The residual
-// is not read where the adapter takes h itself.
-template <typename scalar_t>
+// is not read where the adapter takes h itself. kBias: h_bias is given, and h + h_bias[t] (rounded) stands for h;
+// the block slot's h_bias row is staged with its LayerNorm rows (a token of another slot reads its own after the
+// barrier, as for the LayerNorm rows).
+template <typename scalar_t, bool kBias>
 __global__ void __launch_bounds__(kThreads)
     adapter_in_kernel(const scalar_t* __restrict__ h, const scalar_t* __restrict__ residual,
                       const int64_t* __restrict__ task_ids, const scalar_t* __restrict__ ln_weight,
                       const scalar_t* __restrict__ ln_bias, const scalar_t* __restrict__ ln_weight_delta,
                       const scalar_t* __restrict__ ln_bias_delta, double eps, const int64_t* __restrict__ config,
-                      int64_t slots, scalar_t* __restrict__ out, scalar_t* __restrict__ a_in, int64_t rows,
-                      int64_t tokens, int64_t hidden) {
+                      const scalar_t* __restrict__ h_bias, int64_t slots, scalar_t* __restrict__ out,
+                      scalar_t* __restrict__ a_in, int64_t rows, int64_t tokens, int64_t hidden) {
   using acc = acc_t<scalar_t>;
   constexpr int V = RowRegs<scalar_t>::V;
-  __shared__ SlotRows<4> ln;
+  constexpr int kRows = kBias ? 5 : 4;  // the LayerNorm's rows (and the h_bias row)
+  __shared__ SlotRows<kRows> ln;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * (kThreads / kWarp);
   const int64_t m = m0 + threadIdx.x / kWarp;
   const int64_t nvec = hidden / V;
@@ -53,8 +58,15 @@ __global__ void __launch_bounds__(kThreads)
   const TokenSlots slots_of = token_slots(task_ids, m, m0, rows, tokens, slots);
   const int64_t t = slots_of.t, tb = slots_of.tb;  // tb: the block's slot (its first token's)
   const int64_t ts = max64(tb, 0);
-  const SlotRowsFetch<4> rows_ln = fetch_slot_rows<4, scalar_t>(
-      {ln_weight, ln_bias, ln_weight_delta + ts * hidden, ln_bias_delta + ts * hidden}, nvec, tb >= 0);
+  const scalar_t* wd = ln_weight_delta + ts * hidden;
+  const scalar_t* bd = ln_bias_delta + ts * hidden;
+  const SlotRowsFetch<kRows> rows_ln = [&] {
+    if constexpr (kBias) {
+      return fetch_slot_rows<5, scalar_t>({ln_weight, ln_bias, wd, bd, h_bias + ts * hidden}, nvec, tb >= 0);
+    } else {
+      return fetch_slot_rows<4, scalar_t>({ln_weight, ln_bias, wd, bd}, nvec, tb >= 0);
+    }
+  }();
   bool enabled = false, copy = false;  // copy: the adapter takes h itself (no LN before it)
   if (t >= 0) {
     const int64_t* c = config + t * kAdapterConfigColumns;
@@ -64,20 +76,12 @@ __global__ void __launch_bounds__(kThreads)
   }
   put_slot_rows(ln, rows_ln);
   if (t < 0) return;
+  if constexpr (kBias) v.add_row_slot(nvec, t == tb, ln.v[4], h_bias + t * hidden);  // as pets::bias_delta rounds
   if (copy) {
     v.store(a_in + m * hidden, nvec);
     return;
   }
-#pragma unroll
-  for (int i = 0; i < kMaxVec; ++i) {
-    if (!v.has(i, nvec)) continue;
-    acc x[V], r[V];
-    v.get(i, x);
-    res.get(i, r);
-#pragma unroll
-    for (int e = 0; e < V; ++e) x[e] += r[e];
-    v.set(i, x);  // h + residual in scalar_t, as the backbone's add
-  }
+  v.add(res, nvec);  // h + residual in scalar_t, as the backbone's add
   acc mean, rstd;
   v.ln_stats(nvec, hidden, eps, mean, rstd);
   v.ln_apply_slot(nvec, mean, rstd, t == tb, ln.v, ln_weight, ln_bias, ln_weight_delta + t * hidden,
@@ -159,34 +163,44 @@ __global__ void adapter_act_vec_kernel(scalar_t* __restrict__ down, const scalar
 }
 
 // z = (up + up_b[t]) * scaling[t] + res, then LN_t(z + residual) when ln_after; rows without an adapter are done.
-template <typename scalar_t>
+// kBias: h_bias is given; where res is h, it is h + h_bias[t] (rounded), the block slot's row staged with the others.
+template <typename scalar_t, bool kBias>
 __global__ void __launch_bounds__(kThreads)
     adapter_out_kernel(const scalar_t* __restrict__ h, const scalar_t* __restrict__ residual,
                        const int64_t* __restrict__ task_ids, const scalar_t* __restrict__ ln_weight,
                        const scalar_t* __restrict__ ln_bias, const scalar_t* __restrict__ ln_weight_delta,
                        const scalar_t* __restrict__ ln_bias_delta, double eps, const scalar_t* __restrict__ up_b,
-                       const scalar_t* __restrict__ scaling, const int64_t* __restrict__ config, int64_t slots,
-                       const scalar_t* __restrict__ a_in, const scalar_t* __restrict__ up,
-                       scalar_t* __restrict__ out, int64_t rows, int64_t tokens, int64_t hidden) {
+                       const scalar_t* __restrict__ scaling, const int64_t* __restrict__ config,
+                       const scalar_t* __restrict__ h_bias, int64_t slots, const scalar_t* __restrict__ a_in,
+                       const scalar_t* __restrict__ up, scalar_t* __restrict__ out, int64_t rows, int64_t tokens,
+                       int64_t hidden) {
   using acc = acc_t<scalar_t>;
   constexpr int V = RowRegs<scalar_t>::V;
-  __shared__ SlotRows<5> sr;  // up_b, then the LayerNorm's rows
+  constexpr int kRows = kBias ? 6 : 5;
+  __shared__ SlotRows<kRows> sr;  // up_b, then the LayerNorm's rows (and the h_bias row)
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * (kThreads / kWarp);
   const int64_t m = m0 + threadIdx.x / kWarp;
   const int64_t nvec = hidden / V;
   const TokenSlots slots_of = token_slots(task_ids, m, m0, rows, tokens, slots);
   const int64_t t = slots_of.t, tb = slots_of.tb;  // tb: the block's slot (its first token's)
   const int64_t ts = max64(tb, 0);
-  const SlotRowsFetch<5> rows_slot = fetch_slot_rows<5, scalar_t>(
-      {up_b + ts * hidden, ln_weight, ln_bias, ln_weight_delta + ts * hidden, ln_bias_delta + ts * hidden}, nvec,
-      tb >= 0);
-  bool enabled = false, ln_after = false;
+  const scalar_t* ub = up_b + ts * hidden;
+  const scalar_t* wd = ln_weight_delta + ts * hidden;
+  const scalar_t* bd = ln_bias_delta + ts * hidden;
+  const SlotRowsFetch<kRows> rows_slot = [&] {
+    if constexpr (kBias) {
+      return fetch_slot_rows<6, scalar_t>({ub, ln_weight, ln_bias, wd, bd, h_bias + ts * hidden}, nvec, tb >= 0);
+    } else {
+      return fetch_slot_rows<5, scalar_t>({ub, ln_weight, ln_bias, wd, bd}, nvec, tb >= 0);
+    }
+  }();
+  bool enabled = false, ln_after = false, res_h = false;
   acc scale = 0;
   RowRegs<scalar_t> z, res, r2;
   if (t >= 0) {
     const int64_t* c = config + t * kAdapterConfigColumns;  // every column at once
     enabled = c[kAdapterEnabled] != 0;
-    const bool res_h = (c[kAdapterOriginalLnBefore] != 0) & (c[kAdapterResidualBeforeLn] != 0);
+    res_h = (c[kAdapterOriginalLnBefore] != 0) & (c[kAdapterResidualBeforeLn] != 0);
     ln_after = c[kAdapterOriginalLnAfter] != 0;
     scale = static_cast<acc>(scaling[t]);
     if (enabled) {
@@ -197,6 +211,9 @@ __global__ void __launch_bounds__(kThreads)
   }
   put_slot_rows(sr, rows_slot);
   if (!enabled) return;
+  if constexpr (kBias) {
+    if (res_h) res.add_row_slot(nvec, t == tb, sr.v[5], h_bias + t * hidden);  // as pets::bias_delta rounds
+  }
   const auto add_up = [&](const auto* ub) {  // ub: the slot's up_b, staged or in global memory
 #pragma unroll
     for (int i = 0; i < kMaxVec; ++i) {
@@ -219,16 +236,7 @@ __global__ void __launch_bounds__(kThreads)
     add_up(up_b + t * hidden);
   }
   if (ln_after) {
-#pragma unroll
-    for (int i = 0; i < kMaxVec; ++i) {
-      if (!z.has(i, nvec)) continue;
-      acc x[V], r[V];
-      z.get(i, x);
-      r2.get(i, r);
-#pragma unroll
-      for (int e = 0; e < V; ++e) x[e] += r[e];
-      z.set(i, x);  // rounded
-    }
+    z.add(r2, nvec);  // rounded
     acc mean, rstd;
     z.ln_stats(nvec, hidden, eps, mean, rstd);
     z.ln_apply_slot(nvec, mean, rstd, t == tb, sr.v + 1, ln_weight, ln_bias, ln_weight_delta + t * hidden,
@@ -243,9 +251,9 @@ at::Tensor adapter(const at::Tensor& h, const at::Tensor& residual, const at::Te
                    const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& ln_weight_delta,
                    const at::Tensor& ln_bias_delta, double eps, const at::Tensor& down_w, const at::Tensor& down_b,
                    const at::Tensor& up_w, const at::Tensor& up_b, const at::Tensor& scaling,
-                   const at::Tensor& config) {
+                   const at::Tensor& config, const std::optional<at::Tensor>& h_bias) {
   check_adapter_inputs(h, residual, task_ids, ln_weight, ln_bias, ln_weight_delta, ln_bias_delta, down_w, down_b,
-                       up_w, up_b, scaling, config);
+                       up_w, up_b, scaling, config, h_bias);
   const c10::cuda::OptionalCUDAGuard guard(h.device());
   const at::Tensor h3 = as_rows(h).contiguous(), res3 = as_rows(residual).contiguous();
   const at::Tensor ids = task_ids.contiguous(), cfg = config.contiguous();
@@ -253,19 +261,25 @@ at::Tensor adapter(const at::Tensor& h, const at::Tensor& residual, const at::Te
   const at::Tensor lwd = ln_weight_delta.contiguous(), lbd = ln_bias_delta.contiguous();
   const at::Tensor dw = down_w.contiguous(), db = down_b.contiguous(), uw = up_w.contiguous();
   const at::Tensor ub = up_b.contiguous(), sc = scaling.contiguous();
+  const at::Tensor hb = h_bias.has_value() ? h_bias->contiguous() : at::Tensor();
+  // The slot count the kernels check task ids against: every table's (the config's, and h_bias's where given).
+  const int64_t slots = hb.defined() ? std::min(cfg.size(0), hb.size(0)) : cfg.size(0);
   at::Tensor out = at::empty(h.sizes(), h.options());
   if (out.numel() == 0) return out;
   const int64_t tokens = h3.size(1), hidden = h3.size(2), padded = dw.size(1);
   const at::ScalarType dtype = h.scalar_type();
-  if (padded > 0 && rows_fit(hidden, {&h3, &res3, &lw, &lb, &lwd, &lbd, &ub, &out})) {
+  const bool fit = rows_fit(hidden, {&h3, &res3, &lw, &lb, &lwd, &lbd, &ub, &out}) &&
+                   (!hb.defined() || vectorizable(hb, hidden));
+  if (padded > 0 && fit) {
     const int64_t rows = h3.size(0) * tokens;
     const unsigned blocks = static_cast<unsigned>(ceil_div(rows, kThreads / kWarp));
     at::Tensor a_in = at::empty_like(h3);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::adapter", [&] {
-      adapter_in_kernel<scalar_t><<<blocks, kThreads, 0, stream()>>>(
+      const auto kernel = hb.defined() ? adapter_in_kernel<scalar_t, true> : adapter_in_kernel<scalar_t, false>;
+      kernel<<<blocks, kThreads, 0, stream()>>>(
           h3.const_data_ptr<scalar_t>(), res3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
           lw.const_data_ptr<scalar_t>(), lb.const_data_ptr<scalar_t>(), lwd.const_data_ptr<scalar_t>(),
-          lbd.const_data_ptr<scalar_t>(), eps, cfg.const_data_ptr<int64_t>(), cfg.size(0),
+          lbd.const_data_ptr<scalar_t>(), eps, cfg.const_data_ptr<int64_t>(), data_or_null<scalar_t>(hb), slots,
           out.mutable_data_ptr<scalar_t>(), a_in.mutable_data_ptr<scalar_t>(), rows, tokens, hidden);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -293,12 +307,13 @@ at::Tensor adapter(const at::Tensor& h, const at::Tensor& residual, const at::Te
     at::Tensor up = at::empty_like(h3);  // [B, N, H]
     slot_gemm(down, uw, ids, up, no_adapter);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::adapter", [&] {
-      adapter_out_kernel<scalar_t><<<blocks, kThreads, 0, stream()>>>(
+      const auto kernel = hb.defined() ? adapter_out_kernel<scalar_t, true> : adapter_out_kernel<scalar_t, false>;
+      kernel<<<blocks, kThreads, 0, stream()>>>(
           h3.const_data_ptr<scalar_t>(), res3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
           lw.const_data_ptr<scalar_t>(), lb.const_data_ptr<scalar_t>(), lwd.const_data_ptr<scalar_t>(),
           lbd.const_data_ptr<scalar_t>(), eps, ub.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
-          cfg.const_data_ptr<int64_t>(), cfg.size(0), a_in.const_data_ptr<scalar_t>(), up.const_data_ptr<scalar_t>(),
-          out.mutable_data_ptr<scalar_t>(), rows, tokens, hidden);
+          cfg.const_data_ptr<int64_t>(), data_or_null<scalar_t>(hb), slots, a_in.const_data_ptr<scalar_t>(),
+          up.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rows, tokens, hidden);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return out;
@@ -315,7 +330,8 @@ at::Tensor adapter(const at::Tensor& h, const at::Tensor& residual, const at::Te
         lw.const_data_ptr<scalar_t>(), lb.const_data_ptr<scalar_t>(), lwd.const_data_ptr<scalar_t>(),
         lbd.const_data_ptr<scalar_t>(), eps, dw.const_data_ptr<scalar_t>(), db.const_data_ptr<scalar_t>(),
         uw.const_data_ptr<scalar_t>(), ub.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
-        cfg.const_data_ptr<int64_t>(), cfg.size(0), padded, out.mutable_data_ptr<scalar_t>(), tokens, hidden);
+        cfg.const_data_ptr<int64_t>(), data_or_null<scalar_t>(hb), slots, padded, out.mutable_data_ptr<scalar_t>(),
+        tokens, hidden);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -2,7 +2,7 @@
 // bytes, or above 1024 half features): a block takes kTokens tokens of one batch row (one slot). Warp per token for
 // the LayerNorms; the down projection has one warp per bottleneck unit (lanes across H, the weight row read once per
 // block for all its tokens), the up projection one thread per hidden feature. Intermediates stay in shared memory in
-// acc.
+// acc. With h_bias, h + h_bias[t] (rounded) is formed wherever h is read.
 #pragma once
 
 #include "../adapter/adapter.h"
@@ -24,8 +24,8 @@ __global__ void __launch_bounds__(kThreads)
                    const scalar_t* __restrict__ ln_bias_delta, double eps, const scalar_t* __restrict__ down_w,
                    const scalar_t* __restrict__ down_b, const scalar_t* __restrict__ up_w,
                    const scalar_t* __restrict__ up_b, const scalar_t* __restrict__ scaling,
-                   const int64_t* __restrict__ config, int64_t slots, int64_t padded, scalar_t* __restrict__ out,
-                   int64_t tokens, int64_t hidden) {
+                   const int64_t* __restrict__ config, const scalar_t* __restrict__ h_bias, int64_t slots,
+                   int64_t padded, scalar_t* __restrict__ out, int64_t tokens, int64_t hidden) {
   using acc = acc_t<scalar_t>;
   extern __shared__ __align__(16) unsigned char shared_raw[];
   acc* s_a = reinterpret_cast<acc*>(shared_raw);  // [kTokens][hidden]: the adapter's input, later z (+ residual)
@@ -46,6 +46,7 @@ __global__ void __launch_bounds__(kThreads)
   CUDA_KERNEL_ASSERT(c[kAdapterBottleneck] >= 0 && c[kAdapterBottleneck] <= padded && "pets: bottleneck outside [0, R]");
   const scalar_t* wd = ln_weight_delta + t * hidden;
   const scalar_t* bd = ln_bias_delta + t * hidden;
+  const scalar_t* hb = h_bias == nullptr ? nullptr : h_bias + t * hidden;  // null: no h_bias
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
 
   // 1. LN_t(h + residual): the output itself without an adapter, else the adapter's input when ln_before.
@@ -55,11 +56,9 @@ __global__ void __launch_bounds__(kThreads)
     const scalar_t* rr = residual + m * hidden;
     acc* a = s_a + warp * hidden;
     scalar_t* outr = out + m * hidden;
-    // h + residual rounded to scalar_t, as the backbone's add does: rows without an adapter are then bitwise
-    // pets::layer_norm(h + residual).
-    const auto load = [&](int64_t j) {
-      return static_cast<acc>(static_cast<scalar_t>(static_cast<acc>(hr[j]) + static_cast<acc>(rr[j])));
-    };
+    // (h + h_bias[t]) + residual, each sum rounded to scalar_t as pets::bias_delta and the backbone's add round it:
+    // rows without an adapter are then bitwise pets::layer_norm(h + h_bias[t], residual).
+    const auto load = [&](int64_t j) { return add_terms<acc>(hr[j], hb, rr, j); };
     if (!enabled) {
       warp_layer_norm<acc>(load, [&](int64_t j, acc v) { outr[j] = static_cast<scalar_t>(v); }, hidden,
                            static_cast<acc>(eps), ln_weight, ln_bias, wd, bd);
@@ -67,7 +66,7 @@ __global__ void __launch_bounds__(kThreads)
       warp_layer_norm<acc>(load, [&](int64_t j, acc v) { a[j] = v; }, hidden, static_cast<acc>(eps), ln_weight,
                            ln_bias, wd, bd);
     } else {
-      for (int64_t j = lane; j < hidden; j += kWarp) a[j] = static_cast<acc>(hr[j]);
+      for (int64_t j = lane; j < hidden; j += kWarp) a[j] = add_terms<acc, scalar_t>(hr[j], hb, nullptr, j);
     }
   }
   if (!enabled) return;  // the same for the whole block: one slot
@@ -135,7 +134,7 @@ __global__ void __launch_bounds__(kThreads)
     const acc bias_j = static_cast<acc>(up_b[t * hidden + j]);
     for (int tm = 0; tm < count; ++tm) {
       const int64_t i = (m0 + tm) * hidden + j;
-      const acc res = res_h ? static_cast<acc>(h[i]) : s_a[tm * hidden + j];
+      const acc res = res_h ? add_terms<acc, scalar_t>(h[i], hb, nullptr, j) : s_a[tm * hidden + j];
       const acc z = (sum[tm] + bias_j) * scale + res;
       if (ln_after) {
         // rounded as the CPU kernel rounds: z, then z + residual

@@ -76,6 +76,12 @@ inline bool vectorizable(const at::Tensor& t, int64_t features) {
          reinterpret_cast<uintptr_t>(t.const_data_ptr()) % kVecBytes == 0;
 }
 
+// t's data, or nullptr where t is undefined (an absent optional operand).
+template <typename scalar_t>
+inline const scalar_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+}
+
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }

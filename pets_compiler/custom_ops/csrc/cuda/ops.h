@@ -23,7 +23,7 @@ at::Tensor row_delta(const at::Tensor& y, const at::Tensor& task_ids, const std:
                      const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& residual);
 at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
                       const at::Tensor& bias, const at::Tensor& weight_delta, const at::Tensor& bias_delta,
-                      double eps);
+                      double eps, const std::optional<at::Tensor>& x_bias, const std::optional<at::Tensor>& residual);
 at::Tensor segmented_linear(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
                             const at::Tensor& bias);
 at::Tensor sparse_delta(const at::Tensor& y, const at::Tensor& x, const at::Tensor& task_ids,
@@ -34,6 +34,6 @@ at::Tensor adapter(const at::Tensor& h, const at::Tensor& residual, const at::Te
                    const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& ln_weight_delta,
                    const at::Tensor& ln_bias_delta, double eps, const at::Tensor& down_w, const at::Tensor& down_b,
                    const at::Tensor& up_w, const at::Tensor& up_b, const at::Tensor& scaling,
-                   const at::Tensor& config);
+                   const at::Tensor& config, const std::optional<at::Tensor>& h_bias);
 
 }  // namespace pets::cuda

@@ -151,6 +151,44 @@ struct RowRegs {
   __device__ __forceinline__ void get(int i, acc (&x)[V]) const { unpack<scalar_t>(q[i], x); }
   __device__ __forceinline__ void set(int i, const acc (&x)[V]) { q[i] = pack<scalar_t>(x); }
 
+  // In place: v + r (a residual), each sum rounded to scalar_t as aten.add's would be.
+  __device__ __forceinline__ void add(const RowRegs& r, int64_t nvec) {
+#pragma unroll
+    for (int i = 0; i < kMaxVec; ++i) {
+      if (!has(i, nvec)) continue;
+      acc x[V], y[V];
+      get(i, x);
+      r.get(i, y);
+#pragma unroll
+      for (int e = 0; e < V; ++e) x[e] += y[e];
+      set(i, x);
+    }
+  }
+  // In place: v + row, a slot's bias row of 16-byte vectors in global or shared memory, each sum rounded to scalar_t
+  // as pets::bias_delta's would be.
+  template <typename T>
+  __device__ __forceinline__ void add_row(const T* row, int64_t nvec) {
+#pragma unroll
+    for (int i = 0; i < kMaxVec; ++i) {
+      if (!has(i, nvec)) continue;
+      acc x[V], b[V];
+      get(i, x);
+      unpack<scalar_t>(raw_vec(row, index(i)), b);
+#pragma unroll
+      for (int e = 0; e < V; ++e) x[e] += b[e];
+      set(i, x);
+    }
+  }
+  // add_row with the block's staged row (SlotRows, shared memory) when this token's slot is the block's, else with its
+  // slot's row in global memory.
+  __device__ __forceinline__ void add_row_slot(int64_t nvec, bool block_slot, const uint4* staged, const scalar_t* row) {
+    if (block_slot) {
+      add_row(staged, nvec);
+    } else {
+      add_row(row, nvec);
+    }
+  }
+
   // The LayerNorm's mean, then its rstd from the variance as a second pass.
   __device__ __forceinline__ void ln_stats(int64_t nvec, int64_t hidden, double eps, acc& mean, acc& rstd) const {
     acc sum = 0;

@@ -1,9 +1,11 @@
 #include "layer_norm.h"
 
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "../common/acc_type.h"
 #include "../common/checks.h"
@@ -18,13 +20,6 @@ void check_vector(const char* op, const char* name, const at::Tensor& t, const c
               ".size(-1) = ", x.size(-1), ", got shape ", t.sizes());
   check_dtype(op, name, t, x_name, x);
   check_device(op, name, t, x_name, x);
-}
-
-void check_delta_table(const char* op, const char* name, const at::Tensor& t, const char* x_name,
-                       const at::Tensor& x) {
-  check_table(op, name, t, 2, x_name, x);
-  TORCH_CHECK(t.size(1) == x.size(-1), op, ": ", name, " must be [T, H] with H = ", x_name, ".size(-1) = ",
-              x.size(-1), ", got shape ", t.sizes());
 }
 
 // sum_j f(v[j]) over independent lanes: a single accumulator would make each add wait for the previous one.
@@ -42,21 +37,44 @@ acc_t lane_sum(const scalar_t* v, int64_t n, const F& f) {
   return total;
 }
 
+// out[j] = x[j] + b[j] + r[j], each term only where given (b, r may be null), in aten's arithmetic: each sum in
+// opmath and rounded to scalar_t (correctly rounded either way), x + b first as pets::bias_delta adds it.
+template <typename scalar_t>
+void add_terms(const scalar_t* x, const scalar_t* b, const scalar_t* r, scalar_t* out, int64_t n) {
+  using op_t = at::opmath_type<scalar_t>;
+  for (int64_t j = 0; j < n; ++j) {
+    scalar_t v = x[j];
+    if (b != nullptr) v = static_cast<scalar_t>(static_cast<op_t>(v) + static_cast<op_t>(b[j]));
+    if (r != nullptr) v = static_cast<scalar_t>(static_cast<op_t>(v) + static_cast<op_t>(r[j]));
+    out[j] = v;
+  }
+}
+
 // Mean and variance are taken in double for float and double inputs (exact to rounding even when
-// |mean| >> std, where torch's fp32 kernel loses digits) and in float for half types, like torch's kernel.
+// |mean| >> std, where torch's fp32 kernel loses digits) and in float for half types, like torch's kernel. With
+// x_bias or residual (either may be null) a row's sum is formed in a buffer of scalar_t first, so the statistics see
+// exactly the values a materialized sum would hold.
 template <typename scalar_t>
 void layer_norm_rows(const scalar_t* x, const int64_t* task_ids, const scalar_t* weight, const scalar_t* bias,
-                     const scalar_t* weight_delta, const scalar_t* bias_delta, scalar_t* out, int64_t rows,
-                     int64_t tokens, int64_t hidden, double eps) {
+                     const scalar_t* weight_delta, const scalar_t* bias_delta, const scalar_t* x_bias,
+                     const scalar_t* residual, scalar_t* out, int64_t rows, int64_t tokens, int64_t hidden,
+                     double eps) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(hidden, 1));
+  const bool summed = x_bias != nullptr || residual != nullptr;
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> sum(summed ? hidden : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t slot = task_ids[r / tokens];
       const scalar_t* xr = x + r * hidden;
       const scalar_t* wd = weight_delta + slot * hidden;
       const scalar_t* bd = bias_delta + slot * hidden;
       scalar_t* yr = out + r * hidden;
+      if (summed) {
+        add_terms(xr, x_bias == nullptr ? nullptr : x_bias + slot * hidden,
+                  residual == nullptr ? nullptr : residual + r * hidden, sum.data(), hidden);
+        xr = sum.data();
+      }
 
       const acc_t mean = lane_sum<acc_t>(xr, hidden, [](acc_t v) { return v; }) / static_cast<acc_t>(hidden);
       // A second pass for the variance: no cancellation when |mean| >> std.
@@ -78,8 +96,8 @@ void check_layer_norm_params(const char* op, const char* x_name, const at::Tenso
                              const at::Tensor& weight_delta, const at::Tensor& bias_delta) {
   check_vector(op, names.weight, weight, x_name, x);
   check_vector(op, names.bias, bias, x_name, x);
-  check_delta_table(op, names.weight_delta, weight_delta, x_name, x);
-  check_delta_table(op, names.bias_delta, bias_delta, x_name, x);
+  check_feature_table(op, names.weight_delta, weight_delta, x_name, x);
+  check_feature_table(op, names.bias_delta, bias_delta, x_name, x);
   TORCH_CHECK(weight_delta.size(0) == bias_delta.size(0), op, ": ", names.weight_delta, " and ",
               names.bias_delta, " must have one slot count T, got ", names.weight_delta, " ",
               weight_delta.sizes(), ", ", names.bias_delta, " ", bias_delta.sizes());
@@ -87,39 +105,47 @@ void check_layer_norm_params(const char* op, const char* x_name, const at::Tenso
 
 at::Tensor layer_norm_unchecked_cpu(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
                                     const at::Tensor& bias, const at::Tensor& weight_delta,
-                                    const at::Tensor& bias_delta, double eps) {
+                                    const at::Tensor& bias_delta, double eps, const std::optional<at::Tensor>& x_bias,
+                                    const std::optional<at::Tensor>& residual) {
   const at::Tensor xc = x.contiguous();
   const at::Tensor ids = task_ids.contiguous();
   const at::Tensor w = weight.contiguous(), b = bias.contiguous();
   const at::Tensor wd = weight_delta.contiguous(), bd = bias_delta.contiguous();
+  const at::Tensor xb = x_bias.has_value() ? x_bias->contiguous() : at::Tensor();
+  const at::Tensor res = residual.has_value() ? residual->contiguous() : at::Tensor();
   at::Tensor out = at::empty_like(xc);
   const int64_t tokens = tokens_per_row(xc);
   const int64_t rows = xc.size(0) * tokens;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "pets::layer_norm", [&] {
-    layer_norm_rows<scalar_t>(xc.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
-                              w.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
-                              wd.const_data_ptr<scalar_t>(), bd.const_data_ptr<scalar_t>(),
-                              out.mutable_data_ptr<scalar_t>(), rows, tokens, xc.size(-1), eps);
+    const auto data = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+    layer_norm_rows<scalar_t>(xc.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(), data(w), data(b),
+                              data(wd), data(bd), data(xb), data(res), out.mutable_data_ptr<scalar_t>(), rows,
+                              tokens, xc.size(-1), eps);
   });
   return out;
 }
 
 void check_layer_norm_inputs(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
-                             const at::Tensor& bias, const at::Tensor& weight_delta, const at::Tensor& bias_delta) {
+                             const at::Tensor& bias, const at::Tensor& weight_delta, const at::Tensor& bias_delta,
+                             const std::optional<at::Tensor>& x_bias, const std::optional<at::Tensor>& residual) {
   constexpr const char* op = "pets::layer_norm";
   check_batch_tensor(op, "x", x);
   check_task_ids(op, task_ids, "x", x);
   check_layer_norm_params(op, "x", x, {"weight", "bias", "weight_delta", "bias_delta"}, weight, bias,
                           weight_delta, bias_delta);
+  if (x_bias.has_value()) check_feature_table(op, "x_bias", *x_bias, "x", x);
+  if (residual.has_value()) check_like(op, "residual", *residual, "x", x);
 }
 
 at::Tensor layer_norm_cpu(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
-                          const at::Tensor& bias, const at::Tensor& weight_delta,
-                          const at::Tensor& bias_delta, double eps) {
+                          const at::Tensor& bias, const at::Tensor& weight_delta, const at::Tensor& bias_delta,
+                          double eps, const std::optional<at::Tensor>& x_bias,
+                          const std::optional<at::Tensor>& residual) {
   constexpr const char* op = "pets::layer_norm";
-  check_layer_norm_inputs(x, task_ids, weight, bias, weight_delta, bias_delta);
+  check_layer_norm_inputs(x, task_ids, weight, bias, weight_delta, bias_delta, x_bias, residual);
   check_task_id_range(op, task_ids, weight_delta.size(0), "weight_delta");
-  return layer_norm_unchecked_cpu(x, task_ids, weight, bias, weight_delta, bias_delta, eps);
+  if (x_bias.has_value()) check_task_id_range(op, task_ids, x_bias->size(0), "x_bias");
+  return layer_norm_unchecked_cpu(x, task_ids, weight, bias, weight_delta, bias_delta, eps, x_bias, residual);
 }
 
 }  // namespace pets
