@@ -76,6 +76,12 @@ w, bb = rn(H) + 1, rn(H)
 wd, bd = rn(T, H, std=0.1), rn(T, H, std=0.1)
 cases["layer_norm"] = (lambda: ops.layer_norm(x, ids, w, bb, wd, bd, 1e-12), 2 * act)
 cases["aten layer_norm"] = (lambda: torch.nn.functional.layer_norm(x, (H,), w, bb), 2 * act)
+# A sublayer's BitFit bias delta and residual add before its LayerNorm: fused (fuse_norm_inputs) and as two ops.
+cases["layer_norm x_bias+residual"] = (lambda: ops.layer_norm(x, ids, w, bb, wd, bd, 1e-12, bias, y), 3 * act)
+cases["row_delta+layer_norm"] = (
+    lambda: ops.layer_norm(ops.row_delta(x, ids, bias, None, y), ids, w, bb, wd, bd, 1e-12),
+    5 * act,
+)
 for d in (0.01, 0.05):
     rp, c, v = pool(H, H, d)
     cases[f"sparse_delta {d:.0%} 768x768"] = (lambda rp=rp, c=c, v=v: ops.sparse_delta(y, x, ids, rp, c, v), 3 * act)
@@ -85,6 +91,11 @@ cfg = torch.tensor([[1, 1, 1, 1, 1, 64]] * T, device=dev)
 ad = (rn(T, 64, H, std=H**-0.5), rn(T, 64), rn(T, H, 64, std=0.1), rn(T, H), torch.ones(T, device=dev, dtype=dt), cfg)
 zero = torch.zeros(T, H, device=dev, dtype=dt)
 cases["adapter 64"] = (lambda: ops.adapter(x, y, ids, w, bb, zero, zero, 1e-12, *ad), 3 * act)
+cases["adapter 64 h_bias"] = (lambda: ops.adapter(x, y, ids, w, bb, zero, zero, 1e-12, *ad, bias), 3 * act)
+cases["bias_delta+adapter 64"] = (
+    lambda: ops.adapter(ops.bias_delta(x, ids, bias), y, ids, w, bb, zero, zero, 1e-12, *ad),
+    5 * act,
+)
 cases["aten add+layer_norm"] = (lambda: torch.nn.functional.layer_norm(x + y, (H,), w, bb), 4 * act)
 pooled = x[:, 0]
 hw, hb = rn(T, 3, H), rn(T, 3)
