@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from pets_compiler.passes.context import CompileContext, PassResult
+from pets_compiler.passes.fuse_norm_inputs import ADAPTER_ARGS, LAYER_NORM_ARGS
+
+
+def _argument(node: Node, index: int, name: str) -> Any:
+    """A call's argument by position or keyword; None where it is left out (the schema's default)."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
 
 
 def check_graph(gm: GraphModule, ctx: CompileContext) -> PassResult:
@@ -24,14 +31,19 @@ def check_graph(gm: GraphModule, ctx: CompileContext) -> PassResult:
         raise RuntimeError("a dropout node is left in the graph")
     ops = Counter(str(n.target) for n in gm.graph.nodes if str(n.target).startswith("pets."))
     # A gelu_delta (fuse_activation) or row_delta (fuse_row_terms) carries a site's bias delta and / or an IA3 scale;
-    # a linear_delta may carry its site's IA3 output scale (fuse_row_terms).
+    # a linear_delta may carry its site's IA3 output scale (fuse_row_terms); a layer_norm's x_bias or an adapter's
+    # h_bias (fuse_norm_inputs) the bias delta of the linear before it.
     terms = ops.copy()
     for n in gm.graph.nodes:
         if n.target in (torch.ops.pets.gelu_delta.default, torch.ops.pets.row_delta.default):
             terms["pets.bias_delta.default"] += n.args[2] is not None
             terms["pets.scale.default"] += n.args[3] is not None
-        if n.target is torch.ops.pets.linear_delta.default:
-            terms["pets.scale.default"] += len(n.args) > 8 and n.args[8] is not None
+        elif n.target is torch.ops.pets.linear_delta.default:
+            terms["pets.scale.default"] += _argument(n, 8, "out_scale") is not None
+        elif n.target is torch.ops.pets.layer_norm.default:
+            terms["pets.bias_delta.default"] += _argument(n, LAYER_NORM_ARGS, "x_bias") is not None
+        elif n.target is torch.ops.pets.adapter.default:
+            terms["pets.bias_delta.default"] += _argument(n, ADAPTER_ARGS, "h_bias") is not None
     linear_ops = sum(terms[f"pets.{op}.default"] for op in ("lora_delta", "bias_delta", "linear_delta"))
     expected = len(set(ctx.plan.lora) | set(ctx.plan.bias))
     if linear_ops != expected:

@@ -8,6 +8,7 @@ from typing import Any, cast
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from pets_compiler.frontend.base import BaseModel, Pooling
 from pets_compiler.runtime.tables import TableSpec
@@ -107,6 +108,13 @@ def node_value(node: Node) -> torch.Tensor | None:
         node = first
     val = node.meta["val"]
     return val if isinstance(val, torch.Tensor) else None
+
+
+def alike(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Same dtype and (symbolic) shape: their sum is elementwise, with no broadcast and no type promotion."""
+    if a is None or b is None or a.dtype != b.dtype or a.dim() != b.dim():
+        return False
+    return all(statically_known_true(m == n) for m, n in zip(a.shape, b.shape, strict=True))
 
 
 def op_target(name: str) -> Callable[..., Any]:

@@ -14,7 +14,7 @@ import pets_compiler
 from bench.kinds import make_kinds
 from pets_compiler import passes
 from pets_compiler.capture import capture
-from pets_compiler.compiler import plan_sites
+from pets_compiler.compiler import build_program, plan_sites
 from pets_compiler.errors import CompileError
 from pets_compiler.frontend.base import BaseModel, load_base
 from pets_compiler.frontend.taskset import TaskSpec
@@ -22,7 +22,7 @@ from pets_compiler.oracle import merged_model, peft_model
 from pets_compiler.passes import CompileContext, SitePlan
 from pets_compiler.passes.attach_heads import pool_embedding
 from pets_compiler.passes.context import site_output
-from pets_compiler.runtime.requests import pad
+from pets_compiler.runtime.requests import Prepared, pad
 
 from builders import make_bitfit, make_peft_ia3, make_small_base, mixed_rows, own_output, rel_err
 
@@ -192,12 +192,15 @@ def test_fuse_activation(base: BaseModel) -> None:
 
 
 def _random_tables(ctx: CompileContext, slots: int = 3) -> list[torch.Tensor]:
-    """table_inputs with random float rows in slots 1.. (slot 0 stays zero)."""
+    """table_inputs with random float rows in slots 1.. (slot 0 stays zero), and adapters in slots 1 (Pfeiffer: the
+    LayerNorm before it, the residual from h, relu) and 2 (Houlsby's: h itself, swish), of bottleneck 1."""
     g = torch.Generator().manual_seed(0)
     tables = table_inputs(ctx, slots)
-    for t in tables:
+    for spec, t in zip(ctx.tables, tables, strict=True):
         if t.is_floating_point():
             t[1:] = torch.randn(t[1:].shape, generator=g) * 0.3
+        elif spec.kind == "adapter" and spec.field == "config":
+            t[1:3] = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 0, 1, 1, 2, 1]])
     return tables
 
 
@@ -308,6 +311,22 @@ def row_delta_terms(nodes: Iterable[Node]) -> Counter[tuple[bool, ...]]:
     return Counter(tuple(a is not None for a in n.args[2:]) for n in nodes if n.target is PETS.row_delta.default)
 
 
+def norm_input_terms(nodes: Iterable[Node]) -> Counter[str]:
+    """The input terms each per-task LayerNorm or adapter carries (fuse_norm_inputs): "layer_norm bias+residual",
+    "layer_norm residual", "adapter bias", ...; "layer_norm" and "adapter" where they carry none."""
+
+    def given(n: Node, names: dict[int, str]) -> str:
+        return "+".join(name for i, name in names.items() if len(n.args) > i and n.args[i] is not None)
+
+    terms = Counter[str]()
+    for n in nodes:
+        if n.target is PETS.layer_norm.default:
+            terms[f"layer_norm {given(n, {7: 'bias', 8: 'residual'})}".strip()] += 1
+        elif n.target is PETS.adapter.default:
+            terms[f"adapter {given(n, {14: 'bias'})}".strip()] += 1
+    return terms
+
+
 def test_fuse_row_terms(base: BaseModel) -> None:
     """Each chain of a linear site's row terms (and the residual add after them) becomes one row_delta; a term
     alone, the add an adapter took and an add that broadcasts stay as they are; check_graph counts the terms."""
@@ -409,43 +428,65 @@ def row_sources(small_base: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     return {"bitfit": make_bitfit(small_base, root / "bitfit", num_labels=2, seed=2), "ia3": ia3}
 
 
-# The row_deltas of each layer, by the terms they carry (bias, scale, residual), for the tasks served.
-LAYER_ROW_DELTAS = {
-    ("bitfit",): {(True, False, True): 2},  # both dense outputs before their residual add
-    ("ia3",): {(False, True, True): 1},  # the attention's output dense
-    ("bitfit", "ia3"): {(True, True, False): 2, (True, True, True): 1, (True, False, True): 1},  # key, value too
+# Of each layer, for the tasks served: the row_deltas by the terms they carry (bias, scale, residual), and the
+# per-task LayerNorms by the terms of their input they carry (norm_input_terms).
+LAYER_TERMS: dict[tuple[str, ...], tuple[dict[tuple[bool, ...], int], dict[str, int]]] = {
+    # both dense outputs' bias delta and residual add, in the LayerNorm after them
+    ("bitfit",): ({}, {"layer_norm bias+residual": 2}),
+    # the attention's output dense, scaled (no per-task LayerNorm)
+    ("ia3",): ({(False, True, True): 1}, {}),
+    # key and value, and the attention's output dense, scaled: its LayerNorm takes x as it is; the FFN's output dense
+    ("bitfit", "ia3"): (
+        {(True, True, False): 2, (True, True, True): 1},
+        {"layer_norm": 1, "layer_norm bias+residual": 1},
+    ),
 }
 
 
-@pytest.mark.parametrize("tasks", list(LAYER_ROW_DELTAS), ids=["bitfit", "ia3", "mix"])
-def test_bitfit_and_ia3_serve_through_row_delta(
+@pytest.mark.parametrize("tasks", list(LAYER_TERMS), ids=["bitfit", "ia3", "mix"])
+def test_bitfit_and_ia3_serve_through_fused_row_terms(
     small_base: Path, row_sources: dict[str, Path], tasks: tuple[str, ...]
 ) -> None:
     """A linear site's bias delta, IA3 output scale and the residual add after them are one row_delta in the served
-    program, and every row (the base's too) still equals its task's own model."""
+    program, or part of the per-task LayerNorm after them where no scale is among them; every row (the base's too)
+    still equals its task's own model."""
     sources: dict[str, Path | TaskSpec] = {name: row_sources[name] for name in tasks} | {"plain": small_base}
     runtime = pets_compiler.compile(small_base, sources)
     nodes = list(runtime.program.graph.nodes)
     layers = runtime.base.config.num_hidden_layers
-    assert row_delta_terms(nodes) == Counter({k: v * layers for k, v in LAYER_ROW_DELTAS[tasks].items()})
+    row_deltas, norms = LAYER_TERMS[tasks]
+    assert row_delta_terms(nodes) == Counter({k: v * layers for k, v in row_deltas.items()})
+    embeddings = Counter({"layer_norm": 1}) if "bitfit" in tasks else Counter[str]()  # its adds broadcast
+    assert norm_input_terms(nodes) == Counter({k: v * layers for k, v in norms.items()}) + embeddings
     assert not unfused_row_terms(nodes)
     assert_rows_are_own_models(runtime, sources)
 
 
-def test_mix_dense_serves_through_row_delta(small_base: Path, base: BaseModel) -> None:
-    """The benchmark's mix of dense kinds (LoRA, BitFit, Pfeiffer, IA3): the key's bias delta and IA3 scale and the
-    attention output's bias delta and residual add are one row_delta each (the FFN output's bias delta goes to the
-    adapter), the value's IA3 scale goes into its site's linear_delta with its LoRA and bias terms, and every row
-    still equals its task's own model."""
+def test_mix_dense_serves_through_fused_terms(small_base: Path, base: BaseModel) -> None:
+    """The benchmark's mix of dense kinds (LoRA, BitFit, Pfeiffer, IA3): the key's bias delta and IA3 scale are one
+    row_delta, the attention output's bias delta and residual add part of its LayerNorm, the FFN output's bias delta
+    part of the adapter, the value's IA3 scale part of its site's linear_delta with its LoRA and bias terms; the
+    packed program alike, where the embeddings' position add is elementwise too. Every row still equals its task's
+    own model, packed or not."""
     kind = make_kinds(base, ("mix_dense",))["mix_dense"]
     sources: dict[str, Path | TaskSpec] = {kind.task_name(i): kind.task(i) for i in range(kind.cycle)}
-    runtime = pets_compiler.compile(small_base, sources | {"plain": small_base})
-    nodes = list(runtime.program.graph.nodes)
+    sources["plain"] = small_base
+    runtime = pets_compiler.compile(small_base, sources)
     layers = runtime.base.config.num_hidden_layers
-    assert row_delta_terms(nodes) == Counter({(True, True, False): layers, (True, False, True): layers})
-    assert list(out_scaled(nodes).values()) == [(True, True)] * layers
-    assert not unfused_row_terms(nodes) and not any(n.target is PETS.scale.default for n in nodes)
-    assert_rows_are_own_models(runtime, sources | {"plain": small_base})
+    per_layer = Counter({"layer_norm bias+residual": layers, "adapter bias": layers})
+    packed, _, _ = build_program(runtime.base, runtime.info.plan, runtime.info.dtype, packed=True)
+    for program, embeddings in [(runtime.program, "layer_norm"), (packed, "layer_norm residual")]:
+        nodes = list(program.graph.nodes)
+        assert row_delta_terms(nodes) == Counter({(True, True, False): layers})
+        assert norm_input_terms(nodes) == per_layer + Counter({embeddings: 1})
+        assert list(out_scaled(nodes).values()) == [(True, True)] * layers
+        assert not unfused_row_terms(nodes) and not any(n.target is PETS.scale.default for n in nodes)
+    assert_rows_are_own_models(runtime, sources)
+    rows, names = mixed_rows(base.config.vocab_size, runtime.task_names(), 16, seed=7)
+    batch = [Prepared(t, r, {}) for t, r in zip(names, rows, strict=True)]
+    for got, want in zip(runtime.run_batch(batch, packed=True)[0], runtime.run_prepared(batch), strict=True):
+        key = "logits" if "logits" in want else "embedding"
+        assert rel_err(torch.tensor(got[key]), torch.tensor(want[key])) < 1e-5, want["task"]
 
 
 def test_full_pipeline_with_zero_tables_is_the_base_model(base: BaseModel) -> None:
