@@ -12,23 +12,14 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-from torch import Tensor
 from torch.fx import GraphModule, Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from pets_compiler.passes.context import CompileContext, PassResult, cleanup, node_value, op_target
+from pets_compiler.passes.context import CompileContext, PassResult, alike, cleanup, node_value, op_target
 
 
 def _sole_user(node: Node) -> Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
-
-
-def _alike(a: Tensor | None, b: Tensor | None) -> bool:
-    """Same dtype and (symbolic) shape: their sum is elementwise, with no broadcast and no type promotion."""
-    if a is None or b is None or a.dtype != b.dtype or a.dim() != b.dim():
-        return False
-    return all(statically_known_true(m == n) for m, n in zip(a.shape, b.shape, strict=True))
 
 
 def _residual(add: Node | None, term: Node, y: Node) -> Node | None:
@@ -40,7 +31,7 @@ def _residual(add: Node | None, term: Node, y: Node) -> Node | None:
     if r is term or not isinstance(r, Node):
         return None
     value = node_value(y)
-    return r if _alike(value, node_value(r)) and _alike(value, node_value(add)) else None
+    return r if alike(value, node_value(r)) and alike(value, node_value(add)) else None
 
 
 def _scales_into_linear_delta(gm: GraphModule) -> int:
