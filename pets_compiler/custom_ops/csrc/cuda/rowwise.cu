@@ -24,7 +24,7 @@ namespace {
 
 constexpr int kTokens = 16;  // tokens of one batch row per block
 constexpr int kThreads = 256;
-constexpr int kInFlight = 2;  // vectors of y a thread of the vector kernel loads before it stores any
+constexpr int kInFlight = 4;  // vectors of y a thread of the vector kernel loads before it stores any
 
 enum class Act { kIdentity, kGelu, kGeluTanh };
 
