@@ -21,6 +21,7 @@ from pets_compiler.passes.context import CompileContext, PassResult, SitePlan
 from pets_compiler.passes.drop_training_nodes import drop_training_nodes
 from pets_compiler.passes.find_sites import find_sites
 from pets_compiler.passes.fold_context_scale import fold_context_scale
+from pets_compiler.passes.fold_key_terms import fold_key_terms
 from pets_compiler.passes.fuse_activation import fuse_activation
 from pets_compiler.passes.fuse_norm_inputs import fuse_norm_inputs
 from pets_compiler.passes.fuse_row_terms import fuse_row_terms
@@ -43,6 +44,7 @@ PIPELINE: tuple[Pass, ...] = (
     attach_layer_norm_delta,
     fuse_activation,
     fuse_row_terms,
+    fold_key_terms,
     fuse_norm_inputs,
     attach_heads,
     check_graph,

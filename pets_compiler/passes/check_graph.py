@@ -45,7 +45,8 @@ def check_graph(gm: GraphModule, ctx: CompileContext) -> PassResult:
         elif n.target is torch.ops.pets.adapter.default:
             terms["pets.bias_delta.default"] += _argument(n, ADAPTER_ARGS, "h_bias") is not None
     linear_ops = sum(terms[f"pets.{op}.default"] for op in ("lora_delta", "bias_delta", "linear_delta"))
-    expected = len(set(ctx.plan.lora) | set(ctx.plan.bias))
+    # fold_key_terms drops a key site's bias delta (softmax ignores it): that site has no linear task op left.
+    expected = len(set(ctx.plan.lora) | set(ctx.plan.bias)) - len(ctx.dropped_key_bias)
     if linear_ops != expected:
         raise RuntimeError(f"{linear_ops} linear task ops in the graph, the plan has {expected} linear sites")
     # fold_context_scale moves an input scale to a value site: into its planned output scale (one term carries

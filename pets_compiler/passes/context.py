@@ -45,6 +45,7 @@ class CompileContext:
     layer_norm_nodes: dict[str, Node] = field(default_factory=dict)
     embedding_nodes: dict[str, Node] = field(default_factory=dict)
     adapted_layer_norms: set[str] = field(default_factory=set)  # LayerNorm sites an adapter op took over
+    dropped_key_bias: set[str] = field(default_factory=set)  # key sites whose bias delta softmax ignores
     task_ids: Node | None = None
 
     def add_table(self, gm: GraphModule, spec: TableSpec) -> Node:

@@ -17,88 +17,47 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
 from torch.fx import GraphModule, Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from pets_compiler.passes.attention_heads import (
+    ATEN,
+    head_reshape,
+    same_shape,
+    sdpa_dropout,
+    shape_of,
+    skip_copies,
+    sole_input,
+    split_source,
+    swaps_1_2,
+)
 from pets_compiler.passes.context import (
     CompileContext,
     PassResult,
     cleanup,
     insert_after,
-    node_value,
     op_target,
     site_output,
 )
 from pets_compiler.runtime.tables import SLOTS, TableSpec
 
-ATEN = torch.ops.aten
-_RESHAPES = (ATEN.view.default, ATEN.reshape.default, ATEN._unsafe_view.default)
-_COPIES = (ATEN.contiguous.default, ATEN.clone.default, ATEN.alias.default)
-
-
-def _sole_input(node: Node | None) -> Node | None:
-    """node.args[0] when node is its only reader (a second reader would see the scale move)."""
-    arg = node.args[0] if node is not None and node.args else None
-    return arg if isinstance(arg, Node) and list(arg.users) == [node] else None
-
-
-def _shape(node: Node | None) -> tuple[int, ...] | None:
-    """The node's shape (symbolic sizes as SymInts), as capture recorded it; None where no value is recorded."""
-    value = None if node is None else node_value(node)
-    return None if value is None else tuple(value.shape)
-
-
-def _same(a: tuple[int, ...] | None, b: tuple[int, ...] | None) -> bool:
-    if a is None or b is None or len(a) != len(b):
-        return False
-    return all(statically_known_true(m == n) for m, n in zip(a, b, strict=True))
-
-
-def _skip_copies(node: Node | None) -> Node | None:
-    """Back through ops that keep values and shape (copies, reshapes to the same shape)."""
-    while node is not None and (
-        node.target in _COPIES or (node.target in _RESHAPES and _same(_shape(node), _shape(_sole_input(node))))
-    ):
-        node = _sole_input(node)
-    return node
-
-
-def _swaps_1_2(node: Node | None) -> bool:
-    """aten.transpose(x, 1, 2) of a 4-d x: [batch, seq, heads, dim] <-> [batch, heads, seq, dim]."""
-    if node is None or node.target is not ATEN.transpose.int or len(_shape(node) or ()) != 4:
-        return False
-    return sorted(d % 4 for d in node.args[1:3] if isinstance(d, int)) == [1, 2]
-
-
-def _head_reshape(node: Node | None, heads: tuple[int, ...] | None) -> bool:
-    """A reshape between [batch, seq, heads * dim] and `heads` = [batch, seq, heads, dim], either way."""
-    if node is None or node.target not in _RESHAPES or heads is None or len(heads) != 4:
-        return False
-    flat = (heads[0], heads[1], heads[2] * heads[3])
-    out, inp = _shape(node), _shape(_sole_input(node))
-    return (_same(out, heads) and _same(inp, flat)) or (_same(out, flat) and _same(inp, heads))
-
 
 def _value_output(context: Node) -> Node | None:
     """The node whose per-feature scale equals one of `context`: v where context is
     merge(transpose(sdpa(q, k, transpose(split(v))))) with one reader at every step; None otherwise."""
-    heads = _shape(_sole_input(context))
-    if not _head_reshape(context, heads):
+    heads = shape_of(sole_input(context))
+    if not head_reshape(context, heads):
         return None
-    swap = _skip_copies(_sole_input(context))
-    sdpa = _skip_copies(_sole_input(swap)) if _swaps_1_2(swap) else None
+    swap = skip_copies(sole_input(context))
+    sdpa = skip_copies(sole_input(swap)) if swaps_1_2(swap) else None
     if sdpa is None or sdpa.target is not ATEN.scaled_dot_product_attention.default:
         return None
-    dropout = sdpa.args[4] if len(sdpa.args) > 4 else sdpa.kwargs.get("dropout_p", 0.0)
     v = sdpa.args[2]
-    if dropout != 0.0 or sdpa.kwargs.get("enable_gqa", False) or not isinstance(v, Node) or len(v.users) != 1:
+    if sdpa_dropout(sdpa) != 0.0 or sdpa.kwargs.get("enable_gqa", False) or not isinstance(v, Node):
         return None
-    if sum(a is v for a in (*sdpa.args, *sdpa.kwargs.values())) != 1:  # V is also the query, key or mask
+    if len(v.users) != 1 or sum(a is v for a in (*sdpa.args, *sdpa.kwargs.values())) != 1:  # V is also q, k or mask
         return None
-    v_swap = _skip_copies(v)
-    split = _skip_copies(_sole_input(v_swap)) if _swaps_1_2(v_swap) else None
-    return _sole_input(split) if _head_reshape(split, heads) else None
+    found = split_source(v)
+    return found[0] if found is not None and same_shape(found[1], heads) else None
 
 
 def _table_specs(gm: GraphModule, ctx: CompileContext) -> dict[Node, TableSpec]:
@@ -120,7 +79,7 @@ def fold_context_scale(gm: GraphModule, ctx: CompileContext) -> PassResult:
         linear = ctx.linear_nodes[site]
         scaled = linear.args[0]
         assert isinstance(scaled, Node) and scaled.target is scale, f"{site}: attach_ia3 must run first"
-        context = _sole_input(scaled)
+        context = sole_input(scaled)
         v_out = None if context is None else _value_output(context)
         value = None if v_out is None else value_sites.get(v_out)
         if context is None or v_out is None or value is None:

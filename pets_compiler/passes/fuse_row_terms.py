@@ -40,7 +40,8 @@ def _scales_into_linear_delta(gm: GraphModule) -> int:
     row_delta takes that one, with its add)."""
     scale, lora, linear = op_target("scale"), op_target("lora_delta"), op_target("linear_delta")
     fused = 0
-    for node in list(gm.graph.nodes):
+    nodes: list[Node] = list(gm.graph.nodes)
+    for node in nodes:
         if node.target is not scale:
             continue
         inner, task_ids, dl = node.args

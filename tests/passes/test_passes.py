@@ -208,9 +208,11 @@ def with_and_without(
     base: BaseModel, plan: SitePlan, skipped: object
 ) -> tuple[GraphModule, GraphModule, CompileContext]:
     """The program of `plan` through the whole pipeline and through it without the pass `skipped`, and the first's
-    context."""
+    context. Both leave out fold_key_terms, the one pass that is exact only up to rounding (it drops a bias softmax
+    ignores): whether it applies depends on the passes before it, and the fused programs are compared bitwise."""
     graphs = []
-    for pipeline in (passes.PIPELINE, tuple(p for p in passes.PIPELINE if p is not skipped)):
+    full = tuple(p for p in passes.PIPELINE if p is not passes.fold_key_terms)
+    for pipeline in (full, tuple(p for p in full if p is not skipped)):
         gm = capture(base)
         ctx = CompileContext(base, plan, base.pooling)
         for p in pipeline:
@@ -463,11 +465,11 @@ def test_bitfit_and_ia3_serve_through_fused_row_terms(
 
 
 def test_mix_dense_serves_through_fused_terms(small_base: Path, base: BaseModel) -> None:
-    """The benchmark's mix of dense kinds (LoRA, BitFit, Pfeiffer, IA3): the key's bias delta and IA3 scale are one
-    row_delta, the attention output's bias delta and residual add part of its LayerNorm, the FFN output's bias delta
-    part of the adapter, the value's IA3 scale part of its site's linear_delta with its LoRA and bias terms; the
-    packed program alike, where the embeddings' position add is elementwise too. Every row still equals its task's
-    own model, packed or not."""
+    """The benchmark's mix of dense kinds (LoRA, BitFit, Pfeiffer, IA3): the key has no task op left (its bias delta
+    dropped, its IA3 scale part of the query's linear_delta), the attention output's bias delta and residual add are
+    part of its LayerNorm, the FFN output's bias delta part of the adapter, the value's IA3 scale part of its site's
+    linear_delta with its LoRA and bias terms; the packed program alike, where the embeddings' position add is
+    elementwise too. Every row still equals its task's own model, packed or not."""
     kind = make_kinds(base, ("mix_dense",))["mix_dense"]
     sources: dict[str, Path | TaskSpec] = {kind.task_name(i): kind.task(i) for i in range(kind.cycle)}
     sources["plain"] = small_base
@@ -477,9 +479,9 @@ def test_mix_dense_serves_through_fused_terms(small_base: Path, base: BaseModel)
     packed, _, _ = build_program(runtime.base, runtime.info.plan, runtime.info.dtype, packed=True)
     for program, embeddings in [(runtime.program, "layer_norm"), (packed, "layer_norm residual")]:
         nodes = list(program.graph.nodes)
-        assert row_delta_terms(nodes) == Counter({(True, True, False): layers})
+        assert not row_delta_terms(nodes)
         assert norm_input_terms(nodes) == per_layer + Counter({embeddings: 1})
-        assert list(out_scaled(nodes).values()) == [(True, True)] * layers
+        assert list(out_scaled(nodes).values()) == [(True, True)] * 2 * layers  # query and value
         assert not unfused_row_terms(nodes) and not any(n.target is PETS.scale.default for n in nodes)
     assert_rows_are_own_models(runtime, sources)
     rows, names = mixed_rows(base.config.vocab_size, runtime.task_names(), 16, seed=7)
