@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_passes import assert_rows_are_own_models, ops, run_until
+from test_passes import assert_packed_answers_as_padded, assert_rows_are_own_models, ops, run_until
 from torch.fx import GraphModule, Node
 
 import pets_compiler
@@ -18,10 +18,9 @@ from pets_compiler.capture import capture
 from pets_compiler.frontend.base import BaseModel, load_base
 from pets_compiler.frontend.taskset import TaskSpec
 from pets_compiler.passes import CompileContext, SitePlan
-from pets_compiler.runtime.requests import Prepared
 from pets_compiler.runtime.tables import TableSpec
 
-from builders import make_peft_ia3, mixed_rows, rel_err
+from builders import make_peft_ia3
 
 PETS = torch.ops.pets
 SELF_OUT, VALUE, FFN_OUT = (
@@ -134,11 +133,7 @@ def test_mix_dense_with_ia3_equals_own_models(small_base: Path, base: BaseModel,
     del sources[kind.task_name(0)]
     assert_rows_are_own_models(runtime, sources)
     # The packed program folds alike (it reads the same tables) and answers as the padded one.
-    rows, names = mixed_rows(base.config.vocab_size, runtime.task_names(), 16, seed=7)
-    batch = [Prepared(t, r, {}) for t, r in zip(names, rows, strict=True)]
-    for got, want in zip(runtime.run_batch(batch, packed=True)[0], runtime.run_prepared(batch), strict=True):
-        key = "logits" if "logits" in want else "embedding"
-        assert rel_err(torch.tensor(got[key]), torch.tensor(want[key])) < 1e-5, want["task"]
+    assert_packed_answers_as_padded(runtime)
 
 
 def test_value_scale_added_by_the_fold_serves_later_tasks(

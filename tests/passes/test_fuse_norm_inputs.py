@@ -13,6 +13,7 @@ from test_passes import (
     FFN_OUT,
     SELF_OUT,
     assert_same_outputs,
+    broadcast_ffn_add,
     norm_input_terms,
     ops,
     row_delta_terms,
@@ -24,7 +25,6 @@ from pets_compiler import passes
 from pets_compiler.capture import capture
 from pets_compiler.frontend.base import BaseModel, load_base
 from pets_compiler.passes import CompileContext, SitePlan
-from pets_compiler.passes.context import site_output
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +45,7 @@ def test_fuse_norm_inputs(base: BaseModel) -> None:
     gm = capture(base)
     ctx = CompileContext(base, plan, base.pooling)
     run_until(gm, ctx, "fuse_activation")
-    # The FFN output of layer 1 plus the LayerNorm's weight [H] instead of its residual: an add that broadcasts.
-    (add,) = site_output(ctx.linear_nodes[FFN_OUT.format(1)]).users
-    weight = next(n for n in gm.graph.nodes if n.target == "encoder.layer.1.output.LayerNorm.weight")
-    add.args = (add.args[0], weight)
+    broadcast_ffn_add(gm, ctx)
     passes.fuse_row_terms(gm, ctx)
     before = ops(gm)
     result = passes.fuse_norm_inputs(gm, ctx)

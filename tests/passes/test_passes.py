@@ -204,6 +204,24 @@ def _random_tables(ctx: CompileContext, slots: int = 3) -> list[torch.Tensor]:
     return tables
 
 
+def broadcast_ffn_add(gm: GraphModule, ctx: CompileContext) -> Node:
+    """Makes layer 1's residual add after its FFN output an add that broadcasts (the LayerNorm's weight [H] instead
+    of the residual), a case the fusing passes must leave alone; returns the add."""
+    (add,) = site_output(ctx.linear_nodes[FFN_OUT.format(1)]).users
+    weight = next(n for n in gm.graph.nodes if n.target == "encoder.layer.1.output.LayerNorm.weight")
+    add.args = (add.args[0], weight)
+    return add
+
+
+def assert_packed_answers_as_padded(runtime: pets_compiler.Runtime) -> None:
+    """The packed program answers a mixed batch of the runtime's tasks as the padded one (within 1e-5)."""
+    rows, names = mixed_rows(runtime.base.config.vocab_size, runtime.task_names(), 16, seed=7)
+    batch = [Prepared(t, r, {}) for t, r in zip(names, rows, strict=True)]
+    for got, want in zip(runtime.run_batch(batch, packed=True)[0], runtime.run_prepared(batch), strict=True):
+        key = "logits" if "logits" in want else "embedding"
+        assert rel_err(torch.tensor(got[key]), torch.tensor(want[key])) < 1e-5, want["task"]
+
+
 def with_and_without(
     base: BaseModel, plan: SitePlan, skipped: object
 ) -> tuple[GraphModule, GraphModule, CompileContext]:
@@ -346,10 +364,7 @@ def test_fuse_row_terms(base: BaseModel) -> None:
     gm = capture(base)
     ctx = CompileContext(base, plan, base.pooling)
     run_until(gm, ctx, "fuse_activation")
-    # The FFN output of layer 1 plus the LayerNorm's weight [H] instead of its residual: an add that broadcasts.
-    (add,) = site_output(ctx.linear_nodes[FFN_OUT.format(1)]).users
-    weight = next(n for n in gm.graph.nodes if n.target == "encoder.layer.1.output.LayerNorm.weight")
-    add.args = (add.args[0], weight)
+    add = broadcast_ffn_add(gm, ctx)
     assert len(unfused_row_terms(gm.graph.nodes)) == 6
     result = passes.fuse_row_terms(gm, ctx)
     counts = ops(gm)
@@ -484,11 +499,7 @@ def test_mix_dense_serves_through_fused_terms(small_base: Path, base: BaseModel)
         assert list(out_scaled(nodes).values()) == [(True, True)] * 2 * layers  # query and value
         assert not unfused_row_terms(nodes) and not any(n.target is PETS.scale.default for n in nodes)
     assert_rows_are_own_models(runtime, sources)
-    rows, names = mixed_rows(base.config.vocab_size, runtime.task_names(), 16, seed=7)
-    batch = [Prepared(t, r, {}) for t, r in zip(names, rows, strict=True)]
-    for got, want in zip(runtime.run_batch(batch, packed=True)[0], runtime.run_prepared(batch), strict=True):
-        key = "logits" if "logits" in want else "embedding"
-        assert rel_err(torch.tensor(got[key]), torch.tensor(want[key])) < 1e-5, want["task"]
+    assert_packed_answers_as_padded(runtime)
 
 
 def test_full_pipeline_with_zero_tables_is_the_base_model(base: BaseModel) -> None:
