@@ -27,7 +27,8 @@ from pets_compiler.serving.coordinated import CostModel
 
 FORMAT = "pets-artifact"
 VERSION = 2  # 2: a task table may fold a second scale in (TableSpec.fold_in): older builds would misread it
-OP_LIBRARY_VERSION = 4  # 2: pets::gelu_delta, 3: pets::row_delta, 4: layer_norm x_bias / residual, adapter h_bias
+# 2: pets::gelu_delta, 3: pets::row_delta, 4: layer_norm x_bias / residual, adapter h_bias, linear_delta out_scale
+OP_LIBRARY_VERSION = 4
 MANIFEST = "manifest.json"
 PROGRAM = "program.pt2"
 COST_MODEL = "cost_model.json"  # the coordinated batch policy's, where the runtime has one
