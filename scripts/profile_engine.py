@@ -11,7 +11,7 @@ import pstats
 
 from bench.batching import serve
 from pets_compiler.serving import engine
-from scripts.profile_packed import wide_runtime
+from scripts.profile_packed import warmed_wide
 
 
 def main() -> None:
@@ -19,11 +19,7 @@ def main() -> None:
     p.add_argument("--policy", default="packed")
     p.add_argument("--queries", type=int, default=4096)
     args = p.parse_args()
-    cfg, served, qs = wide_runtime(args.queries)
-    runtime = served.runtime
-    assert runtime is not None
-    for _ in range(3):
-        serve(runtime, qs, args.policy, cfg)
+    cfg, _, runtime, qs = warmed_wide(args.queries, args.policy)
     profiler = cProfile.Profile()
     loop = engine.Engine._serve
 

@@ -10,6 +10,7 @@ from torch.fx import GraphModule, Node
 
 from pets_compiler.passes.context import CompileContext, PassResult
 from pets_compiler.passes.fuse_norm_inputs import ADAPTER_ARGS, LAYER_NORM_ARGS
+from pets_compiler.passes.fuse_row_terms import OUT_SCALE
 
 
 def _argument(node: Node, index: int, name: str) -> Any:
@@ -39,7 +40,7 @@ def check_graph(gm: GraphModule, ctx: CompileContext) -> PassResult:
             terms["pets.bias_delta.default"] += n.args[2] is not None
             terms["pets.scale.default"] += n.args[3] is not None
         elif n.target is torch.ops.pets.linear_delta.default:
-            terms["pets.scale.default"] += _argument(n, 8, "out_scale") is not None
+            terms["pets.scale.default"] += _argument(n, OUT_SCALE, "out_scale") is not None
         elif n.target is torch.ops.pets.layer_norm.default:
             terms["pets.bias_delta.default"] += _argument(n, LAYER_NORM_ARGS, "x_bias") is not None
         elif n.target is torch.ops.pets.adapter.default:

@@ -28,9 +28,7 @@ from torch.fx.node import Argument
 
 from pets_compiler.passes.attention_heads import ATEN, same_shape, sdpa_dropout, split_source
 from pets_compiler.passes.context import CompileContext, PassResult, cleanup, op_target
-
-# linear_delta's argument positions: (y, x, task_ids, lora_a, lora_b, lora_scale, lora_rank, bias, out_scale)
-_OUT_SCALE = 8
+from pets_compiler.passes.fuse_row_terms import OUT_SCALE
 
 
 def _key_terms(node: Node, task_ids: Node, linears: set[Node]) -> tuple[Node, Argument, Argument] | None:
@@ -55,8 +53,8 @@ def _scaled_query(gm: GraphModule, q: Node, task_ids: Node, dl: Argument, linear
     lora, linear = op_target("lora_delta"), op_target("linear_delta")
     if q in linears or not q.args or q.args[0] not in linears or task_ids not in q.args[1:3]:
         return None
-    if q.target is linear and (len(q.args) <= _OUT_SCALE or q.args[_OUT_SCALE] is None):
-        return gm.graph.call_function(linear, (*q.args[:_OUT_SCALE], dl))
+    if q.target is linear and (len(q.args) <= OUT_SCALE or q.args[OUT_SCALE] is None):
+        return gm.graph.call_function(linear, (*q.args[:OUT_SCALE], dl))
     if q.target is lora:
         return gm.graph.call_function(linear, (*q.args, None, dl))
     if q.target is bias:

@@ -34,6 +34,10 @@ def _residual(add: Node | None, term: Node, y: Node) -> Node | None:
     return r if alike(value, node_value(r)) and alike(value, node_value(add)) else None
 
 
+# linear_delta's argument positions: (y, x, task_ids, lora_a, lora_b, lora_scale, lora_rank, bias, out_scale)
+OUT_SCALE = 8
+
+
 def _scales_into_linear_delta(gm: GraphModule) -> int:
     """scale(linear_delta(y, x, t, A, B, s, r, db), t, l - 1) -> linear_delta(y, x, t, A, B, s, r, db, l - 1), and
     scale(lora_delta(...)) likewise, where the LoRA op has that one user and no residual add follows the scale (a
@@ -50,10 +54,10 @@ def _scales_into_linear_delta(gm: GraphModule) -> int:
         if inner.args[2] is not task_ids or _residual(_sole_user(node), node, inner) is not None:
             continue
         args = inner.args if inner.target is linear else (*inner.args, None)  # lora_delta: no bias
-        if len(args) > 8 and args[8] is not None:
+        if len(args) > OUT_SCALE and args[OUT_SCALE] is not None:
             continue  # already scaled (not made by this pipeline)
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(linear, (*args[:8], dl))
+            new = gm.graph.call_function(linear, (*args[:OUT_SCALE], dl))
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         gm.graph.erase_node(inner)
