@@ -21,6 +21,7 @@ import pets_compiler
 from bench.baselines import backbone_model
 from bench.kinds import KINDS, make_kinds
 from bench.models import BERT_BASE, make_base
+from bench.pets_exec import pets_forward
 
 
 def wall(fn: Callable[[], object], iters: int = 20) -> float:
@@ -76,8 +77,7 @@ def main() -> None:
     mask = torch.ones_like(ids)
     names = [kind.task_name(i % args.tasks) for i in range(args.batch)]
 
-    def ours() -> object:
-        return runtime.forward(ids, mask, names)
+    ours = pets_forward(runtime, ids, mask, names)
 
     def theirs() -> object:
         with torch.inference_mode():

@@ -18,15 +18,15 @@ from torch.fx import Graph, GraphModule, Node
 
 from pets_compiler.passes.context import CompileContext, PassResult, cleanup
 
-_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
 aten = torch.ops.aten
 
 
 def attention_mask(gm: GraphModule, ctx: CompileContext) -> PassResult:
     """Every attention's boolean mask -> one additive mask in the attention's dtype, built once (padded program:
     the key padding mask [batch, 1, 1, seq] from attention_mask)."""
-    attentions = [n for n in gm.graph.nodes if n.target is _SDPA and _mask_of(n) is not None]
-    masks = {_mask_of(n) for n in attentions}
+    attentions = [n for n in gm.graph.nodes if n.target is SDPA and mask_of(n) is not None]
+    masks = {mask_of(n) for n in attentions}
     if not attentions:
         return PassResult("attention_mask", 0, "no masked attention")
     if len(masks) != 1:
@@ -57,7 +57,8 @@ def attention_mask(gm: GraphModule, ctx: CompileContext) -> PassResult:
     return PassResult("attention_mask", len(attentions), f"{len(attentions)} attentions share one additive {form} mask")
 
 
-def _mask_of(n: Node) -> Node | None:
+def mask_of(n: Node) -> Node | None:
+    """An SDPA node's attention mask node, or None."""
     mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
     return mask if isinstance(mask, Node) else None
 

@@ -7,6 +7,9 @@ padded input shape (batch up to a power of two up to 16 rows, a multiple of 16 a
 Padding leaves the real rows' outputs alone: extra columns are masked out of attention and pooling, and extra rows
 are one-token rows of slot 0 (the base model) whose outputs are dropped.
 
+A batch whose mask is None (no token is padding) runs the program without attention mask where one is given
+(unmasked.py) and its shape needs no column padding: its graph's key ends in UNPADDED.
+
 A graph reads the task tables in place, at the addresses they had when it was captured: writing or clearing a
 task's slot needs nothing, since a replay sees what the tables hold then; when TaskTables replaces a tensor (rank,
 label or slot growth, pool growth or compaction, a move), its `generation` changes and every graph is dropped and
@@ -30,6 +33,10 @@ log = logging.getLogger(__name__)
 
 # The program's signature: (input_ids, attention_mask, task_ids, *tables) -> (logits, embedding).
 Forward = Callable[..., tuple[Tensor, Tensor]]
+
+# The last entry of the key of a graph of the program without attention mask ([rows, seq] shapes; packed keys end in
+# the requests a row, at least 1).
+UNPADDED = 0
 
 
 @dataclass(frozen=True)
@@ -96,9 +103,10 @@ def pad_inputs(
 
 
 class Executor(Protocol):
-    """Runs the program on (input_ids, attention_mask, task slots) from any device; outputs on the runtime's."""
+    """Runs the program on (input_ids, attention_mask, task slots) from any device; outputs on the runtime's. A mask
+    of None: every token is real (the program without attention mask runs where there is one)."""
 
-    def __call__(self, ids: Tensor, mask: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]: ...
+    def __call__(self, ids: Tensor, mask: Tensor | None, slots: Tensor) -> tuple[Tensor, Tensor]: ...
 
     def tokens_run(self, rows: int, seq: int) -> int:
         """The tokens a [rows, seq] input really runs (padding included)."""
@@ -106,14 +114,18 @@ class Executor(Protocol):
 
 
 class Eager:
-    """The program run op by op, on the tables as they are at each call."""
+    """The program run op by op, on the tables as they are at each call; `unpadded`, the program without attention
+    mask, for calls without a mask."""
 
-    def __init__(self, fn: Forward, tables: TaskTables, device: torch.device) -> None:
-        self.fn, self.tables, self.device = fn, tables, device
+    def __init__(self, fn: Forward, tables: TaskTables, device: torch.device, unpadded: Forward | None = None) -> None:
+        self.fn, self.tables, self.device, self.unpadded = fn, tables, device, unpadded
 
-    def __call__(self, ids: Tensor, mask: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, ids: Tensor, mask: Tensor | None, slots: Tensor) -> tuple[Tensor, Tensor]:
         d = self.device
-        logits, embedding = self.fn(ids.to(d), mask.to(d), slots.to(d), *self.tables.inputs())
+        fn = self.fn
+        if mask is None:
+            mask, fn = torch.ones_like(ids), self.unpadded or self.fn
+        logits, embedding = fn(ids.to(d), mask.to(d), slots.to(d), *self.tables.inputs())
         return logits, embedding
 
     def tokens_run(self, rows: int, seq: int) -> int:
@@ -194,7 +206,8 @@ class CudaGraphs:
     """Serves each call by replaying the graph of its padded shape (captured on first use), or eagerly past the
     limits. If a capture fails (CaptureError), graphs are given up for good, with a warning: every later call runs
     eagerly and `disabled` says why. An error of the forward itself (in warm-up) reaches the caller as it would
-    eagerly, and graphs stay on."""
+    eagerly, and graphs stay on. `unpadded`: the program without attention mask, for calls without a mask whose
+    shape needs no padded columns (else they take the masked program with an all-ones mask)."""
 
     def __init__(
         self,
@@ -206,12 +219,13 @@ class CudaGraphs:
         max_positions: int,
         config: GraphConfig | None = None,
         capture: Capture | None = None,
+        unpadded: Forward | None = None,
     ) -> None:
-        self.fn, self.tables, self.device = fn, tables, device
+        self.fn, self.tables, self.device, self.unpadded = fn, tables, device, unpadded
         self.pad_id, self.max_positions = pad_id, max_positions
         self.config = config or GraphConfig()
         self.capture = capture or CudaCapture(device, self.config.warmup)
-        self.eager = Eager(fn, tables, device)
+        self.eager = Eager(fn, tables, device, unpadded)
         self.stats = GraphStats()
         self.disabled: str | None = None
         self.capture_on_demand = self.config.capture_on_demand
@@ -219,7 +233,8 @@ class CudaGraphs:
         self._generation = tables.generation
 
     def shapes(self) -> list[tuple[int, ...]]:
-        """The padded shapes that have a graph, least recently used first."""
+        """The keys of the graphs, least recently used first: padded shapes (rows, seq), (rows, seq, UNPADDED) for
+        the program without mask, (rows, seq, requests a row) for the packed program."""
         return list(self._graphs)
 
     def tokens_run(self, rows: int, seq: int) -> int:
@@ -227,34 +242,26 @@ class CudaGraphs:
         shape = None if self.disabled else bucket(rows, seq, self.config, self.max_positions)
         return rows * seq if shape is None else shape[0] * shape[1]
 
-    def __call__(self, ids: Tensor, mask: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, ids: Tensor, mask: Tensor | None, slots: Tensor) -> tuple[Tensor, Tensor]:
         rows, cols = ids.shape
+        given = mask
+        if mask is None:
+            outputs = self._run_unpadded(ids, slots)
+            if outputs is not None:
+                return outputs
+            mask = torch.ones_like(ids)
         packed = mask.dim() == 3  # segments [rows, K, seq]
         shape = self._shape(rows, cols, mask.shape[1] if packed else None)
         if shape is None:
             self.stats.eager += 1
-            return self.eager(ids, mask, slots)
+            return self.eager(ids, given, slots)
         self._follow_tables()
         padded = pad_inputs(ids, mask, slots, shape, self.pad_id)
-        entry = self._graphs.get(shape)
+        entry = self._entry(shape, padded, self.fn)
         if entry is None:
-            entry = self._capture(shape, padded) if self.capture_on_demand else None
-            if entry is None:
-                self.stats.eager += 1
-                return self.eager(ids, mask, slots)
-        else:
-            self._graphs.move_to_end(shape)
-            for static, new in zip(entry.inputs, padded, strict=True):
-                # From pinned memory: CUDA may synchronise a copy from pageable memory with its stream (to stage
-                # it), i.e. wait for the batch in flight (on the H200, launching a packed batch, whose segments are
-                # megabytes, took 13.6 ms of host time at the median against 1.8 for padded batches of 32). The
-                # host allocator keeps the pinned block until the copy is done.
-                pinned = static.is_cuda and new.device.type == "cpu"
-                static.copy_(new.pin_memory() if pinned else new, non_blocking=True)
-        entry.graph.replay()
-        self.stats.replays += 1
-        logits, embedding = entry.graph.outputs
-        # The outputs live in the graphs' shared pool: the next replay of any graph may overwrite them.
+            self.stats.eager += 1
+            return self.eager(ids, given, slots)
+        logits, embedding = self._replay(entry, padded)
         if packed:  # [rows * K, ...] of the padded shape
 
             def real(o: Tensor) -> Tensor:
@@ -263,20 +270,64 @@ class CudaGraphs:
             return real(logits), real(embedding)
         return logits[:rows].clone(), embedding[:rows].clone()
 
+    def _run_unpadded(self, ids: Tensor, slots: Tensor) -> tuple[Tensor, Tensor] | None:
+        """A call without padding through the unmasked program's graph; None where it takes the masked path: no
+        such program, a shape that pads columns or runs eagerly, or no graph while capture on demand is off."""
+        shape = self._unpadded_shape(*ids.shape)
+        if shape is None:
+            return None
+        self._follow_tables()
+        # new rows are rows of pad tokens, all kept: the unmasked program attends to every token anyway
+        padded = pad_inputs(ids, torch.ones_like(ids), slots, shape[:2], self.pad_id)
+        entry = self._entry(shape, padded, self.unpadded)
+        if entry is None:
+            return None
+        logits, embedding = self._replay(entry, padded)
+        return logits[: ids.shape[0]].clone(), embedding[: ids.shape[0]].clone()
+
+    def _entry(
+        self, shape: tuple[int, ...], padded: tuple[Tensor, Tensor, Tensor], fn: Forward | None
+    ) -> _Entry | None:
+        """The graph of `shape`, captured now (of `fn` on `padded`) if it has none and capture on demand is on."""
+        entry = self._graphs.get(shape)
+        if entry is not None:
+            self._graphs.move_to_end(shape)
+            return entry
+        return self._capture(shape, padded, fn) if self.capture_on_demand else None
+
+    def _replay(self, entry: _Entry, padded: tuple[Tensor, Tensor, Tensor]) -> Sequence[Tensor]:
+        """The graph's outputs on `padded`: they live in the graphs' shared pool, where the next replay of any graph
+        may overwrite them."""
+        for static, new in zip(entry.inputs, padded, strict=True):
+            # From pinned memory: CUDA may synchronise a copy from pageable memory with its stream (to stage it),
+            # i.e. wait for the batch in flight (on the H200, launching a packed batch, whose segments are
+            # megabytes, took 13.6 ms of host time at the median against 1.8 for padded batches of 32). The host
+            # allocator keeps the pinned block until the copy is done.
+            pinned = static.is_cuda and new.device.type == "cpu"
+            static.copy_(new.pin_memory() if pinned else new, non_blocking=True)
+        entry.graph.replay()
+        self.stats.replays += 1
+        return entry.graph.outputs
+
     def has_graph(self, rows: int, seq: int, requests_per_row: int | None = None) -> bool:
         """Whether a [rows, seq] batch (packed: of up to requests_per_row requests a row) would replay a graph
         captured already (the tables unchanged since)."""
         shape = self._shape(rows, seq, requests_per_row)
         return shape is not None and self.tables.generation == self._generation and shape in self._graphs
 
-    def warm(self, rows: int, seq: int, requests_per_row: int | None = None) -> tuple[int, ...] | None:
+    def warm(
+        self, rows: int, seq: int, requests_per_row: int | None = None, *, unpadded: bool = False
+    ) -> tuple[int, ...] | None:
         """Capture, ahead of serving, the graph that [rows, seq] batches (packed: rows of up to `requests_per_row`
-        requests) will replay, so that no capture falls on a request's path; returns its padded shape (already
-        captured or not), or None where such a batch runs eagerly (past the limits, or graphs given up). The
-        capture runs on inputs of that shape (pad tokens, slot 0): a graph depends on the shape, not the values."""
+        requests; unpadded: batches without padding, through the program without mask) will replay, so that no
+        capture falls on a request's path; returns its key (already captured or not), or None where such a batch
+        has no graph (runs eagerly, or unpadded: no such program or a seq that pads columns). The capture runs on
+        inputs of that shape (pad tokens, slot 0): a graph depends on the shape, not the values."""
         if requests_per_row is not None and requests_per_row < 1:
             raise ValueError(f"requests_per_row must be at least 1, got {requests_per_row}")
-        shape = self._shape(rows, seq, requests_per_row)
+        if unpadded and requests_per_row is not None:
+            raise ValueError("a packed batch has no unpadded graph: pass requests_per_row or unpadded, not both")
+        shape = self._unpadded_shape(rows, seq) if unpadded else self._shape(rows, seq, requests_per_row)
         if shape is None:
             return None
         self._follow_tables()
@@ -288,7 +339,8 @@ class CudaGraphs:
         else:  # one request filling each row
             mask = torch.zeros(shape[0], shape[2], shape[1], dtype=torch.long)
             mask[:, 0] = 1
-        entry = self._capture(shape, (ids, mask, torch.zeros(shape[0], dtype=torch.long)))
+        fn = self.unpadded if unpadded else self.fn
+        entry = self._capture(shape, (ids, mask, torch.zeros(shape[0], dtype=torch.long)), fn)
         return None if entry is None else shape
 
     def _shape(self, rows: int, seq: int, requests_per_row: int | None) -> tuple[int, ...] | None:
@@ -299,6 +351,12 @@ class CudaGraphs:
             return fits
         return (*fits, 1 << max(requests_per_row - 1, 0).bit_length())
 
+    def _unpadded_shape(self, rows: int, seq: int) -> tuple[int, ...] | None:
+        """The key of the unmasked program's graph for [rows, seq] without padding, or None: no such program, or
+        seq is not a bucket's length (its columns would be padded), or such a batch runs eagerly."""
+        fits = None if self.unpadded is None else self._shape(rows, seq, None)
+        return None if fits is None or fits[1] != seq else (*fits, UNPADDED)
+
     def _follow_tables(self) -> None:
         """Drop every graph if the task tables were reallocated since: they read the old tensors' addresses."""
         if self.tables.generation != self._generation:
@@ -306,7 +364,9 @@ class CudaGraphs:
             self._generation = self.tables.generation
             self.stats.invalidations += 1
 
-    def _capture(self, shape: tuple[int, ...], padded: tuple[Tensor, Tensor, Tensor]) -> _Entry | None:
+    def _capture(
+        self, shape: tuple[int, ...], padded: tuple[Tensor, Tensor, Tensor], fn: Forward | None
+    ) -> _Entry | None:
         while len(self._graphs) >= self.config.max_graphs:
             self._graphs.popitem(last=False)
         inputs = (
@@ -315,7 +375,7 @@ class CudaGraphs:
             padded[2].to(self.device, copy=True),
         )
         try:
-            graph = self.capture(self.fn, (*inputs, *self.tables.inputs()))
+            graph = self.capture(fn or self.fn, (*inputs, *self.tables.inputs()))
         except CaptureError as e:  # the eager path still serves correctly
             self.disable(f"capturing shape {shape} failed: {e}")
             return None

@@ -25,6 +25,7 @@ from pets_compiler.runtime.graphs import CudaGraphs, Eager, Executor, GraphConfi
 from pets_compiler.runtime.packing import ROW_TOKENS, pack, packed_inputs
 from pets_compiler.runtime.requests import Prepared, Tokenizer, answer, pad, prepare
 from pets_compiler.runtime.tables import TableSpec, TaskTables
+from pets_compiler.runtime.unmasked import without_attention_mask
 from pets_compiler.serving.coordinated import CostModel
 
 
@@ -96,10 +97,12 @@ class Runtime:
         self.program_sha256: str | None = None  # set once the program is saved or loaded
         self.cost_model: CostModel | None = None  # the coordinated policy's (serving/profile.py), saved with it
         self._module = program.module()
+        self._unpadded = without_attention_mask(self._module)  # for batches without padding (unmasked.py)
         self.device = torch.device("cpu")
         self._tasks: dict[str, _Task] = {}
         self._lock = threading.RLock()
-        self.executor: Executor = Eager(self._module, self.tables, self.device)  # how forward runs: accelerate()
+        # how forward runs: accelerate()
+        self.executor: Executor = Eager(self._module, self.tables, self.device, self._unpadded)
         self._execution: tuple[bool, str | None, GraphConfig | None] = (False, None, None)
         self._packed_program: ExportedProgram | None = None  # the packed program (run_batch), built on first use
         self._packed: Executor | None = None
@@ -170,6 +173,7 @@ class Runtime:
         with self._lock:
             self.program = move_to_device_pass(self.program, str(target))
             self._module = self.program.module()
+            self._unpadded = without_attention_mask(self._module)
             self.tables.to(target)
             self.device = target
             if self._packed_program is not None:
@@ -195,16 +199,22 @@ class Runtime:
 
     def _set_executor(self, graphs: bool, mode: str | None, config: GraphConfig | None) -> None:
         self._execution = (graphs, mode, config)
-        self.executor = self._executor_of(self._module)
+        self.executor = self._executor_of(self._module, self._unpadded)
         self._packed = None if self._packed_program is None else self._executor_of(self._packed_program.module())
 
-    def _executor_of(self, module: torch.nn.Module) -> Executor:
+    def _executor_of(self, module: torch.nn.Module, unpadded: torch.nn.Module | None = None) -> Executor:
         graphs, mode, config = self._execution
-        fn = module if mode is None else torch.compile(module, mode=mode)
+        fn, unpadded_fn = (module, unpadded) if mode is None else _compiled(mode, module, unpadded)
         if not graphs:
-            return Eager(fn, self.tables, self.device)
+            return Eager(fn, self.tables, self.device, unpadded_fn)
         cuda_graphs = CudaGraphs(
-            fn, self.tables, self.device, pad_id=self._pad_id, max_positions=self._positions, config=config
+            fn,
+            self.tables,
+            self.device,
+            pad_id=self._pad_id,
+            max_positions=self._positions,
+            config=config,
+            unpadded=unpadded_fn,
         )
         if self._on_demand is not None:
             cuda_graphs.capture_on_demand = self._on_demand
@@ -230,13 +240,20 @@ class Runtime:
         return {k: asdict(e.stats) for k, e in executors.items() if isinstance(e, CudaGraphs)}
 
     def capture_graphs(
-        self, rows: Sequence[int], seqs: Sequence[int], *, requests_per_row: Sequence[int] = ()
+        self,
+        rows: Sequence[int],
+        seqs: Sequence[int],
+        *,
+        requests_per_row: Sequence[int] = (),
+        unpadded: bool = False,
     ) -> list[tuple[int, ...]]:
         """Capture now the CUDA graphs that batches of these row counts and lengths will replay (each bucket once),
         so that a server meets no capture (~0.1-0.5 s each) while it answers requests. With `requests_per_row`,
         the packed program's graphs for rows holding up to that many requests (the program is built if need be)
-        instead of the padded program's. Returns the padded shapes that have a graph; sizes past the graphs'
-        limits run eagerly and are left out. Needs CUDA graphs on (Runtime.to("cuda"))."""
+        instead of the padded program's; with `unpadded`, also the graphs of batches without padding (the program
+        without attention mask, at each seq that is a bucket's length; unmasked.py). Returns the keys of the graphs
+        (graphs.py: padded shapes, (rows, seq, UNPADDED), (rows, seq, requests a row)); sizes past the graphs' limits
+        run eagerly and are left out. Needs CUDA graphs on (Runtime.to("cuda"))."""
         if any(n < 1 for n in (*rows, *seqs, *requests_per_row)):
             raise InputError(
                 f"rows, seqs and requests_per_row must be at least 1, got {list(rows)}, {list(seqs)}, "
@@ -247,6 +264,10 @@ class Runtime:
         executor = self._packed_executor() if requests_per_row else self.executor
         if not isinstance(executor, CudaGraphs):
             raise InputError("capture_graphs: the packed program runs without CUDA graphs")
+        if unpadded and requests_per_row:
+            raise InputError(
+                "capture_graphs: packed batches have no unpadded graphs; pass requests_per_row or unpadded"
+            )
         per_row: Sequence[int | None] = requests_per_row or [None]
         shapes: list[tuple[int, ...]] = []
         with self._lock, torch.inference_mode():
@@ -256,6 +277,9 @@ class Runtime:
                         shape = executor.warm(n, seq, k)
                         if shape is not None and shape not in shapes:
                             shapes.append(shape)
+                    full = executor.warm(n, seq, unpadded=True) if unpadded else None
+                    if full is not None and full not in shapes:
+                        shapes.append(full)
         return shapes
 
     def prepare_packed(self) -> None:
@@ -285,8 +309,15 @@ class Runtime:
             del self._tasks[name]
 
     # ---- execution ------------------------------------------------------------------------------------------
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """(logits [batch, max labels], embedding [batch, hidden]) for a padded batch, one task name per row."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """(logits [batch, max labels], embedding [batch, hidden]) for a padded batch, one task name per row. A mask
+        of None, or one on the host that keeps every token, runs the program without attention mask (unmasked.py)
+        where it can; a mask on the GPU is taken as it is (reading it would wait for the GPU)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+            unpadded = True
+        else:
+            unpadded = False
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise InputError(
                 f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
@@ -300,7 +331,7 @@ class Runtime:
             raise InputError(f"{len(tasks)} task names for a batch of {input_ids.shape[0]} rows")
         with self._lock, torch.inference_mode():
             slots = torch.tensor([self._entry(t).slot for t in tasks], dtype=torch.long)
-            return self.executor(input_ids, attention_mask, slots)
+            return self.executor(input_ids, None if unpadded else _unless_all_kept(attention_mask), slots)
 
     def prepare(self, requests: Sequence[Any]) -> list[Prepared]:
         """Check and tokenize requests (every one before any runs); unknown tasks are refused here."""
@@ -351,9 +382,9 @@ class Runtime:
         with self._lock, torch.inference_mode():
             entries = [self._entry(p.task) for p in batch]
             slots = torch.tensor([e.slot for e in entries], dtype=torch.long)
-            if shape is not None:
+            if shape is not None:  # one program for every batch: never the unmasked one
                 ids, mask, slots = pad_inputs(ids, mask, slots, shape, self._pad_id)
-            outputs = _to_host_async(*self.executor(ids, mask, slots))
+            outputs = _to_host_async(*self.executor(ids, mask if shape is not None else _unless_all_kept(mask), slots))
         return PendingBatch(outputs, batch, [e.spec.head for e in entries], range(len(batch)), ids.numel())
 
     def _launch_packed(self, batch: Sequence[Prepared]) -> PendingBatch:
@@ -401,6 +432,16 @@ class PendingBatch:
         logits_np, embedding_np = logits.numpy(), embedding.numpy()
         rows = zip(self._batch, self._heads, self._at, strict=True)
         return [_answer(p, head, logits_np[i], embedding_np[i]) for p, head, i in rows], self.tokens
+
+
+def _unless_all_kept(mask: Tensor) -> Tensor | None:
+    """None (every token is real) for a host mask of all ones, else the mask."""
+    return None if mask.device.type == "cpu" and bool(mask.all()) else mask
+
+
+def _compiled(mode: str, module: torch.nn.Module, unpadded: torch.nn.Module | None) -> tuple[Any, Any]:
+    """torch.compile of the program and of its unmasked copy (each compiles on its first call)."""
+    return torch.compile(module, mode=mode), None if unpadded is None else torch.compile(unpadded, mode=mode)
 
 
 def _to_host_async(logits: Tensor, embedding: Tensor) -> tuple[Tensor, Tensor, torch.cuda.Event | None]:

@@ -16,7 +16,7 @@ import pets_compiler
 from pets_compiler.frontend.base import load_base
 from pets_compiler.frontend.sources import load_task_source
 from pets_compiler.oracle import merged_model, peft_model
-from pets_compiler.runtime.graphs import CudaGraphs, bucket, pad_inputs
+from pets_compiler.runtime.graphs import UNPADDED, CudaGraphs, bucket, pad_inputs
 from pets_compiler.runtime.requests import pad
 
 from builders import make_bitfit, make_peft_lora, make_sparse_finetune, mixed_rows, own_output, rel_err
@@ -100,6 +100,39 @@ def test_graphed_runtime_matches_own_models(all_kinds: dict[str, Path], dtype: s
     assert set(names) == set(all_kinds)
     logits, emb = runtime.forward(*pad(rows), names)
     assert graphs_of(runtime).stats.replays == 1
+    for i, name in enumerate(names):
+        want_logits, want_emb = own_output(own[name], rows[i])
+        head = runtime.task(name).head
+        if head is None:
+            got, want = emb[i], want_emb
+        else:
+            assert want_logits is not None
+            got, want = logits[i, : head.num_labels], want_logits
+        assert rel_err(got.float().cpu(), want) < OWN[dtype], (name, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_batches_without_padding_run_unmasked_as_own_models(all_kinds: dict[str, Path], dtype: str) -> None:
+    """Rows of one bucket length replay the unmasked program's graph (cuDNN attention without a mask) and equal
+    their own models and the masked program (given the mask on the GPU, which the runtime does not read)."""
+    runtime = pets_compiler.compile(BASE, all_kinds, dtype=dtype).to("cuda")
+    base = load_base(BASE)
+    own = {
+        name: peft_model(base, src)
+        if (Path(src) / "adapter_model.safetensors").is_file()
+        else merged_model(base, load_task_source(name, src, base))
+        for name, src in all_kinds.items()
+    }
+    _, names = mixed_rows(1000, sorted(all_kinds), 24, seed=10)
+    g = torch.Generator().manual_seed(10)
+    rows = [[101, *torch.randint(5, 1000, (30,), generator=g).tolist(), 102] for _ in names]
+    ids, mask = pad(rows)
+    logits, emb = runtime.forward(ids, None, names)
+    graphs = graphs_of(runtime)
+    assert graphs.shapes() == [(32, 32, UNPADDED)]
+    masked = runtime.forward(ids, mask.cuda(), names)
+    assert graphs.shapes() == [(32, 32, UNPADDED), (32, 32)]
+    assert_close((logits, emb), masked, PADDED[dtype], "unmasked vs masked program")
     for i, name in enumerate(names):
         want_logits, want_emb = own_output(own[name], rows[i])
         head = runtime.task(name).head

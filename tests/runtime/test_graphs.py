@@ -13,7 +13,16 @@ from torch import Tensor
 
 import pets_compiler
 from pets_compiler.errors import InputError
-from pets_compiler.runtime.graphs import CaptureError, CudaGraphs, Eager, Forward, GraphConfig, bucket, pad_inputs
+from pets_compiler.runtime.graphs import (
+    UNPADDED,
+    CaptureError,
+    CudaGraphs,
+    Eager,
+    Forward,
+    GraphConfig,
+    bucket,
+    pad_inputs,
+)
 from pets_compiler.runtime.requests import pad
 from pets_compiler.runtime.tables import GROWTH, SLOTS
 
@@ -182,6 +191,7 @@ def use_graphs(
         max_positions=int(runtime.base.config.max_position_embeddings),
         config=GraphConfig(**config),
         capture=capture,
+        unpadded=eager.unpadded,
     )
     runtime.executor = graphs
     return eager, graphs
@@ -325,3 +335,39 @@ def test_capture_on_demand_off_serves_new_shapes_eagerly(small: pets_compiler.Ru
     _, off = use_graphs(small, StandInCapture(), capture_on_demand=False)
     check_against_eager(small, eager, tasks, 2, seed=14, longest=40)
     assert off.capture_on_demand is False and off.stats.eager == 1 and off.stats.captures == 0
+
+
+def test_batches_without_padding_replay_the_unmasked_programs_graph(small: pets_compiler.Runtime) -> None:
+    """Rows that all fill a bucket's length replay the unmasked program's graph (key ending in UNPADDED), with
+    eager's outputs; rows of one length short of a bucket need padded columns and take the masked graph; with
+    capture on demand off and no unmasked graph, the masked graph captured ahead serves (no eager run)."""
+    capture = StandInCapture()
+    eager, graphs = use_graphs(small, capture, max_batch=16)
+    tasks = small.task_names()
+
+    def batch(n: int, length: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(5, 1000, (n, length), generator=g)
+        return ids, [tasks[int(i)] for i in torch.randint(0, len(tasks), (n,), generator=g)]
+
+    def check(ids: torch.Tensor, names: list[str]) -> None:
+        got = small.forward(ids, None, names)
+        small.executor = eager
+        want = small.forward(ids, torch.ones_like(ids), names)
+        small.executor = graphs
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape and rel_err(g, w) < 1e-6
+
+    check(*batch(3, 32, seed=30))  # (4, 32): a new row of pad tokens, no padded column
+    assert graphs.shapes() == [(4, 32, UNPADDED)] and capture.captured == [(4, 32)]
+    check(*batch(4, 30, seed=31))  # 30 pads to 32 columns: the masked program
+    assert graphs.shapes() == [(4, 32, UNPADDED), (4, 32)] and graphs.stats.replays == 2
+    ids, _ = batch(3, 32, seed=32)
+    assert small.forward(ids, torch.ones_like(ids), ["a"] * 3)[0].shape[0] == 3  # a host mask of all ones: the same
+    assert graphs.shapes()[-1] == (4, 32, UNPADDED) and graphs.stats.captures == 2
+    keys = small.capture_graphs(rows=[8], seqs=[24, 32], unpadded=True)
+    assert keys == [(8, 32), (8, 32, UNPADDED)]  # 24 pads its columns: no unmasked graph for it
+    assert small.capture_graphs(rows=[16], seqs=[32]) == [(16, 32)]  # the masked program's alone
+    small.capture_on_demand(False)
+    check(*batch(12, 32, seed=33))
+    assert graphs.shapes()[-1] == (16, 32) and graphs.stats.eager == 0 and graphs.stats.captures == 5
