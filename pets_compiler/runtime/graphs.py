@@ -124,7 +124,8 @@ class Eager:
         d = self.device
         fn = self.fn
         if mask is None:
-            mask, fn = torch.ones_like(ids), self.unpadded or self.fn
+            # `is None`, not `or`: a torch.compile'd module's truth value calls len(), which a GraphModule refuses
+            mask, fn = torch.ones_like(ids), self.fn if self.unpadded is None else self.unpadded
         logits, embedding = fn(ids.to(d), mask.to(d), slots.to(d), *self.tables.inputs())
         return logits, embedding
 
@@ -375,7 +376,7 @@ class CudaGraphs:
             padded[2].to(self.device, copy=True),
         )
         try:
-            graph = self.capture(fn or self.fn, (*inputs, *self.tables.inputs()))
+            graph = self.capture(self.fn if fn is None else fn, (*inputs, *self.tables.inputs()))
         except CaptureError as e:  # the eager path still serves correctly
             self.disable(f"capturing shape {shape} failed: {e}")
             return None

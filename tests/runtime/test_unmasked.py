@@ -95,3 +95,29 @@ def test_a_batch_with_padding_keeps_its_mask(runtime: pets_compiler.Runtime) -> 
     assert rel_err(wrong[1][short], masked[1][short]) > 1e-3
     longest = ~short
     assert rel_err(wrong[1][longest], masked[1][longest]) < 1e-6  # rows without padding agree
+
+
+class NoTruthValue:
+    """A program whose truth value raises, as torch.compile's wrapper of a GraphModule does (it calls len())."""
+
+    def __init__(self, fn: object) -> None:
+        self.fn, self.calls = fn, 0
+
+    def __len__(self) -> int:
+        raise TypeError("GraphModule does not support len()")
+
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        assert callable(self.fn)
+        return self.fn(*args)
+
+
+def test_executors_never_ask_a_programs_truth_value(runtime: pets_compiler.Runtime) -> None:
+    executor = runtime.executor
+    assert isinstance(executor, Eager) and executor.unpadded is not None
+    unpadded = NoTruthValue(executor.unpadded)
+    eager = Eager(executor.fn, runtime.tables, runtime.device, unpadded)
+    ids = torch.randint(5, 1000, (2, 8))
+    with torch.inference_mode():
+        eager(ids, None, torch.zeros(2, dtype=torch.long))
+    assert unpadded.calls == 1
