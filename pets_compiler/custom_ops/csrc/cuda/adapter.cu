@@ -1,6 +1,8 @@
 // pets::adapter: the end of a BERT sublayer, LN_t(h + residual), with slot t's bottleneck adapter where AdapterHub
 // places it. Rows that fit in registers (row_regs.cuh) take the fast path below; others the one-kernel version of
 // adapter_fused.cuh.
+#include <ATen/cuda/CUDAContext.h>
+
 #include "../adapter/adapter.h"
 #include "../common/task_groups.h"
 #include "adapter_activation.cuh"
@@ -32,7 +34,8 @@ static_assert(kThreads >= kRowVecs, "fetch_slot_rows: a vector of each row per t
 // against ~9, with chains of dependent loads (task id -> config -> config -> rows -> residual -> 4 rounds of LN
 // rows) and 128 registers in adapter_out. Now (nvcc 13, sm_90, fp16/bf16): 80 and 64 registers (were 128 and 76),
 // no spills, 16-byte loads and stores only. With h_bias (the kBias instances): 88 and 64 registers, no spills.
-// adapter_out over groups (kOutGroups, below): 111-126 registers, no spills, still 2 blocks an SM.
+// adapter_out over busy groups (below): 118-128 registers (2 blocks an SM), 8 bytes spilled in the fp16/bf16 kBias
+// instances.
 
 // LN_t(h + residual) per token: the output of rows without an adapter; else the adapter input a_in. The residual
 // is not read where the adapter takes h itself. kBias: h_bias is given, and h + h_bias[t] (rounded) stands for h;
@@ -162,11 +165,51 @@ __global__ void adapter_act_vec_kernel(scalar_t* __restrict__ down, const scalar
   reinterpret_cast<uint4*>(down)[i] = pack<scalar_t>(z);
 }
 
-// adapter_out's block takes kOutGroups groups of kThreads / kWarp tokens: it first reads which of them have work
-// (a group of one batch row whose slot has no adapter has none), then runs those alone. One group a block (1,024
-// blocks at bs64 s128, 2 resident an SM at 88 registers) took 10.7 us with 4 of 5 rows without an adapter (H200):
-// blocks with nothing to do still held the SMs for their task id -> config chain, wave after wave.
-constexpr int kOutGroups = 4;
+// adapter_out runs only the groups of kThreads / kWarp tokens that hold a row with an adapter, spread evenly over a
+// grid the GPU holds at once: each block first lists the batch rows with an adapter (kScanRows at most; past that
+// every row counts), then takes busy groups blockIdx.x, blockIdx.x + gridDim.x, ... One block a group (1,024 blocks
+// at bs64 s128, 2 resident an SM at 88 registers) took 10.7 us with 4 of 5 rows without an adapter (H200): blocks
+// with nothing to do held the SMs for their task id -> config chain, wave after wave; 4 consecutive groups a block
+// took 18.3 us against adapter_in's 15.9 (H100): the groups of one row are all busy or all idle, and ran one after
+// another.
+constexpr int kScanRows = 2048;
+
+struct BusyRows {
+  int list[kScanRows];  // the busy rows, ascending
+  unsigned bits[kScanRows / 32];
+  int count;
+  int warp_count[kThreads / kWarp];
+};
+
+// Every thread of the block: fills `busy` for the batch's rows (all of them busy where there are more than
+// kScanRows).
+__device__ __forceinline__ void list_busy_rows(BusyRows& busy, const int64_t* __restrict__ task_ids,
+                                               const int64_t* __restrict__ config, int64_t slots, int64_t batch) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const bool all = batch > kScanRows;
+  int base = 0;
+  for (int64_t r0 = 0; r0 < min64(batch, kScanRows); r0 += kThreads) {
+    const int64_t r = r0 + threadIdx.x;
+    bool on = false;
+    if (r < batch) {
+      const int64_t t = slot_of(task_ids, r, slots);
+      on = all || (t >= 0 && config[t * kAdapterConfigColumns + kAdapterEnabled] != 0);
+    }
+    const unsigned mask = __ballot_sync(0xffffffffu, on);
+    if (lane == 0) {
+      busy.warp_count[warp] = __popc(mask);
+      if (r - lane < kScanRows) busy.bits[(r - lane) / 32] = mask;
+    }
+    __syncthreads();
+    int before = base;
+    for (int w = 0; w < warp; ++w) before += busy.warp_count[w];
+    if (on) busy.list[before + __popc(mask & ((1u << lane) - 1u))] = static_cast<int>(r);
+    for (int w = 0; w < kThreads / kWarp; ++w) base += busy.warp_count[w];
+    __syncthreads();  // warp_count is read before the next round writes it
+  }
+  if (threadIdx.x == 0) busy.count = base;
+  __syncthreads();
+}
 
 // z = (up + up_b[t]) * scaling[t] + res, then LN_t(z + residual) when ln_after; rows without an adapter are done.
 // kBias: h_bias is given; where res is h, it is h + h_bias[t] (rounded), the block slot's row staged with the others.
@@ -260,27 +303,28 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kRows = kBias ? 6 : 5;
   constexpr int64_t kGroup = kThreads / kWarp;
   __shared__ SlotRows<kRows> sr;  // up_b, then the LayerNorm's rows (and the h_bias row)
-  __shared__ unsigned work;       // bit k: the block's group k has a token with an adapter (or may have)
-  const int64_t g0 = static_cast<int64_t>(blockIdx.x) * kOutGroups;
-  if (threadIdx.x < kWarp) {
-    bool busy = false;
-    const int64_t m0 = (g0 + threadIdx.x) * kGroup;
-    if (threadIdx.x < kOutGroups && m0 < rows) {
-      const int64_t last = min64(m0 + kGroup, rows) - 1;
-      // a group across two batch rows may hold both kinds: it runs
-      const int64_t t = slot_of(task_ids, m0 / tokens, slots);
-      busy = last / tokens != m0 / tokens || (t >= 0 && config[t * kAdapterConfigColumns + kAdapterEnabled] != 0);
-    }
-    const unsigned mask = __ballot_sync(0xffffffffu, busy);
-    if (threadIdx.x == 0) work = mask;
-  }
-  __syncthreads();
-  for (unsigned left = work; left != 0; left &= left - 1) {
-    const int64_t m0 = (g0 + __ffs(static_cast<int>(left)) - 1) * kGroup;
+  __shared__ BusyRows busy;
+  const int64_t batch = rows / tokens;
+  list_busy_rows(busy, task_ids, config, slots, batch);
+  const auto run = [&](int64_t m0) {
     adapter_out_group<scalar_t, kBias, kRows>(sr, m0, h, residual, task_ids, ln_weight, ln_bias, ln_weight_delta,
                                               ln_bias_delta, eps, up_b, scaling, config, h_bias, slots, a_in, up,
                                               out, rows, tokens, hidden);
     __syncthreads();  // the group's staged rows are read before the next group's overwrite them
+  };
+  if (tokens % kGroup == 0 && batch <= kScanRows) {  // a group within one row: the k-th busy group is direct
+    const int64_t per_row = tokens / kGroup, total = busy.count * per_row;
+    for (int64_t k = blockIdx.x; k < total; k += gridDim.x) {
+      run(busy.list[k / per_row] * tokens + (k % per_row) * kGroup);
+    }
+    return;
+  }
+  const int64_t groups = ceil_div(rows, kGroup);
+  for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {  // a group across rows runs if one of them is busy
+    const int64_t first = g * kGroup / tokens, last = (min64((g + 1) * kGroup, rows) - 1) / tokens;
+    bool any = batch > kScanRows;
+    for (int64_t r = first; r <= last && !any; ++r) any = (busy.bits[r / 32] >> (r % 32)) & 1u;
+    if (any) run(g * kGroup);
   }
 }
 
@@ -349,9 +393,12 @@ at::Tensor adapter(const at::Tensor& h, const at::Tensor& residual, const at::Te
     // s128, 4 of 5 rows without an adapter, profiled on the H200: their writes all go to one shared output), while
     // the down projection went from 8.1 to 5.7 us.
     slot_gemm(down, uw, ids, up);
+    // adapter_out's grid: as many blocks as the GPU holds at once (2 an SM at its registers), at most one a group
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const unsigned out_blocks = static_cast<unsigned>(std::min<int64_t>(blocks, 2 * static_cast<int64_t>(sms)));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::adapter", [&] {
       const auto kernel = hb.defined() ? adapter_out_kernel<scalar_t, true> : adapter_out_kernel<scalar_t, false>;
-      kernel<<<static_cast<unsigned>(ceil_div(static_cast<int64_t>(blocks), kOutGroups)), kThreads, 0, stream()>>>(
+      kernel<<<out_blocks, kThreads, 0, stream()>>>(
           h3.const_data_ptr<scalar_t>(), res3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
           lw.const_data_ptr<scalar_t>(), lb.const_data_ptr<scalar_t>(), lwd.const_data_ptr<scalar_t>(),
           lbd.const_data_ptr<scalar_t>(), eps, ub.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
