@@ -267,7 +267,7 @@ def test_sparse_ops(mix: str, dtype: torch.dtype, tokens: tuple[int, ...]) -> No
     check("embedding_delta", embedding_delta_ref, (emb, vocab_ids, ids, *sparse_pool(SLOTS, VOCAB, IN, dtype)), dtype)
 
 
-@pytest.mark.parametrize("tokens", [(), (5,), (37,)], ids=["2d", "3d", "3d-long"])
+@pytest.mark.parametrize("tokens", [(), (5,), (37,), (16,)], ids=["2d", "3d", "3d-long", "3d-groups"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("bottleneck", [5, 64])
 @pytest.mark.parametrize("mix", MIXES)
@@ -290,6 +290,17 @@ def test_adapter_with_h_bias(mix: str, bottleneck: int, dtype: torch.dtype, toke
     h_bias = randn(SLOTS, IN, dtype=dtype, seed=11, std=0.5)
     args = (h, residual, ids, *ln_params(dtype), 1e-5, *adapter_tables(bottleneck, dtype), h_bias)
     check("adapter", adapter_ref, args, dtype)
+
+
+@pytest.mark.parametrize("tokens", [(), (8,)], ids=["2d", "3d-groups"])
+def test_adapter_past_the_rows_its_blocks_list(tokens: tuple[int, ...]) -> None:
+    """More batch rows than adapter_out's blocks list (2,048): every row counts as busy, answers unchanged; rows
+    of slots with and without an adapter mixed."""
+    ids = task_ids_for("uniform", batch=2100)
+    h = randn(2100, *tokens, IN, dtype=torch.float16, seed=4)
+    residual = randn(2100, *tokens, IN, dtype=torch.float16, seed=5)
+    args = (h, residual, ids, *ln_params(torch.float16), 1e-5, *adapter_tables(16, torch.float16))
+    check("adapter", adapter_ref, args, torch.float16)
 
 
 @pytest.mark.parametrize("hidden", NORM_HIDDEN)
