@@ -221,9 +221,10 @@ class Runtime:
         return cuda_graphs
 
     def capture_on_demand(self, on: bool) -> None:
-        """Whether a batch whose padded shape has no CUDA graph captures one first (on, the default) or runs eagerly
-        (off): a server that captured its buckets ahead (capture_graphs) turns it off so that no capture (~0.1-0.5
-        s) falls on a request's path; graph_stats()' `eager` counts the batches that ran eagerly. Applies to the
+        """Whether a batch whose padded shape has no CUDA graph captures one first (on, the default) or (off)
+        replays the smallest captured graph it fits in, padded further, and runs eagerly only where none fits: a
+        server that captured its buckets ahead (capture_graphs) turns it off so that no capture (~0.1-0.5 s) falls on
+        a request's path; graph_stats()' `fitted` and `eager` count those batches. Applies to the
         padded and the packed program, now and after accelerate(). Graphs dropped when the task tables are
         reallocated (a larger rank, more slots or pool) are not captured again while it is off: call
         capture_graphs again after such a change."""

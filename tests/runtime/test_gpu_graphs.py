@@ -269,8 +269,11 @@ def test_graphs_captured_ahead_replay_on_real_batches(all_kinds: dict[str, Path]
     assert packed == [(8, 64, 1), (8, 64, 2), (8, 64, 4)]
     stats = runtime.graph_stats()["packed"]
     assert stats["captures"] == 3 and stats["eager"] == 0
-    runtime.capture_on_demand(False)  # a new bucket now runs eagerly, with the same outputs
+    runtime.capture_on_demand(False)  # a new bucket replays a captured one it fits in, else runs eagerly
     rows, names = mixed_rows(1000, tasks, 7, seed=22)
-    got, _, unpadded = run_both(runtime, [r[:20] for r in rows], names)
+    got, _, unpadded = run_both(runtime, [r[:20] for r in rows], names)  # (8, 32): into (16, 32)
+    assert_close(got, unpadded, PADDED["float16"], "a larger graph while capture on demand is off")
+    assert graphs.stats.captures == 2 and graphs.stats.fitted == 1 and graphs.stats.eager == 0
+    got, _, unpadded = run_both(runtime, [[101, *r[1:-1] * 3, 102][:40] for r in rows], names)  # (8, 48): none fits
     assert_close(got, unpadded, SAME_SHAPE["float16"], "eager while capture on demand is off")
     assert graphs.stats.captures == 2 and graphs.stats.eager == 1

@@ -371,3 +371,20 @@ def test_batches_without_padding_replay_the_unmasked_programs_graph(small: pets_
     small.capture_on_demand(False)
     check(*batch(12, 32, seed=33))
     assert graphs.shapes()[-1] == (16, 32) and graphs.stats.eager == 0 and graphs.stats.captures == 5
+
+
+def test_capture_on_demand_off_replays_a_larger_captured_graph(small: pets_compiler.Runtime) -> None:
+    """With capture on demand off, a batch whose bucket has no graph replays the smallest captured graph it fits
+    in (more rows and columns of padding), with eager's outputs; one that fits none runs eagerly."""
+    capture = StandInCapture()
+    eager, graphs = use_graphs(small, capture, max_batch=16)
+    assert small.capture_graphs(rows=[8], seqs=[32]) == [(8, 32)]
+    assert small.capture_graphs(rows=[16], seqs=[48]) == [(16, 48)]
+    small.capture_on_demand(False)
+    tasks = small.task_names()
+    check_against_eager(small, eager, tasks, 3, seed=40, longest=24)  # (4, 32): into (8, 32), the smaller of two
+    check_against_eager(small, eager, tasks, 9, seed=41, longest=40)  # (16, 48): its own graph
+    check_against_eager(small, eager, tasks, 10, seed=42, longest=30)  # (16, 32): into (16, 48)
+    assert graphs.stats.fitted == 2 and graphs.stats.eager == 0 and capture.captured == [(8, 32), (16, 48)]
+    check_against_eager(small, eager, tasks, 3, seed=43, longest=60)  # (4, 64): none fits (the model's 64 positions)
+    assert graphs.stats.eager == 1 and graphs.stats.fitted == 2 and graphs.stats.replays == 3

@@ -254,3 +254,26 @@ def test_capture_graphs_ahead_of_packed_batches(runtime: pets_compiler.Runtime) 
     assert shapes == [(rows, seq, per_row)] and len(capture.captured) == 1
     assert graphs.stats.captures == 1 and graphs.stats.replays == 1
     answers_close(got, want)
+
+
+def test_packed_batch_replays_a_larger_captured_graph(runtime: pets_compiler.Runtime) -> None:
+    """With capture on demand off, a packed batch whose bucket has no graph replays a captured one with more rows
+    and request slots (padded further), no capture and no eager forward on its path, and answers as eager."""
+    batch = prepared(runtime, 19, seed=9)
+    want = runtime.run_batch(batch, packed=True)[0]
+    eager = runtime._packed_executor()
+    padded = runtime.executor
+    try:
+        learn, _ = packed_graphs(runtime, eager)
+        runtime.run_batch(batch, packed=True)
+        ((rows, seq, per_row),) = learn.shapes()
+        graphs, capture = packed_graphs(runtime, eager)
+        runtime.executor = learn  # capture_graphs needs graphs on (the padded program's executor)
+        larger = runtime.capture_graphs(rows=[2 * rows], seqs=[seq], requests_per_row=[2 * per_row])
+        graphs.capture_on_demand = False
+        got = runtime.run_batch(batch, packed=True)[0]
+    finally:
+        runtime._packed, runtime.executor = eager, padded
+    assert larger == [(2 * rows, seq, 2 * per_row)] and len(capture.captured) == 1
+    assert graphs.stats.fitted == 1 and graphs.stats.replays == 1 and graphs.stats.eager == 0
+    answers_close(got, want)
