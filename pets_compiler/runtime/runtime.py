@@ -240,6 +240,13 @@ class Runtime:
         executors = {"padded": self.executor, "packed": self._packed}
         return {k: asdict(e.stats) for k, e in executors.items() if isinstance(e, CudaGraphs)}
 
+    def graph_shapes(self) -> dict[str, list[tuple[int, ...]]]:
+        """The keys of the captured CUDA graphs (graphs.py: padded shapes, (rows, seq, UNPADDED), packed (rows, seq,
+        requests a row)) of the padded and, once built, the packed program; empty where forward runs without
+        graphs."""
+        executors = {"padded": self.executor, "packed": self._packed}
+        return {k: e.shapes() for k, e in executors.items() if isinstance(e, CudaGraphs)}
+
     def capture_graphs(
         self,
         rows: Sequence[int],

@@ -388,3 +388,4 @@ def test_capture_on_demand_off_replays_a_larger_captured_graph(small: pets_compi
     assert graphs.stats.fitted == 2 and graphs.stats.eager == 0 and capture.captured == [(8, 32), (16, 48)]
     check_against_eager(small, eager, tasks, 3, seed=43, longest=60)  # (4, 64): none fits (the model's 64 positions)
     assert graphs.stats.eager == 1 and graphs.stats.fitted == 2 and graphs.stats.replays == 3
+    assert small.graph_shapes() == {"padded": [(8, 32), (16, 48)]}  # least recently used first
