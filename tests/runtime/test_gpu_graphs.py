@@ -14,12 +14,20 @@ from torch import Tensor
 
 import pets_compiler
 from pets_compiler.frontend.base import load_base
-from pets_compiler.frontend.sources import load_task_source
-from pets_compiler.oracle import merged_model, peft_model
+from pets_compiler.oracle import peft_model
 from pets_compiler.runtime.graphs import UNPADDED, CudaGraphs, bucket, pad_inputs
 from pets_compiler.runtime.requests import pad
 
-from builders import make_bitfit, make_peft_lora, make_sparse_finetune, mixed_rows, own_output, rel_err
+from builders import (
+    assert_rows_match_own,
+    make_bitfit,
+    make_peft_lora,
+    make_sparse_finetune,
+    mixed_rows,
+    own_models_of,
+    own_output,
+    rel_err,
+)
 
 pytestmark = pytest.mark.gpu
 BASE = Path(__file__).parents[1] / "fixtures" / "adapterhub" / "small" / "base"  # all_kinds' base (conftest)
@@ -89,26 +97,12 @@ def test_graphed_forward_equals_eager(all_kinds: dict[str, Path], dtype: str) ->
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_graphed_runtime_matches_own_models(all_kinds: dict[str, Path], dtype: str) -> None:
     runtime = pets_compiler.compile(BASE, all_kinds, dtype=dtype).to("cuda")
-    base = load_base(BASE)
-    own = {
-        name: peft_model(base, src)
-        if (Path(src) / "adapter_model.safetensors").is_file()
-        else merged_model(base, load_task_source(name, src, base))
-        for name, src in all_kinds.items()
-    }
+    own = own_models_of(BASE, all_kinds)
     rows, names = mixed_rows(1000, sorted(all_kinds), 24, seed=9)
     assert set(names) == set(all_kinds)
     logits, emb = runtime.forward(*pad(rows), names)
     assert graphs_of(runtime).stats.replays == 1
-    for i, name in enumerate(names):
-        want_logits, want_emb = own_output(own[name], rows[i])
-        head = runtime.task(name).head
-        if head is None:
-            got, want = emb[i], want_emb
-        else:
-            assert want_logits is not None
-            got, want = logits[i, : head.num_labels], want_logits
-        assert rel_err(got.float().cpu(), want) < OWN[dtype], (name, dtype)
+    assert_rows_match_own(runtime, own, rows, names, (logits, emb), OWN[dtype])
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -116,13 +110,7 @@ def test_batches_without_padding_run_unmasked_as_own_models(all_kinds: dict[str,
     """Rows of one bucket length replay the unmasked program's graph (cuDNN attention without a mask) and equal
     their own models and the masked program (given the mask on the GPU, which the runtime does not read)."""
     runtime = pets_compiler.compile(BASE, all_kinds, dtype=dtype).to("cuda")
-    base = load_base(BASE)
-    own = {
-        name: peft_model(base, src)
-        if (Path(src) / "adapter_model.safetensors").is_file()
-        else merged_model(base, load_task_source(name, src, base))
-        for name, src in all_kinds.items()
-    }
+    own = own_models_of(BASE, all_kinds)
     _, names = mixed_rows(1000, sorted(all_kinds), 24, seed=10)
     g = torch.Generator().manual_seed(10)
     rows = [[101, *torch.randint(5, 1000, (30,), generator=g).tolist(), 102] for _ in names]
@@ -133,15 +121,7 @@ def test_batches_without_padding_run_unmasked_as_own_models(all_kinds: dict[str,
     masked = runtime.forward(ids, mask.cuda(), names)
     assert graphs.shapes() == [(32, 32, UNPADDED), (32, 32)]
     assert_close((logits, emb), masked, PADDED[dtype], "unmasked vs masked program")
-    for i, name in enumerate(names):
-        want_logits, want_emb = own_output(own[name], rows[i])
-        head = runtime.task(name).head
-        if head is None:
-            got, want = emb[i], want_emb
-        else:
-            assert want_logits is not None
-            got, want = logits[i, : head.num_labels], want_logits
-        assert rel_err(got.float().cpu(), want) < OWN[dtype], (name, dtype)
+    assert_rows_match_own(runtime, own, rows, names, (logits, emb), OWN[dtype])
 
 
 @pytest.fixture(scope="module")

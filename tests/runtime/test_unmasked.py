@@ -15,7 +15,7 @@ from pets_compiler.runtime.graphs import Eager
 from pets_compiler.runtime.requests import pad
 from pets_compiler.runtime.unmasked import without_attention_mask
 
-from builders import mixed_rows, own_output, rel_err
+from builders import assert_rows_match_own, mixed_rows, rel_err
 
 TOL = 1e-5  # as test_parity
 
@@ -66,15 +66,8 @@ def test_rows_without_padding_equal_their_own_models(runtime: pets_compiler.Runt
     with counting_unpadded(runtime) as calls:
         outputs = [runtime.forward(ids, None, names), runtime.forward(ids, mask, names)]
         assert calls[0] == 2
-    for logits, embedding in outputs:
-        for i, (row, name) in enumerate(zip(rows, names, strict=True)):
-            want_logits, want_emb = own_output(own_models[name], row)
-            head = runtime.task(name).head
-            if head is None:
-                assert rel_err(embedding[i], want_emb) < TOL, (name, i)
-            else:
-                assert want_logits is not None
-                assert rel_err(logits[i, : head.num_labels], want_logits) < TOL, (name, i)
+    for out in outputs:
+        assert_rows_match_own(runtime, own_models, rows, names, out, TOL)
 
 
 def test_a_batch_with_padding_keeps_its_mask(runtime: pets_compiler.Runtime) -> None:
