@@ -44,26 +44,35 @@ def test_smoke_records(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("captures", "kept", "discarded"), [([1, 0, 1, 0], 3, 1), ([0, 1, 1, 1], 3, 2), ([0, 0], 1, 0)]
+    ("captures", "kept", "median", "discarded"),
+    [
+        ([1, 0, 0, 0, 0], [2, 3, 4], 3, 0),  # a warm pass captured, the next did not; 3 clean timed passes
+        ([0, 1, 1, 0, 1, 1], [3], 3, 4),  # 4 timed passes captured: 1 kept when timed_tries (5) ran out
+        ([0, 1, 1, 1, 1, 1], [], 5, 5),  # none kept: the last pass
+        ([0, 0, 0, 0], [1, 2, 3], 3, 0),  # rates 30, 10, 20: the median is the last
+    ],
 )
-def test_timed_serve_keeps_the_first_timed_pass_without_a_capture(
-    monkeypatch: pytest.MonkeyPatch, captures: list[int], kept: int, discarded: int
+def test_timed_serve_keeps_the_median_of_passes_without_a_capture(
+    monkeypatch: pytest.MonkeyPatch, captures: list[int], kept: list[int], median: int, discarded: int
 ) -> None:
-    """Each serve() call captures captures[call] graphs: warm passes until one captures nothing, then timed passes
-    until one captures nothing, timed_tries (3) at most."""
+    """Each serve() call captures captures[call] graphs, at rates[call] queries/s: warm passes until one captures
+    nothing, then timed passes until timed_passes (3) captured nothing, timed_tries (5) at most; the kept passes'
+    median is the result."""
     calls: list[int] = []
-    total = {"captures": 0, "eager": 0}
+    total = {"captures": 0, "fitted": 0, "eager": 0}
+    rates = [0.0, 30.0, 10.0, 20.0, 40.0, 50.0]
 
     def fake_serve(runtime: object, qs: object, policy: str, cfg: object) -> dict[str, object]:
         total["captures"] += captures[len(calls)]
         calls.append(len(calls))
-        return {"pass": len(calls) - 1}
+        return {"pass": len(calls) - 1, "queries_per_s": rates[len(calls) - 1]}
 
     monkeypatch.setattr(batching, "serve", fake_serve)
     monkeypatch.setattr(batching, "graph_counts", lambda runtime: dict(total))
     result = batching.timed_serve(None, [], "packed", SMOKE)
-    assert result["pass"] == kept and result["timed_passes_discarded"] == discarded
-    assert result["graph_captures"] == captures[kept]
+    assert result["pass"] == median and result["timed_passes_discarded"] == discarded
+    assert result["queries_per_s_passes"] == [rates[k] for k in kept]
+    assert result["graph_captures"] == captures[median]
 
 
 def test_parse() -> None:
