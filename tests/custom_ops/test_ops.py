@@ -863,6 +863,10 @@ def _bad(op: str, **changes: object) -> Callable[[], Tensor]:
         "approximate": "none",
     }
     k.update(changes)
+
+    def layer_norm_args() -> tuple[object, ...]:
+        return (k["x"], k["task_ids"], k["ln_weight"], k["ln_bias"], k["weight_delta"], k["bias_delta"], 1e-5)
+
     calls: dict[str, Callable[[], Tensor]] = {
         "lora_delta": lambda: ops.lora_delta(
             k["y"], k["x"], k["task_ids"], k["lora_a"], k["lora_b"], k["scale"], k["rank"]
@@ -879,19 +883,9 @@ def _bad(op: str, **changes: object) -> Callable[[], Tensor]:
             k["out_scale"],
         ),
         "bias_delta": lambda: ops.bias_delta(k["y"], k["task_ids"], k["bias"]),
-        "layer_norm": lambda: ops.layer_norm(
-            k["x"], k["task_ids"], k["ln_weight"], k["ln_bias"], k["weight_delta"], k["bias_delta"], 1e-5
-        ),
+        "layer_norm": lambda: ops.layer_norm(*layer_norm_args()),
         "layer_norm_of_a_sum": lambda: ops.layer_norm(
-            k["x"],
-            k["task_ids"],
-            k["ln_weight"],
-            k["ln_bias"],
-            k["weight_delta"],
-            k["bias_delta"],
-            1e-5,
-            x_bias=k["x_bias"],
-            residual=k["ln_residual"],
+            *layer_norm_args(), x_bias=k["x_bias"], residual=k["ln_residual"]
         ),
         "segmented_linear": lambda: ops.segmented_linear(k["x"], k["task_ids"], k["weight"], k["head_bias"]),
         "scale": lambda: ops.scale(k["y"], k["task_ids"], k["delta"]),
