@@ -1,17 +1,18 @@
-// Segmented LoRA (SGMV style) and the fused linear_delta: one launch per kernel serves every task of a batch,
-// whatever the mix. Tables of padded rank up to 16 with 16-byte-aligned rows (fp16, bf16, fp32) take the shrink
-// on cuBLAS + expand kernel of lora_split.cuh; other fp16 and bf16 tables with ranks up to 128 the tensor-core kernel of
-// lora_mma.cuh. Otherwise (fp64, larger ranks, unaligned rows) linear_delta_kernel below: a block takes kTokens
-// tokens of one batch row, so one slot; phase 1 computes
-// h = x @ A[t, :r].T for them into shared memory (fp32, one warp per token pair and rank chunk, lanes across
-// in_features), phase 2 writes out = y + scale[t] * h @ B[t, :, :r].T (+ bias[t]) with threads across out_features
-// (coalesced y and out). A slot's own rank r bounds both phases, so padding of the tables beyond r is never read.
-// Every kernel applies IA3's output scale (1 + out_scale[t]) to its rounded result, as pets::scale after it would.
-// A site with row terms and no LoRA goes to the row-term kernel (rowwise.cu).
+// Segmented LoRA (SGMV style) and the fused linear_delta: one launch per kernel serves every task of a batch, whatever
+// the mix. Tables of padded rank up to 16 with 16-byte-aligned rows (fp16, bf16, fp32) take the shrink
+// (lora_shrink.cuh; cuBLAS for fp32) + expand kernels of lora_split.cuh; other fp16 and bf16 tables with ranks up to
+// 128 the tensor-core kernel of lora_mma.cuh. Otherwise (fp64, larger ranks, unaligned rows) linear_delta_kernel below:
+// a block takes kTokens tokens of one batch row, so one slot; phase 1 computes h = x @ A[t, :r].T for them into shared
+// memory (fp32, one warp per token pair and rank chunk, lanes across in_features), phase 2 writes out = y + scale[t] *
+// h @ B[t, :, :r].T (+ bias[t]) with threads across out_features (coalesced y and out). A slot's own rank r bounds both
+// phases, so padding of the tables beyond r is never read. Every kernel applies IA3's output scale (1 + out_scale[t])
+// to its rounded result, as pets::scale after it would. A site with row terms and no LoRA goes to the row-term kernel
+// (rowwise.cu).
 #include "../common/task_groups.h"
 #include "../lora/lora.h"
 #include "common.cuh"
 #include "lora_mma.cuh"
+#include "lora_shrink.cuh"
 #include "lora_split.cuh"
 #include "slot_gemm.h"
 #include "ops.h"
@@ -190,12 +191,24 @@ at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& ta
       vectorizable(y3, out_features) && vectorizable(out, out_features) && vectorizable(a, in_features) &&
       vectorizable(b, out_features * table_rank) && (bias == nullptr || vectorizable(bs, out_features)) &&
       (out_scale == nullptr || vectorizable(os, out_features))) {
-    // Shrink on tensor cores: h [B, N, R] = each row's x @ its slot's A.T (cuBLAS, tables read in place).
+    // Shrink on tensor cores: h [B, N, R] = each row's x @ its slot's A.T (tables read in place). fp16 and bf16: the
+    // shrink kernel (rows of slots without LoRA here skipped); float: cuBLAS over per-row pointers, every row.
     at::Tensor h = at::empty({batch, tokens, table_rank}, y.options());
-    // All rows, also those of slots without LoRA here: leaving those out (SlotSkip) did not shorten the shrink (5.1 us
-    // at bert-base sizes, bs64 s128, 3 of 5 rows without LoRA: 5.4 us, profiled on the H200) and its pointer kernel
-    // took 0.3 us longer.
-    slot_gemm(x3, a, ids, h);
+    if (dtype == at::kHalf || dtype == at::kBFloat16) {
+      const int64_t blocks = batch * ceil_div(tokens, split_lora::kShrinkTokens);
+      TORCH_CHECK(blocks <= INT32_MAX, "pets::linear_delta: ", batch, " x ", tokens, " tokens are more than the ",
+                  "shrink kernel's grid");
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "pets::linear_delta", [&] {
+        split_lora::shrink_mma_kernel<scalar_t>
+            <<<static_cast<unsigned>(blocks), split_lora::kShrinkWarps * kWarp, 0, stream()>>>(
+                x3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(), a.const_data_ptr<scalar_t>(),
+                sc.const_data_ptr<scalar_t>(), rk.const_data_ptr<int64_t>(), a.size(0), table_rank,
+                h.mutable_data_ptr<scalar_t>(), tokens, in_features);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    } else {
+      slot_gemm(x3, a, ids, h);
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::linear_delta", [&] {
       constexpr bool mma = split_lora::kExpandMma<scalar_t>;
       const int64_t tiles = batch * ceil_div(tokens, mma ? split_lora::kMmaTokens : split_lora::kTileTokens);

@@ -1,15 +1,15 @@
-// Low-rank linear_delta as two streaming steps, for tables of padded rank R <= 16 with 16-byte-aligned rows: the
-// fused one-block-per-16-tokens kernels are bound by their chains of dependent loads (profiled on the H200: 46 us
-// at bert-base sizes, r 8, against a 9 us floor), and a CUDA-core shrink costs 2 * in * R fp32 instructions per
-// token (measured: 40 us at r 8, 62 at r 16). shrink (lora.cu): h = x @ A[t].T on tensor cores through cuBLAS
-// (slot_gemm.h), rounded to the input dtype. expand (here): out = y + scale[t] * h[:, :r] @ B[t, :, :r].T
-// (+ bias[t]); fp16 and bf16 on tensor cores (expand_mma_kernel), float on CUDA cores (expand_kernel). In
-// expand_kernel a block owns a tile of kTileTokens tokens of one row by kTileCols output features: it issues its
-// y loads first (16-byte vectors, in flight while it stages), stages its slice of B[t] transposed ([r][cols]) and
-// its tokens' scaled h in shared memory, then each thread adds the term to its column vector of several tokens.
-// (The first expand staged all of B[t] for every 16 tokens: 23.8 us of the 28.6 at r 8, profiled on the H200;
-// this one, for fp16, 15.0 us at r 8 and 21.8 at r 16 against a 5.2 us streaming kernel, profiled on the H200.)
-// A slot's rank r bounds the expand, so table padding beyond r never reaches the output.
+// Low-rank linear_delta as two streaming steps, for tables of padded rank R <= 16 with 16-byte-aligned rows: the fused
+// one-block-per-16-tokens kernels are bound by their chains of dependent loads (profiled on the H200: 46 us at
+// bert-base sizes, r 8, against a 9 us floor), and a CUDA-core shrink costs 2 * in * R fp32 instructions per token
+// (measured: 40 us at r 8, 62 at r 16). shrink: h = x @ A[t].T on tensor cores, rounded to the input dtype (fp16 and
+// bf16: lora_shrink.cuh; float: cuBLAS's pointer-array GEMM, slot_gemm.h). expand (here): out = y + scale[t] * h[:, :r]
+// @ B[t, :, :r].T (+ bias[t]); fp16 and bf16 on tensor cores (expand_mma_kernel), float on CUDA cores (expand_kernel).
+// In expand_kernel a block owns a tile of kTileTokens tokens of one row by kTileCols output features: it issues its y
+// loads first (16-byte vectors, in flight while it stages), stages its slice of B[t] transposed ([r][cols]) and its
+// tokens' scaled h in shared memory, then each thread adds the term to its column vector of several tokens. (The first
+// expand staged all of B[t] for every 16 tokens: 23.8 us of the 28.6 at r 8, profiled on the H200; this one, for fp16,
+// 15.0 us at r 8 and 21.8 at r 16 against a 5.2 us streaming kernel, profiled on the H200.) A slot's rank r bounds the
+// expand, so table padding beyond r never reaches the output.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -151,8 +151,7 @@ __global__ void __launch_bounds__(kThreads)
 // and unscaled; a warp stores h @ B.T in fp32 to its own shared rows, and each lane writes y + scale * that
 // (+ bias) for 4 tokens with 16-byte vectors: the scale applied to the fp32 product (one fma), not folded into h.
 // PTX mma and ldmatrix, not wmma: wmma's bf16 fragment loads compiled to generic 4-byte loads (64-bit addresses).
-// 64 registers, no spills, 43 KiB of static shared memory: 4 blocks an SM (nvcc 13, sm_90). Compile-checked only:
-// not yet run or timed on a GPU.
+// 64 registers, no spills, 43 KiB of static shared memory: 4 blocks an SM (nvcc 13, sm_90).
 constexpr int kFrag = 16;                                           // the mma's M and K
 constexpr int kWarpCols = 64;                                       // output features per warp
 constexpr int kColWarps = 2;                                        // warps across a tile's features
@@ -222,20 +221,20 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&m)[4], const void* rows) 
                : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(rows))));
 }
 
-// d = a @ b on tensor cores, fp32: a 16x16 (row-major), b 16x8 (col-major), fp16 or bf16 (PTX mma.m16n8k16).
+// d += a @ b on tensor cores, fp32: a 16x16 (row-major), b 16x8 (col-major), fp16 or bf16 (PTX mma.m16n8k16).
 template <typename scalar_t>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   constexpr bool half = std::is_same_v<scalar_t, at::Half>;
   if constexpr (half) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%10, %10, %10, %10};\n"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   } else {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%10, %10, %10, %10};\n"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
 
@@ -323,7 +322,7 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocks)
         ldmatrix_x4(b, &bs[n0 + lane % 8 + (lane / 16) * 8][((lane / 8) % 2) * 8]);
 #pragma unroll
         for (int i = 0; i < 2; ++i) {  // features n0 + 8i .. + 7; this lane: tokens g, g + 8, features 2q, 2q + 1
-          float d[4];
+          float d[4] = {};
           mma_16816<scalar_t>(d, a, b[2 * i], b[2 * i + 1]);
           float* zd = z + g * kZLd + zcol(n0 - wc + 8 * i + 2 * q);
           *reinterpret_cast<float2*>(zd) = make_float2(d[0], d[1]);

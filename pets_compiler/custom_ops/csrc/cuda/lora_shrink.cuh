@@ -1,0 +1,93 @@
+// The shrink of the split LoRA path for fp16 and bf16 (lora_split.cuh): h = x @ A[t].T on tensor cores, h [B, N, R]
+// rounded to the input dtype, for tables of padded rank R <= 16 with 16-byte-aligned rows. A block owns
+// kShrinkTokens tokens of one batch row, so one slot; a slot without LoRA here (rank or scale 0) returns at once,
+// reading no x and writing no h (the expand reads no h for it). Its warps split in_features in chunks of 32 and each
+// computes h.T for all the block's tokens over its chunks (mma.sync m16n8k16: M = the 16 ranks, N = 8 tokens, K =
+// 16 features, fp32), then the block sums the warps' partial products in a fixed order.
+// Each lane loads whole 16-byte vectors straight from global memory: lane (g, q) of a chunk reads features
+// 8q .. 8q + 7 of token g's x row and of A's rows g and g + 8. The mma's K order is a permutation of the features,
+// the same for both operands, so the first mma of a chunk takes each lane's words 0-1 and the second words 2-3.
+// Rows of A from the slot's rank r on are read as zeros (table padding never reaches h).
+// (Replaced cuBLAS's pointer-array GEMM plus its pointer kernel, which ran every row, these included: 5.6 + 1.3 us
+// a site at bert-base sizes, bs64 s128, on the H200.)
+#pragma once
+
+#include "lora_split.cuh"
+
+namespace pets::cuda::split_lora {
+
+constexpr int kShrinkTokens = 32;  // tokens a block: 4 mma column groups of 8
+constexpr int kShrinkWarps = 8;    // warps a block, across in_features
+constexpr int kChunk = 32;         // features a warp takes at once: 4 lanes x 8
+constexpr int kShrinkUnroll = 3;   // chunks whose loads a warp issues before their mmas (3 x 8 x 32 = 768)
+constexpr int kGroups = kShrinkTokens / 8;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kShrinkWarps* kWarp)
+    shrink_mma_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ task_ids,
+                      const scalar_t* __restrict__ lora_a, const scalar_t* __restrict__ lora_scale,
+                      const int64_t* __restrict__ lora_rank, int64_t lora_slots, int64_t table_rank,
+                      scalar_t* __restrict__ h, int64_t tokens, int64_t in_features) {
+  static_assert(kVecBytes / sizeof(scalar_t) == 8 && kChunk == 4 * 8 && kMaxRank == 16, "shrink: lane vectors");
+  // Each warp's partial h.T; rows padded by 8 floats: the fragment stores of a warp's 8 ranks fall in distinct banks.
+  __shared__ float partial[kShrinkWarps][kMaxRank][kShrinkTokens + 8];
+
+  const int64_t ttiles = ceil_div(tokens, kShrinkTokens);
+  const int64_t row = blockIdx.x / ttiles, m0 = row * tokens + (blockIdx.x % ttiles) * kShrinkTokens;
+  const int count = static_cast<int>(min64(kShrinkTokens, (row + 1) * tokens - m0));
+  float s;
+  const int64_t t = slot_of(task_ids, row, lora_slots);
+  const int r = slot_rank(t, lora_scale, lora_rank, table_rank, s);
+  if (r == 0) return;  // the same in the whole block
+
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, q = lane % 4;
+  const scalar_t* a_lo = lora_a + (t * table_rank + g) * in_features;  // ranks g and g + 8
+  const scalar_t* a_hi = a_lo + 8 * in_features;
+  const scalar_t* xg = x + (m0 + g) * in_features;  // token g of group 0; group n is 8n tokens further
+  float d[kGroups][4] = {};
+  const int64_t chunks = ceil_div(in_features, kChunk);
+  for (int64_t c0 = warp; c0 < chunks; c0 += kShrinkWarps * kShrinkUnroll) {
+    Bits av[kShrinkUnroll][2], xv[kShrinkUnroll][kGroups];
+#pragma unroll
+    for (int u = 0; u < kShrinkUnroll; ++u) {
+      const int64_t k = (c0 + u * kShrinkWarps) * kChunk + q * 8;
+      const bool in = k < in_features;  // in_features is a multiple of 8: a vector is all in or all out
+      av[u][0] = in && g < r ? load_vec<uint32_t>(reinterpret_cast<const uint32_t*>(a_lo + k), 0) : Bits{};
+      av[u][1] = in && g + 8 < r ? load_vec<uint32_t>(reinterpret_cast<const uint32_t*>(a_hi + k), 0) : Bits{};
+#pragma unroll
+      for (int n = 0; n < kGroups; ++n) {
+        xv[u][n] = in && 8 * n + g < count
+                       ? load_vec<uint32_t>(reinterpret_cast<const uint32_t*>(xg + 8 * n * in_features + k), 0)
+                       : Bits{};
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kShrinkUnroll; ++u) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int w = 2 * half;  // this mma's words of each lane's vectors
+        const uint32_t a[4] = {av[u][0].v[w], av[u][1].v[w], av[u][0].v[w + 1], av[u][1].v[w + 1]};
+#pragma unroll
+        for (int n = 0; n < kGroups; ++n) mma_16816<scalar_t>(d[n], a, xv[u][n].v[w], xv[u][n].v[w + 1]);
+      }
+    }
+  }
+  // d[n]: ranks g (0, 1) and g + 8 (2, 3) of tokens 8n + 2q and 8n + 2q + 1.
+#pragma unroll
+  for (int n = 0; n < kGroups; ++n) {
+    const int tm = 8 * n + 2 * q;
+    *reinterpret_cast<float2*>(&partial[warp][g][tm]) = make_float2(d[n][0], d[n][1]);
+    *reinterpret_cast<float2*>(&partial[warp][g + 8][tm]) = make_float2(d[n][2], d[n][3]);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kShrinkTokens * kMaxRank; i += blockDim.x) {
+    const int j = i / kShrinkTokens, tm = i % kShrinkTokens;  // lanes across tokens: conflict-free reads
+    if (tm >= count || j >= table_rank) continue;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kShrinkWarps; ++w) sum += partial[w][j][tm];
+    h[(m0 + tm) * table_rank + j] = static_cast<scalar_t>(sum);
+  }
+}
+
+}  // namespace pets::cuda::split_lora
