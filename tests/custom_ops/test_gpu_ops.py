@@ -90,8 +90,9 @@ def test_lora_delta(mix: str, rank: int, dtype: torch.dtype, tokens: tuple[int, 
 @pytest.mark.parametrize("rank", [16, 40])  # the split kernels (R <= 16) and the tensor-core one
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("mix", MIXES)
-def test_linear_delta(mix: str, dtype: torch.dtype, rank: int, terms: str) -> None:
-    x, y = site(dtype, (37,))
+@pytest.mark.parametrize("seq", [37, 150])  # the split expand's 64- and 128-token blocks, each with a partial one
+def test_linear_delta(mix: str, dtype: torch.dtype, rank: int, terms: str, seq: int) -> None:
+    x, y = site(dtype, (seq,))
     lora = lora_tables(rank, dtype) if "lora" in terms else (None,) * 4
     bias = randn(SLOTS, OUT, dtype=dtype, seed=6) if "bias" in terms else None
     out_scale = randn(SLOTS, OUT, dtype=dtype, seed=8, std=0.3) if "scale" in terms else None
@@ -100,11 +101,12 @@ def test_linear_delta(mix: str, dtype: torch.dtype, rank: int, terms: str) -> No
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("rank", [8, 40, 200])  # split (fp16/bf16 tensor cores, fp32/fp64 CUDA cores), mma, fallback
-def test_linear_delta_out_scale_rounds_as_the_scale_op(dtype: torch.dtype, rank: int) -> None:
+@pytest.mark.parametrize("seq", [37, 150])
+def test_linear_delta_out_scale_rounds_as_the_scale_op(dtype: torch.dtype, rank: int, seq: int) -> None:
     """Every kernel path applies the output scale to its rounded result as pets::scale after it would: bitwise the
     unfused pair; a zero slot's rows are the unscaled result bit for bit."""
     ids = task_ids_for("uniform").cuda()
-    x, y = (t.cuda() for t in site(dtype, (37,)))
+    x, y = (t.cuda() for t in site(dtype, (seq,)))
     lora = [t.cuda() for t in lora_tables(rank, dtype)]
     bias = randn(SLOTS, OUT, dtype=dtype, seed=6).cuda()
     out_scale = randn(SLOTS, OUT, dtype=dtype, seed=8, std=0.3).cuda()

@@ -211,12 +211,12 @@ at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& ta
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::linear_delta", [&] {
       constexpr bool mma = split_lora::kExpandMma<scalar_t>;
-      const int64_t tiles = batch * ceil_div(tokens, mma ? split_lora::kMmaTokens : split_lora::kTileTokens);
+      const int64_t tiles = batch * ceil_div(tokens, split_lora::expand_tile_tokens<scalar_t>(tokens));
       const int64_t col_tiles = ceil_div(out_features, mma ? split_lora::kMmaCols : split_lora::kTileCols);
       TORCH_CHECK(tiles <= INT32_MAX && col_tiles <= 65535, "pets::linear_delta: ", batch, " x ", tokens,
                   " tokens and ", out_features, " out_features are more than the kernel's grid");
       const dim3 expand_grid(static_cast<unsigned>(tiles), static_cast<unsigned>(col_tiles));
-      split_lora::expand<scalar_t>(out_scale != nullptr)<<<expand_grid, split_lora::kThreads, 0, stream()>>>(
+      split_lora::expand<scalar_t>(out_scale != nullptr, tokens)<<<expand_grid, split_lora::kThreads, 0, stream()>>>(
           y3.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
           b.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(), rk.const_data_ptr<int64_t>(), a.size(0),
           table_rank, site_terms<scalar_t>(bs, os), out.mutable_data_ptr<scalar_t>(), tokens, out_features);

@@ -143,21 +143,26 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The expand on tensor cores for fp16 and bf16: a block owns kMmaTokens tokens of one row by kMmaCols output
-// features, a warp 16 of its tokens by kWarpCols features (mma.sync m16n8k16, K = the 16 ranks, fp32). Every load
+// The expand on tensor cores for fp16 and bf16: a block owns kFrags x kMmaTokens tokens of one row by kMmaCols output
+// features, a warp kFrags x 16 of its tokens by kWarpCols features (mma.sync m16n8k16, K = the 16 ranks, fp32), one
+// fragment of 16 tokens after the other. Every load
 // that needs no slot goes first (each lane's y vectors, the tile's h rows), then all the task id gives (B[t]'s rows
 // of the tile, the bias, rank and scale) before the rank is waited for: one dependent step. h and B are staged
 // zero-padded to 16 ranks with zeros from r on in both (table padding, even inf or nan, never reaches the output)
 // and unscaled; a warp stores h @ B.T in fp32 to its own shared rows, and each lane writes y + scale * that
 // (+ bias) for 4 tokens with 16-byte vectors: the scale applied to the fp32 product (one fma), not folded into h.
 // PTX mma and ldmatrix, not wmma: wmma's bf16 fragment loads compiled to generic 4-byte loads (64-bit addresses).
-// 64 registers, no spills, 43 KiB of static shared memory: 4 blocks an SM (nvcc 13, sm_90).
+// kFrags 1: 64 registers, 43 KiB of static shared memory, 4 blocks an SM; kFrags 2 (rows of more than 64 tokens):
+// 128 tokens a block, 3 blocks an SM, so that bs64 s128 at bert-base sizes (384 blocks) runs in one wave on 132 SMs
+// (with 64-token blocks: 768 blocks in 528 places, 9.8 us a site on the H200).
 constexpr int kFrag = 16;                                           // the mma's M and K
 constexpr int kWarpCols = 64;                                       // output features per warp
 constexpr int kColWarps = 2;                                        // warps across a tile's features
-constexpr int kMmaTokens = kFrag * (kThreads / kWarp / kColWarps);  // 64
+constexpr int kMmaTokens = kFrag * (kThreads / kWarp / kColWarps);  // 64: tokens a block per fragment
 constexpr int kMmaCols = kWarpCols * kColWarps;                     // 128
-constexpr int kMmaBlocks = 4;  // blocks an SM holds (launch bound: 64 registers a thread)
+constexpr int kMmaMaxFrags = 2;
+// Blocks an SM holds (the launch bound: 64 registers a thread for one fragment, 85 for two).
+constexpr int mma_blocks(int frags) { return frags == 1 ? 4 : 3; }
 constexpr int kZLd = kWarpCols + 8;  // fp32 row stride of a warp's results: fragment stores free of bank conflicts
 
 // 16-byte vectors of fp16 or bf16 held as 4 words (with Vec<at::Half> here, nvcc kept the halves in separate
@@ -240,8 +245,8 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 
 // kScale: the site has an output scale table (a template argument: the kernel without one is the same as before it
 // existed).
-template <typename scalar_t, bool kScale>
-__global__ void __launch_bounds__(kThreads, kMmaBlocks)
+template <typename scalar_t, bool kScale, int kFrags>
+__global__ void __launch_bounds__(kThreads, mma_blocks(kFrags))
     expand_mma_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ h,
                       const int64_t* __restrict__ task_ids, const scalar_t* __restrict__ lora_b,
                       const scalar_t* __restrict__ lora_scale, const int64_t* __restrict__ lora_rank,
@@ -251,28 +256,31 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocks)
   constexpr int kVecs = kWarpCols / V;             // lanes across a warp's features: 8
   constexpr int kRows = kWarp / kVecs;             // tokens a warp writes at once: 4
   constexpr int kPer = kFrag / kRows;              // y vectors per lane: 4
-  static_assert(V == 8 && kMaxRank == kFrag && kThreads == 2 * kMmaCols && kMmaTokens <= kMmaCols,
+  constexpr int kTileTok = kFrags * kMmaTokens;
+  static_assert(V == 8 && kMaxRank == kFrag && kThreads == 2 * kMmaCols && kTileTok <= kMmaCols,
                 "expand_mma: one rank vector of B and h per thread");
-  __shared__ __align__(32) scalar_t hs[kMmaTokens][kMaxRank];  // h, 0 from r on and past the tile's tokens
+  __shared__ __align__(32) scalar_t hs[kTileTok][kMaxRank];    // h, 0 from r on and past the tile's tokens
   __shared__ __align__(32) scalar_t bs[kMmaCols][kMaxRank];    // the tile's rows of B[t], 0 from r on and past cols
   __shared__ __align__(32) float zs[kThreads / kWarp][kFrag * kZLd];  // each warp's h @ B.T
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const Tile tile = tile_of<kMmaTokens, kMmaCols>(tokens, out_features);
+  const Tile tile = tile_of<kTileTok, kMmaCols>(tokens, out_features);
   const int64_t row = tile.row, c0 = tile.c0, m0 = tile.m0;
   const int count = tile.count, cols = tile.cols;
-  const int wt = (warp / kColWarps) * kFrag, wc = (warp % kColWarps) * kWarpCols;  // the warp's corner
+  const int wt = (warp / kColWarps) * kFrags * kFrag, wc = (warp % kColWarps) * kWarpCols;  // the warp's corner
   const int lt = wt + lane / kVecs, lc = wc + (lane % kVecs) * V;  // the lane's first token, its features
   const bool col_ok = lc < cols;
-  // The lane's vector of token lt; its next tokens are `step` further each.
-  const int64_t lane_off = (m0 + lt) * out_features + c0 + lc, step = kRows * out_features;
+  // The lane's vector of token lt; its vector of token lt + i is i * out_features further.
+  const int64_t lane_off = (m0 + lt) * out_features + c0 + lc;
 
-  Bits yv[kPer];  // tokens lt, lt + kRows, ...: in flight while the block stages and multiplies
+  // Tokens lt + f * kFrag + k * kRows at [f * kPer + k]: in flight while the block stages and multiplies.
+  Bits yv[kFrags * kPer];
 #pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    const int tm = lt + k * kRows;
-    yv[k] = (col_ok && tm < count) ? load_vec<uint32_t>(reinterpret_cast<const uint32_t*>(y + lane_off + k * step), 0)
-                                   : Bits{};
+  for (int i = 0; i < kFrags * kPer; ++i) {
+    const int dt = (i / kPer) * kFrag + (i % kPer) * kRows;
+    yv[i] = (col_ok && lt + dt < count)
+                ? load_vec<uint32_t>(reinterpret_cast<const uint32_t*>(y + lane_off + dt * out_features), 0)
+                : Bits{};
   }
   // This thread's rank vector (ranks sj .. sj + 7) of one token's h and of one tile row of B[t].
   const bool vec = table_rank % V == 0;
@@ -305,13 +313,19 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocks)
   float* z = zs[warp];
   if (kScale && r == 0) __syncthreads();  // the staged scale (the branch below has its own barrier)
   if (r > 0) {  // the same in the whole block (one row)
-    if (so < kMmaTokens) *reinterpret_cast<Bits*>(&hs[so][sj]) = below_rank(hv, sj, r);
+    if (so < kTileTok) *reinterpret_cast<Bits*>(&hs[so][sj]) = below_rank(hv, sj, r);
     *reinterpret_cast<Bits*>(&bs[so][sj]) = below_rank(bv, sj, r);
     __syncthreads();
-    if (wt < count && wc < cols) {
+  }
+  const Bits scale_v = (has_scale && col_ok) ? *reinterpret_cast<const Bits*>(&ss[lc]) : Bits{};
+
+#pragma unroll
+  for (int f = 0; f < kFrags; ++f) {
+    const int ft = wt + f * kFrag;  // the fragment's first token
+    if (r > 0 && ft < count && wc < cols) {
       const int g = lane / 4, q = lane % 4;  // the fragments' row and column pair
-      uint32_t a[4];  // h of tokens wt .. wt + 15: 8x8 blocks (tokens 0-7, ranks 0-7), (8-15, 0-7), (0-7, 8-15), ..
-      ldmatrix_x4(a, &hs[wt + lane % 16][(lane / 16) * 8]);
+      uint32_t a[4];  // h of tokens ft .. ft + 15: 8x8 blocks (tokens 0-7, ranks 0-7), (8-15, 0-7), (0-7, 8-15), ..
+      ldmatrix_x4(a, &hs[ft + lane % 16][(lane / 16) * 8]);
 #pragma unroll
       for (int n = 0; n < kWarpCols / kFrag; ++n) {
         const int n0 = wc + n * kFrag;
@@ -331,54 +345,67 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocks)
       }
     }
     __syncwarp();
-  }
-  if (!col_ok) return;
-  const Bits scale_v = has_scale ? *reinterpret_cast<const Bits*>(&ss[lc]) : Bits{};
-
 #pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    const int tm = lt + k * kRows;
-    if (tm >= count) break;
-    Bits o = yv[k];  // bitwise y when there is no term
-    if (r > 0 || has_bias) {
-      float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
-      if (r > 0) {
-        const float* zr = z + (tm - wt) * kZLd;
-        lo = *reinterpret_cast<const float4*>(zr + zcol(lc - wc));
-        hi = *reinterpret_cast<const float4*>(zr + zcol(lc - wc + 4));
-      }
-      const float2 zv[4] = {{lo.x, lo.y}, {lo.z, lo.w}, {hi.x, hi.y}, {hi.z, hi.w}};
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        float2 v = unpack2<scalar_t>(yv[k].v[w]);
-        if (r > 0) v = make_float2(v.x + s * zv[w].x, v.y + s * zv[w].y);  // fmas
-        if (has_bias) {
-          const float2 b = unpack2<scalar_t>(bias_v.v[w]);
-          v = make_float2(v.x + b.x, v.y + b.y);
+    for (int k = 0; k < kPer; ++k) {
+      const int dt = f * kFrag + k * kRows, tm = lt + dt;
+      if (!col_ok || tm >= count) break;
+      const Bits yk = yv[f * kPer + k];
+      Bits o = yk;  // bitwise y when there is no term
+      if (r > 0 || has_bias) {
+        float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
+        if (r > 0) {
+          const float* zr = z + (tm - ft) * kZLd;
+          lo = *reinterpret_cast<const float4*>(zr + zcol(lc - wc));
+          hi = *reinterpret_cast<const float4*>(zr + zcol(lc - wc + 4));
         }
-        o.v[w] = pack2<scalar_t>(v);
-      }
-    }
-    if (has_scale) {  // on the rounded result, as pets::scale after it: y * (1 + 0) is y exactly
+        const float2 zv[4] = {{lo.x, lo.y}, {lo.z, lo.w}, {hi.x, hi.y}, {hi.z, hi.w}};
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const float2 v = unpack2<scalar_t>(o.v[w]), l = unpack2<scalar_t>(scale_v.v[w]);
-        o.v[w] = pack2<scalar_t>(make_float2(v.x * (1.f + l.x), v.y * (1.f + l.y)));
+        for (int w = 0; w < 4; ++w) {
+          float2 v = unpack2<scalar_t>(yk.v[w]);
+          if (r > 0) v = make_float2(v.x + s * zv[w].x, v.y + s * zv[w].y);  // fmas
+          if (has_bias) {
+            const float2 b = unpack2<scalar_t>(bias_v.v[w]);
+            v = make_float2(v.x + b.x, v.y + b.y);
+          }
+          o.v[w] = pack2<scalar_t>(v);
+        }
       }
+      if (has_scale) {  // on the rounded result, as pets::scale after it: y * (1 + 0) is y exactly
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          const float2 v = unpack2<scalar_t>(o.v[w]), l = unpack2<scalar_t>(scale_v.v[w]);
+          o.v[w] = pack2<scalar_t>(make_float2(v.x * (1.f + l.x), v.y * (1.f + l.y)));
+        }
+      }
+      // __stwb (a plain store): storing a Bits or uint4 compiled to four 4-byte stores.
+      __stwb(reinterpret_cast<uint4*>(out + lane_off + dt * out_features),
+             make_uint4(o.v[0], o.v[1], o.v[2], o.v[3]));
     }
-    // __stwb (a plain store): storing a Bits or uint4 compiled to four 4-byte stores.
-    __stwb(reinterpret_cast<uint4*>(out + lane_off + k * step),
-           make_uint4(o.v[0], o.v[1], o.v[2], o.v[3]));
+    __syncwarp();  // the next fragment's products overwrite z
   }
 }
 
 // The expand of a dtype (both kernels take the same arguments): tensor cores for fp16 and bf16, else CUDA cores.
 template <typename scalar_t>
 constexpr bool kExpandMma = std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+// Tokens a block of the expand takes for rows of `tokens` tokens (its grid: batch x ceil(tokens / this) x column
+// tiles).
 template <typename scalar_t>
-auto expand(bool scaled) {
+int64_t expand_tile_tokens(int64_t tokens) {
   if constexpr (kExpandMma<scalar_t>) {
-    return scaled ? expand_mma_kernel<scalar_t, true> : expand_mma_kernel<scalar_t, false>;
+    return tokens > kMmaTokens ? kMmaMaxFrags * kMmaTokens : kMmaTokens;
+  } else {
+    return kTileTokens;
+  }
+}
+template <typename scalar_t>
+auto expand(bool scaled, int64_t tokens) {
+  if constexpr (kExpandMma<scalar_t>) {
+    constexpr int kTwo = kMmaMaxFrags;
+    if (expand_tile_tokens<scalar_t>(tokens) > kMmaTokens) {
+      return scaled ? expand_mma_kernel<scalar_t, true, kTwo> : expand_mma_kernel<scalar_t, false, kTwo>;
+    }
+    return scaled ? expand_mma_kernel<scalar_t, true, 1> : expand_mma_kernel<scalar_t, false, 1>;
   } else {
     return expand_kernel<scalar_t>;
   }
