@@ -75,10 +75,14 @@ def check_rows(
     own: Callable[[str], OwnModel],
     spec: Callable[[str], TaskSpec],
     tolerance: float,
+    own_in_dtype: Callable[[str], OwnModel] | None = None,
 ) -> CheckResult:
-    """Compare the runtime's outputs of `rows` with each row's own fp32 model run alone on that row."""
+    """Compare the runtime's outputs of `rows` with each row's own fp32 model run alone on that row. With
+    `own_in_dtype` (the own model in the runtime's fp16 / bf16), each row also records that model's error against the
+    fp32 one (`own_dtype_err_*`: the rounding of the dtype alone, for reading the runtime's; not part of the check)."""
     result = CheckResult(tolerance)
     models: dict[str, OwnModel] = {}
+    low: dict[str, OwnModel] = {}
     for i in rows:
         name = names[i]
         if name not in models:
@@ -86,8 +90,16 @@ def check_rows(
         want_logits, want_emb = models[name](ids[i : i + 1], mask[i : i + 1])
         entry: dict[str, Any] = {"row": i, "task": name, "rel_err_embedding": rel_err(embedding[i], want_emb[0])}
         head = spec(name).head
-        if head is not None and want_logits is not None:
+        with_logits = head is not None and want_logits is not None
+        if with_logits:
             entry["rel_err_logits"] = rel_err(logits[i, : head.num_labels], want_logits[0])
+        if own_in_dtype is not None:
+            if name not in low:
+                low[name] = own_in_dtype(name)
+            low_logits, low_emb = low[name](ids[i : i + 1], mask[i : i + 1])
+            entry["own_dtype_err_embedding"] = rel_err(low_emb[0], want_emb[0])
+            if with_logits and low_logits is not None:
+                entry["own_dtype_err_logits"] = rel_err(low_logits[0], want_logits[0])
         result.rows.append(entry)
     return result
 
@@ -103,7 +115,9 @@ def check_sampled(
     device: str,
     tolerance: float,
 ) -> CheckResult:
-    """check_rows on one sampled row per kind (`part_of`: task -> its kind) against each task's own fp32 model."""
+    """check_rows on one sampled row per kind (`part_of`: task -> its kind) against each task's own fp32 model; in
+    fp16 / bf16 also the own model in that dtype (its error recorded beside the runtime's)."""
+    dtype = outputs[1].dtype
     return check_rows(
         *outputs,
         ids,
@@ -113,4 +127,5 @@ def check_sampled(
         own=lambda t: own_model(base, runtime.task(t), device, torch.float32),
         spec=runtime.task,
         tolerance=tolerance,
+        own_in_dtype=None if dtype == torch.float32 else lambda t: own_model(base, runtime.task(t), device, dtype),
     )

@@ -7,7 +7,7 @@
 // Each lane loads whole 16-byte vectors straight from global memory: lane (g, q) of a chunk reads features
 // 8q .. 8q + 7 of token g's x row and of A's rows g and g + 8. The mma's K order is a permutation of the features,
 // the same for both operands, so the first mma of a chunk takes each lane's words 0-1 and the second words 2-3.
-// Rows of A from the slot's rank r on are read as zeros (table padding never reaches h).
+// Rows of A from the slot's rank r on count as zeros (table padding never reaches h).
 // (Replaced cuBLAS's pointer-array GEMM plus its pointer kernel, which ran every row, these included: 5.6 + 1.3 us
 // a site at bert-base sizes, bs64 s128, on the H200.)
 #pragma once
@@ -23,7 +23,7 @@ constexpr int kShrinkUnroll = 3;   // chunks whose loads a warp issues before th
 constexpr int kGroups = kShrinkTokens / 8;
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kShrinkWarps* kWarp)
+__global__ void __launch_bounds__(kShrinkWarps* kWarp, 2)
     shrink_mma_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ task_ids,
                       const scalar_t* __restrict__ lora_a, const scalar_t* __restrict__ lora_scale,
                       const int64_t* __restrict__ lora_rank, int64_t lora_slots, int64_t table_rank,
@@ -35,31 +35,49 @@ __global__ void __launch_bounds__(kShrinkWarps* kWarp)
   const int64_t ttiles = ceil_div(tokens, kShrinkTokens);
   const int64_t row = blockIdx.x / ttiles, m0 = row * tokens + (blockIdx.x % ttiles) * kShrinkTokens;
   const int count = static_cast<int>(min64(kShrinkTokens, (row + 1) * tokens - m0));
-  float s;
-  const int64_t t = slot_of(task_ids, row, lora_slots);
-  const int r = slot_rank(t, lora_scale, lora_rank, table_rank, s);
-  if (r == 0) return;  // the same in the whole block
-
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, q = lane % 4;
-  const scalar_t* a_lo = lora_a + (t * table_rank + g) * in_features;  // ranks g and g + 8
-  const scalar_t* a_hi = a_lo + 8 * in_features;
   const scalar_t* xg = x + (m0 + g) * in_features;  // token g of group 0; group n is 8n tokens further
   float d[kGroups][4] = {};
+  // Every warp runs the same number of rounds (the first at least): a round's loads are all issued before its mmas.
+  // The first issues x's loads before it reads the task id (x needs no slot; the id's device assert is a call the
+  // compiler moves no load across), then A's (rows below the table's padded rank; those from the slot's rank on are
+  // zeroed after) before the slot's rank and scale have come.
   const int64_t chunks = ceil_div(in_features, kChunk);
-  for (int64_t c0 = warp; c0 < chunks; c0 += kShrinkWarps * kShrinkUnroll) {
+  const int64_t rounds = max64(1, ceil_div(chunks, kShrinkWarps * kShrinkUnroll));
+  int64_t t = -1;
+  int r = 0;
+  for (int64_t round = 0; round < rounds; ++round) {
+    const int64_t c0 = round * kShrinkWarps * kShrinkUnroll + warp;
     Bits av[kShrinkUnroll][2], xv[kShrinkUnroll][kGroups];
 #pragma unroll
     for (int u = 0; u < kShrinkUnroll; ++u) {
       const int64_t k = (c0 + u * kShrinkWarps) * kChunk + q * 8;
-      const bool in = k < in_features;  // in_features is a multiple of 8: a vector is all in or all out
-      av[u][0] = in && g < r ? load_vec<uint32_t>(reinterpret_cast<const uint32_t*>(a_lo + k), 0) : Bits{};
-      av[u][1] = in && g + 8 < r ? load_vec<uint32_t>(reinterpret_cast<const uint32_t*>(a_hi + k), 0) : Bits{};
 #pragma unroll
-      for (int n = 0; n < kGroups; ++n) {
-        xv[u][n] = in && 8 * n + g < count
+      for (int n = 0; n < kGroups; ++n) {  // in_features is a multiple of 8: a vector is all in or all out
+        xv[u][n] = k < in_features && 8 * n + g < count
                        ? load_vec<uint32_t>(reinterpret_cast<const uint32_t*>(xg + 8 * n * in_features + k), 0)
                        : Bits{};
       }
+    }
+    if (round == 0) t = slot_of(task_ids, row, lora_slots);
+    const scalar_t* a_lo = lora_a + (max64(t, 0) * table_rank + g) * in_features;  // ranks g and g + 8
+    const scalar_t* a_hi = a_lo + 8 * in_features;
+#pragma unroll
+    for (int u = 0; u < kShrinkUnroll; ++u) {
+      const int64_t k = (c0 + u * kShrinkWarps) * kChunk + q * 8;
+      const bool in = k < in_features && t >= 0;
+      av[u][0] = in && g < table_rank ? load_vec<uint32_t>(reinterpret_cast<const uint32_t*>(a_lo + k), 0) : Bits{};
+      av[u][1] = in && g + 8 < table_rank ? load_vec<uint32_t>(reinterpret_cast<const uint32_t*>(a_hi + k), 0) : Bits{};
+    }
+    if (round == 0) {
+      float s;
+      r = slot_rank(t, lora_scale, lora_rank, table_rank, s);
+      if (r == 0) return;  // the same in the whole block: no h for it (the expand reads none)
+    }
+#pragma unroll
+    for (int u = 0; u < kShrinkUnroll; ++u) {
+      if (g >= r) av[u][0] = Bits{};
+      if (g + 8 >= r) av[u][1] = Bits{};
     }
 #pragma unroll
     for (int u = 0; u < kShrinkUnroll; ++u) {

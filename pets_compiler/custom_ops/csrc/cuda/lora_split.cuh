@@ -303,12 +303,15 @@ __global__ void __launch_bounds__(kThreads, mma_blocks(kFrags))
   __shared__ __align__(16) scalar_t ss[kScale ? kMmaCols : V];
   const int64_t t_scale = kScale ? slot_of(task_ids, row, terms.scale_slots) : -1;
   const bool has_scale = kScale && t_scale >= 0;
-  if (has_scale && threadIdx.x * V < cols) {
-    *reinterpret_cast<Bits*>(&ss[threadIdx.x * V]) = load_vec<uint32_t>(
-        reinterpret_cast<const uint32_t*>(terms.scale + t_scale * out_features + c0 + threadIdx.x * V), 0);
-  }
+  const bool stages_scale = has_scale && threadIdx.x * V < cols;
+  const Bits scale_in = stages_scale ? load_vec<uint32_t>(reinterpret_cast<const uint32_t*>(
+                                           terms.scale + t_scale * out_features + c0 + threadIdx.x * V), 0)
+                                     : Bits{};
+  // The rank and scale loads go out before the staging store waits for the scale row (after it, they made a third
+  // dependent step).
   float s;
   const int r = slot_rank(t, lora_scale, lora_rank, table_rank, s);
+  if (stages_scale) *reinterpret_cast<Bits*>(&ss[threadIdx.x * V]) = scale_in;
 
   float* z = zs[warp];
   if (kScale && r == 0) __syncthreads();  // the staged scale (the branch below has its own barrier)
