@@ -368,31 +368,33 @@ at::Tensor adapter(const at::Tensor& h, const at::Tensor& residual, const at::Te
     });
     // A task id outside the tables trips slot_gemm's device assert, like the kernels'.
     at::Tensor down = at::empty({h3.size(0), tokens, padded}, h3.options());
-    // Each row times its own slot's down_w, read in place; rows without an adapter are left out (the activation
-    // writes zeros over their `down` rows without reading them into anything kept).
-    const SlotSkip no_adapter{cfg.const_data_ptr<int64_t>() + kAdapterEnabled, kAdapterConfigColumns};
-    slot_gemm(a_in, dw, ids, down, no_adapter);
-    const int64_t total = down.numel();
-    const bool act_vec = vectorizable(down, padded) && vectorizable(db, padded);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::adapter", [&] {
-      if (act_vec) {
-        const int64_t vecs = total / vec_elems<scalar_t>();
-        adapter_act_vec_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(vecs, 256)), 256, 0, stream()>>>(
-            down.mutable_data_ptr<scalar_t>(), db.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
-            cfg.const_data_ptr<int64_t>(), cfg.size(0), vecs, tokens, padded);
-      } else {
-        adapter_act_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(total, 256)), 256, 0, stream()>>>(
-            down.mutable_data_ptr<scalar_t>(), db.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
-            cfg.const_data_ptr<int64_t>(), cfg.size(0), total, tokens, padded);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
     at::Tensor up = at::empty_like(h3);  // [B, N, H]
-    // Every row for the up projection: rows without an adapter read `down`'s zeros (the activation wrote them) and
-    // their `up` rows are never read. Leaving them out made it slower (8.2 us against 7.4 at bert-base sizes, bs64
-    // s128, 4 of 5 rows without an adapter, profiled on the H200: their writes all go to one shared output), while
-    // the down projection went from 8.1 to 5.7 us.
-    slot_gemm(down, uw, ids, up);
+    // Each row times its own slot's down_w, read in place; rows without an adapter are left out (the activation
+    // writes zeros over their `down` rows without reading them into anything kept). Then every row for the up
+    // projection: rows without an adapter read `down`'s zeros and their `up` rows are never read. Leaving them out
+    // made it slower (8.2 us against 7.4 at bert-base sizes, bs64 s128, 4 of 5 rows without an adapter, profiled on
+    // the H200: their writes all go to one shared output), while the down projection went from 8.1 to 5.7 us. One
+    // pointer kernel for both (slot_gemms; two took 1.2 us each).
+    const SlotSkip no_adapter{cfg.const_data_ptr<int64_t>() + kAdapterEnabled, kAdapterConfigColumns};
+    const auto activation = [&](size_t gemm) {
+      if (gemm != 0) return;
+      const int64_t total = down.numel();
+      const bool act_vec = vectorizable(down, padded) && vectorizable(db, padded);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::adapter", [&] {
+        if (act_vec) {
+          const int64_t vecs = total / vec_elems<scalar_t>();
+          adapter_act_vec_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(vecs, 256)), 256, 0, stream()>>>(
+              down.mutable_data_ptr<scalar_t>(), db.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
+              cfg.const_data_ptr<int64_t>(), cfg.size(0), vecs, tokens, padded);
+        } else {
+          adapter_act_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(total, 256)), 256, 0, stream()>>>(
+              down.mutable_data_ptr<scalar_t>(), db.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
+              cfg.const_data_ptr<int64_t>(), cfg.size(0), total, tokens, padded);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    };
+    slot_gemms(ids, {{a_in, dw, down, no_adapter}, {down, uw, up}}, activation);
     // adapter_out's grid: as many blocks as the GPU holds at once (2 an SM at its registers), at most one a group
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     const unsigned out_blocks = static_cast<unsigned>(std::min<int64_t>(blocks, 2 * static_cast<int64_t>(sms)));

@@ -5,6 +5,9 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
+#include <initializer_list>
+
 namespace pets::cuda {
 
 // Batch rows whose slot has no term at the call (a row without LoRA at a LoRA site, without an adapter at an adapter
@@ -21,5 +24,19 @@ struct SlotSkip {
 // caller; a task id outside [0, T) asserts on the device and its row reads slot 0.
 void slot_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& task_ids, at::Tensor& out,
                SlotSkip skip = {});
+
+// One of several per-slot matmuls of the same batch rows (slot_gemms).
+struct SlotGemm {
+  const at::Tensor& x;
+  const at::Tensor& w;
+  at::Tensor& out;
+  SlotSkip skip = {};
+};
+
+// slot_gemm for each of `gemms` in order (one dtype, the same batch size), with one pointer kernel for all, and
+// `after(j)` (if given) launched after matmul j: the adapter's down projection, its activation, its up projection
+// (which reads the down projection's output: the pointers are only addresses).
+void slot_gemms(const at::Tensor& task_ids, std::initializer_list<SlotGemm> gemms,
+                const std::function<void(size_t)>& after = {});
 
 }  // namespace pets::cuda
