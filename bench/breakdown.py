@@ -150,7 +150,7 @@ def measure_shape(
         check = check_sampled(runtime, served.base, forward(), ids, mask, names, part_of, cfg.device, cfg.tolerance)
         record["check"] = check.to_json()
         if not check.passed:
-            record["error"] = f"correctness check failed: max relative error {check.max_rel_err:.3g} > {cfg.tolerance}"
+            record["error"] = check.failure()
             return record
         record["timing"] = timed(forward, cfg.device, cfg.warmup, cfg.iters).to_json()
         record["host_s"] = {"served": host_s(forward, cfg.device, cfg.iters)}

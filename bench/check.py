@@ -64,6 +64,20 @@ class CheckResult:
     def to_json(self) -> dict[str, object]:
         return {"passed": self.passed, "tolerance": self.tolerance, "max_rel_err": self.max_rel_err, "rows": self.rows}
 
+    def failure(self) -> str:
+        """The record's error for a failed check; it names the rows whose own model in the runtime's dtype is itself
+        beyond the tolerance (there the fp32 bound is out of that dtype's reach, whatever runs the task)."""
+        message = f"correctness check failed: max relative error {self.max_rel_err:.3g} > {self.tolerance}"
+        beyond = [
+            f"row {r['row']} ({r['task']}): {k.removeprefix('own_dtype_err_')} {float(e):.3g}"
+            for r in self.rows
+            for k, e in r.items()
+            if k.startswith("own_dtype_err_") and float(e) > self.tolerance
+        ]
+        if beyond:
+            message += "; the own model in the runtime's dtype is itself beyond it at " + ", ".join(beyond)
+        return message
+
 
 def check_rows(
     logits: Tensor,

@@ -123,7 +123,7 @@ def measure_config(
         record["check"] = check.to_json()
         record["pets_exec"] = describe(runtime, cfg.pets_exec)
         if not check.passed:
-            record["error"] = f"correctness check failed: max relative error {check.max_rel_err:.3g} > {cfg.tolerance}"
+            record["error"] = check.failure()
             return record
         graph, no_graph = graph_for(s, ids)
         before = time_backbone(s, ids, mask, graph)
