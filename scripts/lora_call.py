@@ -1,4 +1,5 @@
-"""pets.linear_delta at a bert-base attention site (768 x 768, bs64 s128, fp16, 32 slots, row b on slot b % 32) and
+"""pets.linear_delta at a bert-base attention site (768 x 768, 8192 tokens: bs64 s128 or --seq S, fp16, 32 slots, row b
+on slot b % 32) and
 pets.gelu_delta at its FFN (3072 features), for a profiler: `ncu --kernel-name regex:"shrink|expand"
 --launch-skip 4 --launch-count 2 python -m scripts.lora_call --rows mix`. `--rows mix`: the slots cycle through
 mix_dense's five kinds (LoRA r8, LoRA r16, BitFit's bias, none, IA3's scale: LoRA on 2 rows in 5); `lora`: LoRA r16
@@ -18,9 +19,11 @@ import pets_compiler  # noqa: F401
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--rows", choices=("mix", "lora", "gelu"), default="mix")
+    p.add_argument("--seq", type=int, default=128)
     args = p.parse_args()
     dev, dt = "cuda", torch.float16
-    batch, seq, hidden, inter, slots = 64, 128, 768, 3072, 32
+    seq, hidden, inter, slots = args.seq, 768, 3072, 32
+    batch = max(1, 8192 // seq)
     g = torch.Generator().manual_seed(0)
 
     def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
@@ -54,7 +57,10 @@ def main() -> None:
     end.record()
     torch.cuda.synchronize()
     us = start.elapsed_time(end) / 20 * 1e3
-    print(f"{torch.cuda.get_device_name()} {args.rows}: {us:.1f} us a call (every kernel of it, launch gaps included)")
+    print(
+        f"{torch.cuda.get_device_name()} {args.rows} {batch}x{seq}: {us:.1f} us a call "
+        "(every kernel of it, launch gaps included)"
+    )
 
 
 if __name__ == "__main__":

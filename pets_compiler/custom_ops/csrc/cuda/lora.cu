@@ -216,7 +216,8 @@ at::Tensor launch(const at::Tensor& y, const at::Tensor& x, const at::Tensor& ta
       TORCH_CHECK(tiles <= INT32_MAX && col_tiles <= 65535, "pets::linear_delta: ", batch, " x ", tokens,
                   " tokens and ", out_features, " out_features are more than the kernel's grid");
       const dim3 expand_grid(static_cast<unsigned>(tiles), static_cast<unsigned>(col_tiles));
-      split_lora::expand<scalar_t>(out_scale != nullptr, tokens)<<<expand_grid, split_lora::kThreads, 0, stream()>>>(
+      const int threads = mma ? split_lora::kMmaThreads : split_lora::kThreads;
+      split_lora::expand<scalar_t>(out_scale != nullptr, tokens)<<<expand_grid, threads, 0, stream()>>>(
           y3.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
           b.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(), rk.const_data_ptr<int64_t>(), a.size(0),
           table_rank, site_terms<scalar_t>(bs, os), out.mutable_data_ptr<scalar_t>(), tokens, out_features);

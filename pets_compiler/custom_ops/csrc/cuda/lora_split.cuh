@@ -157,12 +157,12 @@ __global__ void __launch_bounds__(kThreads)
 // (with 64-token blocks: 768 blocks in 528 places, 9.8 us a site on the H200).
 constexpr int kFrag = 16;                                           // the mma's M and K
 constexpr int kWarpCols = 64;                                       // output features per warp
-constexpr int kColWarps = 2;                                        // warps across a tile's features
-constexpr int kMmaTokens = kFrag * (kThreads / kWarp / kColWarps);  // 64: tokens a block per fragment
-constexpr int kMmaCols = kWarpCols * kColWarps;                     // 128
+constexpr int kMmaThreads = 128;                                    // 4 warps, each on a tile's 64 features
+constexpr int kMmaTokens = kFrag * (kMmaThreads / kWarp);           // 64: tokens a block per fragment
+constexpr int kMmaCols = kWarpCols;                                 // 64
 constexpr int kMmaMaxFrags = 2;
-// Blocks an SM holds (the launch bound: 64 registers a thread for one fragment, 85 for two).
-constexpr int mma_blocks(int frags) { return frags == 1 ? 4 : 3; }
+// Blocks an SM holds (the launch bound: 64 registers a thread for one fragment, 80 for two).
+constexpr int mma_blocks(int frags) { return frags == 1 ? 8 : 6; }
 constexpr int kZLd = kWarpCols + 8;  // fp32 row stride of a warp's results: fragment stores free of bank conflicts
 
 // 16-byte vectors of fp16 or bf16 held as 4 words (with Vec<at::Half> here, nvcc kept the halves in separate
@@ -246,7 +246,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 // kScale: the site has an output scale table (a template argument: the kernel without one is the same as before it
 // existed).
 template <typename scalar_t, bool kScale, int kFrags>
-__global__ void __launch_bounds__(kThreads, mma_blocks(kFrags))
+__global__ void __launch_bounds__(kMmaThreads, mma_blocks(kFrags))
     expand_mma_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ h,
                       const int64_t* __restrict__ task_ids, const scalar_t* __restrict__ lora_b,
                       const scalar_t* __restrict__ lora_scale, const int64_t* __restrict__ lora_rank,
@@ -257,17 +257,18 @@ __global__ void __launch_bounds__(kThreads, mma_blocks(kFrags))
   constexpr int kRows = kWarp / kVecs;             // tokens a warp writes at once: 4
   constexpr int kPer = kFrag / kRows;              // y vectors per lane: 4
   constexpr int kTileTok = kFrags * kMmaTokens;
-  static_assert(V == 8 && kMaxRank == kFrag && kThreads == 2 * kMmaCols && kTileTok <= kMmaCols,
-                "expand_mma: one rank vector of B and h per thread");
+  constexpr int kHRows = kTileTok * 2 / kMmaThreads;  // h rank vectors a thread stages
+  static_assert(V == 8 && kMaxRank == kFrag && kMmaThreads == 2 * kMmaCols && kHRows * kMmaThreads == 2 * kTileTok,
+                "expand_mma: one rank vector of B and kHRows of h per thread");
   __shared__ __align__(32) scalar_t hs[kTileTok][kMaxRank];    // h, 0 from r on and past the tile's tokens
   __shared__ __align__(32) scalar_t bs[kMmaCols][kMaxRank];    // the tile's rows of B[t], 0 from r on and past cols
-  __shared__ __align__(32) float zs[kThreads / kWarp][kFrag * kZLd];  // each warp's h @ B.T
+  __shared__ __align__(32) float zs[kMmaThreads / kWarp][kFrag * kZLd];  // each warp's h @ B.T
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const Tile tile = tile_of<kTileTok, kMmaCols>(tokens, out_features);
   const int64_t row = tile.row, c0 = tile.c0, m0 = tile.m0;
   const int count = tile.count, cols = tile.cols;
-  const int wt = (warp / kColWarps) * kFrags * kFrag, wc = (warp % kColWarps) * kWarpCols;  // the warp's corner
+  const int wt = warp * kFrags * kFrag, wc = 0;  // the warp's corner
   const int lt = wt + lane / kVecs, lc = wc + (lane % kVecs) * V;  // the lane's first token, its features
   const bool col_ok = lc < cols;
   // The lane's vector of token lt; its vector of token lt + i is i * out_features further.
@@ -282,10 +283,15 @@ __global__ void __launch_bounds__(kThreads, mma_blocks(kFrags))
                 ? load_vec<uint32_t>(reinterpret_cast<const uint32_t*>(y + lane_off + dt * out_features), 0)
                 : Bits{};
   }
-  // This thread's rank vector (ranks sj .. sj + 7) of one token's h and of one tile row of B[t].
+  // This thread's rank vector (ranks sj .. sj + 7) of tokens so, so + kMmaCols, .. of h and of one tile row of B[t].
   const bool vec = table_rank % V == 0;
   const int sj = (threadIdx.x % 2) * V, so = threadIdx.x / 2;
-  const Bits hv = so < count ? load_ranks(h + (m0 + so) * table_rank, sj, table_rank, vec) : Bits{};
+  Bits hv[kHRows];
+#pragma unroll
+  for (int i = 0; i < kHRows; ++i) {
+    const int tm = so + i * kMmaCols;
+    hv[i] = tm < count ? load_ranks(h + (m0 + tm) * table_rank, sj, table_rank, vec) : Bits{};
+  }
   // Everything the task id gives is loaded before the rank is checked: one dependent step.
   const int64_t t = slot_of(task_ids, row, lora_slots);
   const int64_t t_bias = terms.bias != nullptr ? slot_of(task_ids, row, terms.bias_slots) : -1;
@@ -316,7 +322,8 @@ __global__ void __launch_bounds__(kThreads, mma_blocks(kFrags))
   float* z = zs[warp];
   if (kScale && r == 0) __syncthreads();  // the staged scale (the branch below has its own barrier)
   if (r > 0) {  // the same in the whole block (one row)
-    if (so < kTileTok) *reinterpret_cast<Bits*>(&hs[so][sj]) = below_rank(hv, sj, r);
+#pragma unroll
+    for (int i = 0; i < kHRows; ++i) *reinterpret_cast<Bits*>(&hs[so + i * kMmaCols][sj]) = below_rank(hv[i], sj, r);
     *reinterpret_cast<Bits*>(&bs[so][sj]) = below_rank(bv, sj, r);
     __syncthreads();
   }
