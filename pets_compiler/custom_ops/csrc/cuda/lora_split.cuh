@@ -143,18 +143,20 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The expand on tensor cores for fp16 and bf16: a block owns kFrags x kMmaTokens tokens of one row by kMmaCols output
-// features, a warp kFrags x 16 of its tokens by kWarpCols features (mma.sync m16n8k16, K = the 16 ranks, fp32), one
-// fragment of 16 tokens after the other. Every load
-// that needs no slot goes first (each lane's y vectors, the tile's h rows), then all the task id gives (B[t]'s rows
-// of the tile, the bias, rank and scale) before the rank is waited for: one dependent step. h and B are staged
-// zero-padded to 16 ranks with zeros from r on in both (table padding, even inf or nan, never reaches the output)
-// and unscaled; a warp stores h @ B.T in fp32 to its own shared rows, and each lane writes y + scale * that
-// (+ bias) for 4 tokens with 16-byte vectors: the scale applied to the fp32 product (one fma), not folded into h.
-// PTX mma and ldmatrix, not wmma: wmma's bf16 fragment loads compiled to generic 4-byte loads (64-bit addresses).
-// kFrags 1: 64 registers, 43 KiB of static shared memory, 4 blocks an SM; kFrags 2 (rows of more than 64 tokens):
-// 128 tokens a block, 3 blocks an SM, so that bs64 s128 at bert-base sizes (384 blocks) runs in one wave on 132 SMs
-// (with 64-token blocks: 768 blocks in 528 places, 9.8 us a site on the H200).
+// The expand on tensor cores for fp16 and bf16: a block (4 warps) owns kFrags x kMmaTokens tokens of one row by
+// kMmaCols output features, a warp kFrags x 16 of its tokens by all of them (mma.sync m16n8k16, K = the 16 ranks,
+// fp32), one fragment of 16 tokens after the other. Every load that needs no slot goes first (each lane's y vectors,
+// the tile's h rows), then all the task id gives (B[t]'s rows of the tile, the bias, rank and scale) before the rank
+// is waited for: one dependent step. h and B are staged zero-padded to 16 ranks with zeros from r on in both (table
+// padding, even inf or nan, never reaches the output) and unscaled; a warp stores h @ B.T in fp32 to its own shared
+// rows, and each lane writes y + scale * that (+ bias) for 4 tokens with 16-byte vectors: the scale applied to the
+// fp32 product (one fma), not folded into h. PTX mma and ldmatrix, not wmma: wmma's bf16 fragment loads compiled to
+// generic 4-byte loads (64-bit addresses). kFrags 1: 64 registers, 22 KiB of static shared memory, 8 blocks an SM;
+// kFrags 2 (rows of more than 64 tokens): 80 registers, 24 KiB, 6 blocks an SM: bs64 s128 at bert-base sizes (768
+// blocks) in one wave on 132 SMs. With the scale: 8 and 16 bytes spilled. On the H200 at bs64 s128 in the mix_dense
+// program: 8.7 us a site (blocks of 8 warps over 128 features: 9.8 with two fragments, 3 blocks an SM; 9.8 with one,
+// 4 an SM). Whole linear_delta calls (scripts/lora_call.py, 8192 tokens, H200): LoRA on 2 rows in 5 with bias and
+// scale rows, 22.3 us at bs64 s128 (two fragments) against 19.8 at bs128 s64 (one); LoRA on every row 21.7 / 21.4.
 constexpr int kFrag = 16;                                           // the mma's M and K
 constexpr int kWarpCols = 64;                                       // output features per warp
 constexpr int kMmaThreads = 128;                                    // 4 warps, each on a tile's 64 features
