@@ -54,7 +54,9 @@ def test_graph_config_refuses_nonpositive_limits() -> None:
 
 
 def test_padding_leaves_real_rows_unchanged(runtime: pets_compiler.Runtime) -> None:
-    """Padded columns (masked) and rows (slot 0) do not change the real rows, for the pooler or mean pooling."""
+    """Padded columns (masked) and rows (slot 0) do not change the real rows, for the pooler or mean pooling, beyond
+    fp32 rounding (DESIGN.md's 1e-5: other shapes take other GEMM kernels; at (16, 64) the real rows moved by
+    1.1e-6 on one machine, under 1e-6 on another). Control: unmasking a padded column moves them far beyond it."""
     rows, names = mixed_rows(1000, runtime.task_names(), 5, seed=11)
     ids, mask = pad(rows)
     slots = torch.tensor([runtime.slot(n) for n in names])
@@ -72,7 +74,10 @@ def test_padding_leaves_real_rows_unchanged(runtime: pets_compiler.Runtime) -> N
             got = eager(*padded)
             for g, w in zip(got, want, strict=True):
                 assert torch.isfinite(g).all()
-                assert rel_err(g[:5], w) < 1e-6, shape
+                assert rel_err(g[:5], w) < 1e-5, shape
+        leaky = pad_inputs(ids, mask, slots, (ids.shape[0] + 3, ids.shape[1] + 1), pad_id=0)
+        leaky[1][:5, -1] = 1  # the real rows attend to a pad token
+        assert max(rel_err(g[:5], w) for g, w in zip(eager(*leaky), want, strict=True)) > 1e-3
 
 
 def test_pad_inputs_returns_a_fitting_batch_as_is() -> None:
