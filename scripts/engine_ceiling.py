@@ -20,7 +20,7 @@ from bench.batching import Config, queries, serve
 from bench.kinds import make_kinds
 from bench.loading import Served
 from bench.models import TINY, make_base
-from pets_compiler.serving import engine
+from scripts.profile_engine import engine_thread_profiled
 
 HIDDEN, LABELS = 768, 4  # bert-base's embedding width; the logits' width does not matter for a task without head
 
@@ -65,20 +65,10 @@ def main() -> None:
         print(f"{policy}: {rates[len(rates) // 2]:,.0f} q/s (median of {args.passes}: {[round(r) for r in rates]})")
     if args.profile:  # the engine's thread (Engine._serve), then the caller's (submitting, waiting)
         worker, caller = cProfile.Profile(), cProfile.Profile()
-        loop = engine.Engine._serve
-
-        def profiled(self: engine.Engine) -> None:
-            worker.enable()
-            try:
-                loop(self)
-            finally:
-                worker.disable()
-
-        engine.Engine._serve = profiled  # type: ignore[method-assign]
-        caller.enable()
-        serve(runtime, qs, "packed", cfg)
-        caller.disable()
-        engine.Engine._serve = loop  # type: ignore[method-assign]
+        with engine_thread_profiled(worker):
+            caller.enable()
+            serve(runtime, qs, "packed", cfg)
+            caller.disable()
         for name, prof in (("engine thread", worker), ("caller", caller)):
             print(f"== {name}")
             pstats.Stats(prof).sort_stats("tottime").print_stats(18)
