@@ -76,9 +76,9 @@ def backbone_graph(model: BertModel, ids: Tensor, warmup: int = 3) -> GraphedBac
             model(input_ids=static_ids)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    # captured on the warm-up's stream, as the runtime's graphs are (graphs.CudaCapture): the replay took ~9.4 ms
-    # against ~4.6-6 eager at bert-base bs64 s128 on the H200 when captured on torch.cuda.graph's own stream (cause
-    # not found; this change not yet run on a GPU)
+    # captured on the warm-up's stream, as the runtime's graphs are (graphs.CudaCapture). The replay takes ~9.4 ms
+    # against ~4.6-6.3 eager at bert-base bs64 s128 on the H200, on either stream (cause not found; the throughput
+    # denominator is the fastest backbone path, so a slow graph never sets it)
     with torch.inference_mode(), torch.cuda.graph(graph, stream=stream):
         output = model(input_ids=static_ids).pooler_output
     return GraphedBackbone(graph, static_ids, output)

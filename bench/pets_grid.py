@@ -195,7 +195,7 @@ class Part:
             if not check.passed:
                 # The same rows through the merged own models in the same dtype: how far plain fp16 is from fp32.
                 self.run_seqs(groups, ids, mask, names, bs, record["seqs"])
-                record["error"] = f"correctness check failed: max relative error {check.max_rel_err:.3g}"
+                record["error"] = check.failure()
                 return record
             pets_t = timed(forward, cfg.device, cfg.warmup, cfg.iters, cfg.budget_s)
             record["pets_exec"] = describe(self.runtime, cfg.pets_exec)

@@ -1,8 +1,6 @@
 // pets::adapter: the end of a BERT sublayer, LN_t(h + residual), with slot t's bottleneck adapter where AdapterHub
 // places it. Rows that fit in registers (row_regs.cuh) take the fast path below; others the one-kernel version of
 // adapter_fused.cuh.
-#include <ATen/cuda/CUDAContext.h>
-
 #include "../adapter/adapter.h"
 #include "../common/task_groups.h"
 #include "adapter_activation.cuh"
@@ -396,8 +394,7 @@ at::Tensor adapter(const at::Tensor& h, const at::Tensor& residual, const at::Te
     };
     slot_gemms(ids, {{a_in, dw, down, no_adapter}, {down, uw, up}}, activation);
     // adapter_out's grid: as many blocks as the GPU holds at once (2 an SM at its registers), at most one a group
-    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const unsigned out_blocks = static_cast<unsigned>(std::min<int64_t>(blocks, 2 * static_cast<int64_t>(sms)));
+    const unsigned out_blocks = static_cast<unsigned>(std::min<int64_t>(blocks, 2 * multiprocessor_count()));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pets::adapter", [&] {
       const auto kernel = hb.defined() ? adapter_out_kernel<scalar_t, true> : adapter_out_kernel<scalar_t, false>;
       kernel<<<out_blocks, kThreads, 0, stream()>>>(
