@@ -51,6 +51,7 @@
 #include "../lora/lora.h"
 #include "../sparse/sparse.h"
 #include "common.cuh"
+#include "mma.cuh"
 #include "ops.h"
 
 namespace pets::cuda {
@@ -540,6 +541,141 @@ __device__ __forceinline__ void chunk_sums(const unsigned char* xs, acc_t<scalar
   }
 }
 
+// The tensor-core path runs fp16 and bf16; float and double run chunk_sums.
+template <typename scalar_t>
+constexpr bool kSparseMma = kIs16<scalar_t>;
+
+template <typename scalar_t, int kColBytes>
+constexpr int zero_lines() {
+  return kSparseMma<scalar_t> ? 8 : 1;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The tensor-core path (fp16 / bf16). A chunk's 16 output rows are the mma's M, 8 tokens its N, and 16 of the
+// rows' entries its K: each row's entries are taken in octets (8 consecutive entries of one row, its last octet
+// padded with zero entries), two octets a step. a (16 x 16) has one nonzero a column, entry k's value at its row;
+// b (16 x 8) holds entry k's column for 8 tokens, read from the staged lines with ldmatrix.trans (lane k gives entry
+// k's line). An mma makes 128 useful products (16 entries x 8 tokens), an ldmatrix.x4 feeds two. With 128-byte
+// lines (kT = 64) a step is 4 ldmatrix.x4 and 8 mma for 1024 products; the SIMT path above needs ~77 warp
+// instructions for as many. Shared memory bound: 2 bytes a product gathered, conflict-free where an octet's columns
+// differ mod 8: chunk j of line c is staged at j ^ ((c >> kShift) & (kChunks - 1)), so the bank quad of (c, j) is a
+// bijection of c & 7 for each j; the sparse tables order each row's entries so that an octet's columns do where they
+// can (runtime/tables.py, octet_order); any order is correct, a worse one costs wavefronts. Padding entries read the
+// zero line of their class (in_pad + position), so 0 * 0 adds +0 and inf or nan in x never meets a padding entry.
+
+template <int kColBytes>
+struct MmaLines {
+  static constexpr int kChunks = kColBytes / kVecBytes;
+  static constexpr int kShift = kChunks == 8 ? 0 : (kChunks == 4 ? 1 : 2);  // log2(8 / kChunks)
+  // Where chunk j (8 / 4 / 2 tokens of 16 bytes) of line c is staged in that line.
+  __device__ __forceinline__ static uint32_t chunk(uint32_t c, uint32_t j) {
+    return j ^ ((c >> kShift) & (kChunks - 1));
+  }
+};
+
+// One step's entry as a lane loaded it (lanes l and l + 16 hold entry l % 16 of the step), before its checks.
+struct MmaEntry {
+  int64_t c;
+  uint32_t v;     // raw 16-bit value
+  uint32_t meta;  // bits 0-7: the row (0-15, 16+: none) of the step's first octet; 8-15: its second; 16: a real entry
+};
+
+// Lane l's entry of the octets q, q + 1 of the chunk (q even): ends[r] (lane r < 16) is the inclusive prefix sum of
+// the rows' octet counts, first[r] the pool offset (from `base`) of row r's entry 0 less 8 x its first octet, last[r]
+// its end offset.
+__device__ __forceinline__ MmaEntry mma_entry(const int64_t* __restrict__ col, const uint16_t* __restrict__ val,
+                                              int q, int ends, int first, int last, int lane) {
+  constexpr unsigned kFull = 0xffffffffu;
+  const int r0 = __popc(__ballot_sync(kFull, lane < kChunkRows && ends <= q));
+  const int r1 = __popc(__ballot_sync(kFull, lane < kChunkRows && ends <= q + 1));
+  const int kl = lane % 16;
+  const int r = kl < 8 ? r0 : r1;
+  const int lo = __shfl_sync(kFull, first, r & 15), hi = __shfl_sync(kFull, last, r & 15);
+  const int idx = lo + 8 * (q + kl / 8) + kl % 8;
+  const bool real = r < kChunkRows && idx < hi;
+  MmaEntry e;
+  e.c = real ? col[idx] : 0;
+  e.v = real ? static_cast<uint32_t>(val[idx]) : 0u;
+  e.meta = static_cast<uint32_t>(r0) | (static_cast<uint32_t>(r1) << 8) | (real ? 1u << 16 : 0u);
+  return e;
+}
+
+// The fp32 sums of a warp's chunk (lane r < kChunkRows: row o0 + r's entries [rk0, rk1), an empty row 0, 0) into its
+// rows `sums` (as chunk_sums writes them), on tensor cores. Entries are loaded kAhead steps ahead of their use.
+template <typename scalar_t, int kColBytes>
+__device__ __forceinline__ void chunk_sums_mma(const unsigned char* xs, acc_t<scalar_t>* sums,
+                                               const int64_t* __restrict__ col, const uint16_t* __restrict__ val,
+                                               int64_t rk0, int64_t rk1, int in_features, int in_pad, int lane) {
+  using L = SparseLayout<scalar_t, kColBytes>;
+  using M = MmaLines<kColBytes>;
+  constexpr unsigned kFull = 0xffffffffu;
+  constexpr int kNT = L::kT / 8;  // n-tiles of the block's tokens
+  constexpr int kAhead = 3;
+  static_assert(kNT % 2 == 0, "ldmatrix.x4 feeds two n-tiles");
+  // Offsets from the chunk's first entry (32 bits: row_entries' bound); lanes past the chunk's rows have 0, 0.
+  const int64_t base = __shfl_sync(kFull, rk0, 0);
+  CUDA_KERNEL_ASSERT(rk1 - base < (int64_t(1) << 31) && "pets: a sparse_delta chunk of 16 rows has 2^31 entries");
+  const int n = static_cast<int>(min64(rk1 - rk0, int64_t(1) << 30));
+  const int octets = (n + 7) / 8;
+  int ends = octets;
+#pragma unroll
+  for (int d = 1; d < kWarp; d *= 2) {
+    const int v = __shfl_up_sync(kFull, ends, d);
+    if (lane >= d) ends += v;
+  }
+  const int total = __shfl_sync(kFull, ends, kWarp - 1);
+  const int first = static_cast<int>(rk0 - base) - 8 * (ends - octets);
+  const int last = static_cast<int>(rk0 - base) + n;
+  const int64_t* cb = col + base;
+  const uint16_t* vb = val + base;
+
+  float d[kNT][4];
+#pragma unroll
+  for (int i = 0; i < kNT; ++i) d[i][0] = d[i][1] = d[i][2] = d[i][3] = 0.f;
+  const int g = lane / 4, t2 = 2 * (lane % 4), pos = lane % 8;
+  MmaEntry ring[kAhead];
+#pragma unroll
+  for (int s = 0; s < kAhead; ++s) ring[s] = mma_entry(cb, vb, 2 * s, ends, first, last, lane);
+#pragma unroll 1
+  for (int q0 = 0; q0 < total; q0 += 2 * kAhead) {
+#pragma unroll
+    for (int s = 0; s < kAhead; ++s) {
+      const int q = q0 + 2 * s;
+      if (q >= total) break;  // warp-uniform
+      const MmaEntry e = ring[s];
+      ring[s] = mma_entry(cb, vb, q + 2 * kAhead, ends, first, last, lane);
+      const bool real = (e.meta >> 16) & 1u;
+      const bool in_range = static_cast<uint64_t>(e.c) < static_cast<uint64_t>(in_features);
+      CUDA_KERNEL_ASSERT((!real || in_range) && "pets: a sparse_delta column is outside [0, in)");
+      const bool ok = real && in_range;
+      const uint32_t line = ok ? static_cast<uint32_t>(e.c) : static_cast<uint32_t>(in_pad + pos);
+      const uint32_t v = ok ? e.v : 0u;
+      // a: lane (g, t2 / 2) holds entries t2, t2 + 1 (first octet) and t2 + 8, t2 + 9 (second) at rows g, g + 8.
+      const uint32_t w = v | (__shfl_down_sync(kFull, v, 1) << 16);
+      const uint32_t lo = __shfl_sync(kFull, w, t2), hi = __shfl_sync(kFull, w, t2 + 8);
+      const int r0 = static_cast<int>(e.meta & 0xffu), r1 = static_cast<int>((e.meta >> 8) & 0xffu);
+      const uint32_t a[4] = {r0 == g ? lo : 0u, r0 == g + 8 ? lo : 0u, r1 == g ? hi : 0u, r1 == g + 8 ? hi : 0u};
+      const unsigned char* lp = xs + line * kColBytes;
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, lp + M::chunk(line, 2 * np + lane / 16) * kVecBytes);
+        mma_16816<scalar_t>(d[2 * np], a, b[0], b[1]);
+        mma_16816<scalar_t>(d[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+  }
+  // d[i]: rows g, g + 8 of tokens 8 i + t2, + 1.
+#pragma unroll
+  for (int i = 0; i < kNT; ++i) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int tok = 8 * i + t2 + u % 2;
+      sums[(g + 8 * (u / 2)) * L::kSStride + (L::kT > 32 ? sum_col(tok) : tok)] = d[i][u];
+    }
+  }
+}
+
 template <typename scalar_t, int kColBytes>
 __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
     sparse_delta_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ x,
@@ -550,6 +686,7 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
   using L = SparseLayout<scalar_t, kColBytes>;
   using acc = acc_t<scalar_t>;
   constexpr unsigned kFull = 0xffffffffu;
+  constexpr bool kMma = kSparseMma<scalar_t>;
   extern __shared__ __align__(16) unsigned char shared_raw[];
   __shared__ int next_chunk;
 
@@ -613,18 +750,25 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
       const int sx = (kb >> 3) & L::kSlotXor;
 #pragma unroll
       for (int c = 0; c < 8; ++c) {
-        *reinterpret_cast<uint4*>(xs + (kb + (c ^ sx)) * kColBytes + a * kVecBytes) =
-            segment_column<scalar_t, L::kVE, L::kSegWords>(seg, c);
+        const uint4 q = segment_column<scalar_t, L::kVE, L::kSegWords>(seg, c);
+        if constexpr (kMma) {  // column kb + c at its own line, chunk a where MmaLines puts it
+          const uint32_t line = static_cast<uint32_t>(kb + c);
+          *reinterpret_cast<uint4*>(xs + line * kColBytes + MmaLines<kColBytes>::chunk(line, a) * kVecBytes) = q;
+        } else {
+          *reinterpret_cast<uint4*>(xs + (kb + (c ^ sx)) * kColBytes + a * kVecBytes) = q;
+        }
       }
     }
-    if (static_cast<int>(threadIdx.x) < L::kChunks) {  // the zero line of padding entries and bad columns
+    // The zero lines of padding entries and bad columns (one, or MmaLines' eight).
+    if (static_cast<int>(threadIdx.x) < zero_lines<scalar_t, kColBytes>() * L::kChunks) {
       *reinterpret_cast<uint4*>(xs + in_pad * kColBytes + threadIdx.x * kVecBytes) = make_uint4(0, 0, 0, 0);
     }
   }
   if (threadIdx.x == 0) next_chunk = warps;
   __syncthreads();
 
-  acc* sums = reinterpret_cast<acc*>(shared_raw + static_cast<size_t>(in_pad + 1) * kColBytes) +
+  acc* sums = reinterpret_cast<acc*>(shared_raw +
+                                     static_cast<size_t>(in_pad + zero_lines<scalar_t, kColBytes>()) * kColBytes) +
               warp * kChunkRows * L::kSStride;
   // Short rows (a slot's average below 16 entries): a group a row; else two groups a row.
   const bool short_rows = p[out_features] - p[0] < 16 * out_features;
@@ -649,7 +793,9 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
     CUDA_KERNEL_ASSERT((!mine || ok) && "pets: CSR offsets outside the pool or decreasing");
     const int64_t rk0 = mine && ok ? q : 0, rk1 = mine && ok ? q1 : 0;  // lane r: row o0 + r, else empty
 
-    if (short_rows) {
+    if constexpr (kMma) {
+      chunk_sums_mma<scalar_t, kColBytes>(xs, sums, col, val, rk0, rk1, in_features, in_pad, lane);
+    } else if (short_rows) {
       chunk_sums<scalar_t, kColBytes, 1>(xs, sums, col, val, rk0, rk1, in_features, in_pad, flags.vec_entries,
                                          lane);
     } else {
@@ -707,12 +853,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Shared memory of a sparse_delta block: the staged lines of x (in_pad columns and the zero line) and each warp's
+// Shared memory of a sparse_delta block: the staged lines of x (in_pad columns and the zero lines) and each warp's
 // fp32 sums (kChunkRows rows of kT + 1).
 template <typename scalar_t, int kColBytes>
 size_t sparse_shared_bytes(int64_t in_pad, int warps) {
   using L = SparseLayout<scalar_t, kColBytes>;
-  return static_cast<size_t>(in_pad + 1) * kColBytes +
+  return static_cast<size_t>(in_pad + zero_lines<scalar_t, kColBytes>()) * kColBytes +
          static_cast<size_t>(warps) * kChunkRows * L::kSStride * sizeof(acc_t<scalar_t>);
 }
 
