@@ -600,28 +600,93 @@ __device__ __forceinline__ MmaEntry mma_entry(const int64_t* __restrict__ col, c
   return e;
 }
 
-// The fp32 sums of a warp's chunk (lane r < kChunkRows: row o0 + r's entries [rk0, rk1), an empty row 0, 0) into its
-// rows `sums` (as chunk_sums writes them), on tensor cores. Entries are loaded kAhead steps ahead of their use.
+// A warp's 16 x kT results (lane (g, q): d[i] = rows g, g + 8 of tokens 8 i + 2 q, + 1) written as out = y + d,
+// rounded once; an empty row's outputs are y's bits. `pairs` (16-bit y / out with an even out_features, 4-byte
+// aligned): lanes g and g ^ 1 trade a value (shuffle xor 4) so that each writes one word of two adjacent rows for one
+// token (32 contiguous bytes a token across 8 lanes); else one element at a time.
+template <typename scalar_t, int kNT>
+__device__ __forceinline__ void write_fragments(const scalar_t* __restrict__ y, scalar_t* __restrict__ out,
+                                                const float (&d)[kNT][4], int64_t m0, int count, int64_t o0,
+                                                int64_t out_features, int lane, unsigned nonempty, bool pairs) {
+  constexpr unsigned kFull = 0xffffffffu;
+  const int g = lane / 4, t2 = 2 * (lane % 4);
+  const bool odd = g & 1;
+  if (pairs) {
+    const uint32_t* yw = reinterpret_cast<const uint32_t*>(y);
+    uint32_t* ow = reinterpret_cast<uint32_t*>(out);
+    uint32_t yv[kNT][2];
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int tok = 8 * i + t2 + (odd ? 1 : 0);
+        const int64_t o = o0 + (g & ~1) + 8 * h;  // rows o, o + 1 (out_features even: both or neither exist)
+        yv[i][h] = tok < count && o < out_features ? yw[((m0 + tok) * out_features + o) / 2] : 0u;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float c0 = d[i][2 * h], c1 = d[i][2 * h + 1];
+        const float recv = __shfl_xor_sync(kFull, odd ? c0 : c1, 4);
+        const float lo = odd ? recv : c0, hi = odd ? c1 : recv;
+        const int tok = 8 * i + t2 + (odd ? 1 : 0);
+        const int r = (g & ~1) + 8 * h;
+        const int64_t o = o0 + r;
+        if (tok < count && o < out_features) {
+          float a, b;
+          halves_to_float<scalar_t>(yv[i][h], a, b);
+          const uint32_t sel = (((nonempty >> r) & 1u) ? 0x0010u : 0x0054u) |
+                               (((nonempty >> (r + 1)) & 1u) ? 0x3200u : 0x7600u);
+          ow[((m0 + tok) * out_features + o) / 2] =
+              __byte_perm(float2_to_halves<scalar_t>(a + lo, b + hi), yv[i][h], sel);
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int tok = 8 * i + t2 + u % 2, r = g + 8 * (u / 2);
+        const int64_t o = o0 + r;
+        if (tok < count && o < out_features) {
+          const int64_t at = (m0 + tok) * out_features + o;
+          const scalar_t yv = y[at];
+          out[at] = ((nonempty >> r) & 1u) ? static_cast<scalar_t>(static_cast<float>(yv) + d[i][u]) : yv;
+        }
+      }
+    }
+  }
+}
+
+// A warp's chunk (lane r < kChunkRows: row o0 + r's entries [rk0, rk1), an empty row 0, 0) on tensor cores, written
+// to out. Steps go in groups of kS (straight-line code: the steps' shuffles, gathers and mmas overlap; steps past
+// the last are zero entries); a group's entries are loaded while the previous group runs.
 template <typename scalar_t, int kColBytes>
-__device__ __forceinline__ void chunk_sums_mma(const unsigned char* xs, acc_t<scalar_t>* sums,
-                                               const int64_t* __restrict__ col, const uint16_t* __restrict__ val,
-                                               int64_t rk0, int64_t rk1, int in_features, int in_pad, int lane) {
+__device__ __forceinline__ void chunk_mma(const unsigned char* xs, const int64_t* __restrict__ col,
+                                          const uint16_t* __restrict__ val, int64_t rk0, int64_t rk1,
+                                          int in_features, int in_pad, const scalar_t* __restrict__ y,
+                                          scalar_t* __restrict__ out, int64_t m0, int count, int64_t o0,
+                                          int64_t out_features, bool pairs, int lane) {
   using L = SparseLayout<scalar_t, kColBytes>;
   using M = MmaLines<kColBytes>;
   constexpr unsigned kFull = 0xffffffffu;
-  constexpr int kNT = L::kT / 8;  // n-tiles of the block's tokens
-  constexpr int kAhead = 3;
+  constexpr int kNT = L::kT / 8;              // n-tiles of the block's tokens
+  constexpr int kS = kNT >= 8 ? 2 : 4;        // steps a group: 16 mmas
   static_assert(kNT % 2 == 0, "ldmatrix.x4 feeds two n-tiles");
-  // Offsets from the chunk's first entry (32 bits: row_entries' bound); lanes past the chunk's rows have 0, 0.
+  const unsigned nonempty = __ballot_sync(kFull, rk1 > rk0);  // bit r: row o0 + r has entries
+  // Offsets from the chunk's first entry (32 bits); lanes past the chunk's rows have 0, 0.
   const int64_t base = __shfl_sync(kFull, rk0, 0);
   CUDA_KERNEL_ASSERT(rk1 - base < (int64_t(1) << 31) && "pets: a sparse_delta chunk of 16 rows has 2^31 entries");
   const int n = static_cast<int>(min64(rk1 - rk0, int64_t(1) << 30));
   const int octets = (n + 7) / 8;
   int ends = octets;
 #pragma unroll
-  for (int d = 1; d < kWarp; d *= 2) {
-    const int v = __shfl_up_sync(kFull, ends, d);
-    if (lane >= d) ends += v;
+  for (int dd = 1; dd < kWarp; dd *= 2) {
+    const int v = __shfl_up_sync(kFull, ends, dd);
+    if (lane >= dd) ends += v;
   }
   const int total = __shfl_sync(kFull, ends, kWarp - 1);
   const int first = static_cast<int>(rk0 - base) - 8 * (ends - octets);
@@ -633,47 +698,49 @@ __device__ __forceinline__ void chunk_sums_mma(const unsigned char* xs, acc_t<sc
 #pragma unroll
   for (int i = 0; i < kNT; ++i) d[i][0] = d[i][1] = d[i][2] = d[i][3] = 0.f;
   const int g = lane / 4, t2 = 2 * (lane % 4), pos = lane % 8;
-  MmaEntry ring[kAhead];
+  bool bad = false;
+  MmaEntry cur[kS];
 #pragma unroll
-  for (int s = 0; s < kAhead; ++s) ring[s] = mma_entry(cb, vb, 2 * s, ends, first, last, lane);
+  for (int st = 0; st < kS; ++st) cur[st] = mma_entry(cb, vb, 2 * st, ends, first, last, lane);
 #pragma unroll 1
-  for (int q0 = 0; q0 < total; q0 += 2 * kAhead) {
+  for (int q0 = 0; q0 < total; q0 += 2 * kS) {
+    MmaEntry next[kS];
 #pragma unroll
-    for (int s = 0; s < kAhead; ++s) {
-      const int q = q0 + 2 * s;
-      if (q >= total) break;  // warp-uniform
-      const MmaEntry e = ring[s];
-      ring[s] = mma_entry(cb, vb, q + 2 * kAhead, ends, first, last, lane);
+    for (int st = 0; st < kS; ++st) next[st] = mma_entry(cb, vb, q0 + 2 * (kS + st), ends, first, last, lane);
+    uint32_t line[kS], a[kS][4];
+#pragma unroll
+    for (int st = 0; st < kS; ++st) {
+      const MmaEntry& e = cur[st];
       const bool real = (e.meta >> 16) & 1u;
-      const bool in_range = static_cast<uint64_t>(e.c) < static_cast<uint64_t>(in_features);
-      CUDA_KERNEL_ASSERT((!real || in_range) && "pets: a sparse_delta column is outside [0, in)");
-      const bool ok = real && in_range;
-      const uint32_t line = ok ? static_cast<uint32_t>(e.c) : static_cast<uint32_t>(in_pad + pos);
+      const bool ok = real && static_cast<uint64_t>(e.c) < static_cast<uint64_t>(in_features);
+      bad = bad || (real && !ok);
+      line[st] = ok ? static_cast<uint32_t>(e.c) : static_cast<uint32_t>(in_pad + pos);
       const uint32_t v = ok ? e.v : 0u;
       // a: lane (g, t2 / 2) holds entries t2, t2 + 1 (first octet) and t2 + 8, t2 + 9 (second) at rows g, g + 8.
       const uint32_t w = v | (__shfl_down_sync(kFull, v, 1) << 16);
       const uint32_t lo = __shfl_sync(kFull, w, t2), hi = __shfl_sync(kFull, w, t2 + 8);
       const int r0 = static_cast<int>(e.meta & 0xffu), r1 = static_cast<int>((e.meta >> 8) & 0xffu);
-      const uint32_t a[4] = {r0 == g ? lo : 0u, r0 == g + 8 ? lo : 0u, r1 == g ? hi : 0u, r1 == g + 8 ? hi : 0u};
-      const unsigned char* lp = xs + line * kColBytes;
+      a[st][0] = r0 == g ? lo : 0u;
+      a[st][1] = r0 == g + 8 ? lo : 0u;
+      a[st][2] = r1 == g ? hi : 0u;
+      a[st][3] = r1 == g + 8 ? hi : 0u;
+    }
+#pragma unroll
+    for (int st = 0; st < kS; ++st) {
+      const unsigned char* lp = xs + line[st] * kColBytes;
 #pragma unroll
       for (int np = 0; np < kNT / 2; ++np) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, lp + M::chunk(line, 2 * np + lane / 16) * kVecBytes);
-        mma_16816<scalar_t>(d[2 * np], a, b[0], b[1]);
-        mma_16816<scalar_t>(d[2 * np + 1], a, b[2], b[3]);
+        ldmatrix_x4_trans(b, lp + M::chunk(line[st], 2 * np + lane / 16) * kVecBytes);
+        mma_16816<scalar_t>(d[2 * np], a[st], b[0], b[1]);
+        mma_16816<scalar_t>(d[2 * np + 1], a[st], b[2], b[3]);
       }
     }
-  }
-  // d[i]: rows g, g + 8 of tokens 8 i + t2, + 1.
 #pragma unroll
-  for (int i = 0; i < kNT; ++i) {
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int tok = 8 * i + t2 + u % 2;
-      sums[(g + 8 * (u / 2)) * L::kSStride + (L::kT > 32 ? sum_col(tok) : tok)] = d[i][u];
-    }
+    for (int st = 0; st < kS; ++st) cur[st] = next[st];
   }
+  CUDA_KERNEL_ASSERT(!bad && "pets: a sparse_delta column is outside [0, in)");
+  write_fragments<scalar_t, kNT>(y, out, d, m0, count, o0, out_features, lane, nonempty, pairs);
 }
 
 template <typename scalar_t, int kColBytes>
@@ -794,26 +861,29 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
     const int64_t rk0 = mine && ok ? q : 0, rk1 = mine && ok ? q1 : 0;  // lane r: row o0 + r, else empty
 
     if constexpr (kMma) {
-      chunk_sums_mma<scalar_t, kColBytes>(xs, sums, col, val, rk0, rk1, in_features, in_pad, lane);
-    } else if (short_rows) {
-      chunk_sums<scalar_t, kColBytes, 1>(xs, sums, col, val, rk0, rk1, in_features, in_pad, flags.vec_entries,
-                                         lane);
+      chunk_mma<scalar_t, kColBytes>(xs, col, val, rk0, rk1, in_features, in_pad, y, out, m0, count, o0,
+                                     out_features, flags.pairs, lane);
     } else {
-      chunk_sums<scalar_t, kColBytes, 2>(xs, sums, col, val, rk0, rk1, in_features, in_pad, flags.vec_entries,
-                                         lane);
-    }
-    __syncwarp();
-
-    // The chunk's outputs (rows o0 .. o0 + 15, all the tile's tokens), coalesced across output features.
-    const unsigned nonempty = __ballot_sync(kFull, rk1 > rk0);  // bit r: row o0 + r has entries
-    if (flags.pairs) {
-      if (L::kT % 32 == 0 && count == L::kT) {
-        write_pairs<scalar_t, L, true>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
+      if (short_rows) {
+        chunk_sums<scalar_t, kColBytes, 1>(xs, sums, col, val, rk0, rk1, in_features, in_pad, flags.vec_entries,
+                                           lane);
       } else {
-        write_pairs<scalar_t, L, false>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
+        chunk_sums<scalar_t, kColBytes, 2>(xs, sums, col, val, rk0, rk1, in_features, in_pad, flags.vec_entries,
+                                           lane);
       }
-    } else {
-      write_scalars<scalar_t, L>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
+      __syncwarp();
+
+      // The chunk's outputs (rows o0 .. o0 + 15, all the tile's tokens), coalesced across output features.
+      const unsigned nonempty = __ballot_sync(kFull, rk1 > rk0);  // bit r: row o0 + r has entries
+      if (flags.pairs) {
+        if (L::kT % 32 == 0 && count == L::kT) {
+          write_pairs<scalar_t, L, true>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
+        } else {
+          write_pairs<scalar_t, L, false>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
+        }
+      } else {
+        write_scalars<scalar_t, L>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
+      }
     }
     __syncwarp();
     chunk = next;
@@ -853,13 +923,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Shared memory of a sparse_delta block: the staged lines of x (in_pad columns and the zero lines) and each warp's
-// fp32 sums (kChunkRows rows of kT + 1).
+// Shared memory of a sparse_delta block: the staged lines of x (in_pad columns and the zero lines) and, on the SIMT
+// path, each warp's fp32 sums (kChunkRows rows of kT + 1).
 template <typename scalar_t, int kColBytes>
 size_t sparse_shared_bytes(int64_t in_pad, int warps) {
   using L = SparseLayout<scalar_t, kColBytes>;
-  return static_cast<size_t>(in_pad + zero_lines<scalar_t, kColBytes>()) * kColBytes +
-         static_cast<size_t>(warps) * kChunkRows * L::kSStride * sizeof(acc_t<scalar_t>);
+  const size_t sums = kSparseMma<scalar_t> ? 0 : static_cast<size_t>(warps) * kChunkRows * L::kSStride;
+  return static_cast<size_t>(in_pad + zero_lines<scalar_t, kColBytes>()) * kColBytes + sums * sizeof(acc_t<scalar_t>);
 }
 
 template <typename scalar_t, int kColBytes>
