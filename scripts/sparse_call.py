@@ -17,9 +17,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--density", type=float, default=0.05)
     p.add_argument("--unordered", action="store_true", help="each row's columns in random order")
+    p.add_argument("--in-features", type=int, default=3072, help="768: a q, k, v or o projection")
     args = p.parse_args()
     dev, dt = "cuda", torch.float16
-    batch, seq, out, inp, slots = 64, 128, 768, 3072, 32
+    batch, seq, out, inp, slots = 64, 128, 768, args.in_features, 32
     g = torch.Generator(device=dev).manual_seed(0)
     per_row = max(1, int(inp * args.density))
     col = torch.randint(0, inp, (slots * out * per_row,), device=dev, generator=g)

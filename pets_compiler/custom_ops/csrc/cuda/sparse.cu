@@ -580,10 +580,26 @@ struct MmaEntry {
   uint32_t meta;  // bits 0-7: the row (0-15, 16+: none) of the step's first octet; 8-15: its second; 16: a real entry
 };
 
+// Table loads that stay where the source puts them: volatile asm keeps its order with the other volatile asm (the
+// ldmatrix of the group that runs meanwhile); plain loads were sunk next to their first use (nvcc, 128 registers),
+// which then waited for them.
+__device__ __forceinline__ int64_t load_early(const int64_t* p) {
+  int64_t v;
+  asm volatile("ld.global.nc.s64 %0, [%1];" : "=l"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint32_t load_early(const uint16_t* p) {
+  uint16_t v;
+  asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
+}
+
 // Lane l's entry of the octets q, q + 1 of the chunk (q even): ends[r] (lane r < 16) is the inclusive prefix sum of
-// the rows' octet counts, first[r] the pool offset (from `base`) of row r's entry 0 less 8 x its first octet, last[r]
-// its end offset.
-__device__ __forceinline__ MmaEntry mma_entry(const int64_t* __restrict__ col, const uint16_t* __restrict__ val,
+// the rows' octet counts, first[r] the pool offset (from cb / vb) of row r's entry 0 less 8 x its first octet, last[r]
+// its end offset. A lane without an entry loads the pool's first (`col0`, `val0`: the block has entries, so the pool
+// has one) and its meta says so: the loads are unconditional, so their results are first read where they are used.
+__device__ __forceinline__ MmaEntry mma_entry(const int64_t* __restrict__ cb, const uint16_t* __restrict__ vb,
+                                              const int64_t* __restrict__ col0, const uint16_t* __restrict__ val0,
                                               int q, int ends, int first, int last, int lane) {
   constexpr unsigned kFull = 0xffffffffu;
   const int r0 = __popc(__ballot_sync(kFull, lane < kChunkRows && ends <= q));
@@ -594,8 +610,8 @@ __device__ __forceinline__ MmaEntry mma_entry(const int64_t* __restrict__ col, c
   const int idx = lo + 8 * (q + kl / 8) + kl % 8;
   const bool real = r < kChunkRows && idx < hi;
   MmaEntry e;
-  e.c = real ? col[idx] : 0;
-  e.v = real ? static_cast<uint32_t>(val[idx]) : 0u;
+  e.c = load_early(real ? cb + idx : col0);
+  e.v = load_early(real ? vb + idx : val0);
   e.meta = static_cast<uint32_t>(r0) | (static_cast<uint32_t>(r1) << 8) | (real ? 1u << 16 : 0u);
   return e;
 }
@@ -699,27 +715,20 @@ __device__ __forceinline__ void chunk_mma(const unsigned char* xs, const int64_t
   for (int i = 0; i < kNT; ++i) d[i][0] = d[i][1] = d[i][2] = d[i][3] = 0.f;
   const int g = lane / 4, t2 = 2 * (lane % 4), pos = lane % 8;
   bool bad = false;
-  MmaEntry cur[kS];
-#pragma unroll
-  for (int st = 0; st < kS; ++st) cur[st] = mma_entry(cb, vb, 2 * st, ends, first, last, lane);
-#pragma unroll 1
-  for (int q0 = 0; q0 < total; q0 += 2 * kS) {
-    MmaEntry next[kS];
-#pragma unroll
-    for (int st = 0; st < kS; ++st) next[st] = mma_entry(cb, vb, q0 + 2 * (kS + st), ends, first, last, lane);
+  // The group of steps q0 .. q0 + 2 kS - 1 (its entries e) into d.
+  auto run_group = [&](const MmaEntry (&e)[kS]) {
     uint32_t line[kS], a[kS][4];
 #pragma unroll
     for (int st = 0; st < kS; ++st) {
-      const MmaEntry& e = cur[st];
-      const bool real = (e.meta >> 16) & 1u;
-      const bool ok = real && static_cast<uint64_t>(e.c) < static_cast<uint64_t>(in_features);
+      const bool real = (e[st].meta >> 16) & 1u;
+      const bool ok = real && static_cast<uint64_t>(e[st].c) < static_cast<uint64_t>(in_features);
       bad = bad || (real && !ok);
-      line[st] = ok ? static_cast<uint32_t>(e.c) : static_cast<uint32_t>(in_pad + pos);
-      const uint32_t v = ok ? e.v : 0u;
+      line[st] = ok ? static_cast<uint32_t>(e[st].c) : static_cast<uint32_t>(in_pad + pos);
+      const uint32_t v = ok ? e[st].v : 0u;
       // a: lane (g, t2 / 2) holds entries t2, t2 + 1 (first octet) and t2 + 8, t2 + 9 (second) at rows g, g + 8.
       const uint32_t w = v | (__shfl_down_sync(kFull, v, 1) << 16);
       const uint32_t lo = __shfl_sync(kFull, w, t2), hi = __shfl_sync(kFull, w, t2 + 8);
-      const int r0 = static_cast<int>(e.meta & 0xffu), r1 = static_cast<int>((e.meta >> 8) & 0xffu);
+      const int r0 = static_cast<int>(e[st].meta & 0xffu), r1 = static_cast<int>((e[st].meta >> 8) & 0xffu);
       a[st][0] = r0 == g ? lo : 0u;
       a[st][1] = r0 == g + 8 ? lo : 0u;
       a[st][2] = r1 == g ? hi : 0u;
@@ -736,8 +745,22 @@ __device__ __forceinline__ void chunk_mma(const unsigned char* xs, const int64_t
         mma_16816<scalar_t>(d[2 * np + 1], a[st], b[2], b[3]);
       }
     }
+  };
+  auto load_group = [&](MmaEntry (&e)[kS], int q0) {
 #pragma unroll
-    for (int st = 0; st < kS; ++st) cur[st] = next[st];
+    for (int st = 0; st < kS; ++st) e[st] = mma_entry(cb, vb, col, val, q0 + 2 * st, ends, first, last, lane);
+  };
+  // Two buffers in turn (no copy of loaded values, which would wait for the loads): one group runs while the
+  // next one's entries load.
+  MmaEntry ea[kS], eb[kS];
+  load_group(ea, 0);
+#pragma unroll 1
+  for (int q0 = 0; q0 < total; q0 += 4 * kS) {
+    load_group(eb, q0 + 2 * kS);
+    run_group(ea);
+    if (q0 + 2 * kS >= total) break;  // warp-uniform
+    load_group(ea, q0 + 4 * kS);
+    run_group(eb);
   }
   CUDA_KERNEL_ASSERT(!bad && "pets: a sparse_delta column is outside [0, in)");
   write_fragments<scalar_t, kNT>(y, out, d, m0, count, o0, out_features, lane, nonempty, pairs);
