@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 
 import pets_compiler  # noqa: F401
-from pets_compiler.runtime.tables import octet_order
 
 ops = torch.ops.pets
 dev, dt = "cuda", torch.float16
@@ -50,12 +49,8 @@ act = B * S * H * 2
 
 
 def pool(rows: int, cols: int, density: float) -> tuple[torch.Tensor, ...]:
-    """Slots of `rows` rows with density x cols random columns each, each row's entries in octet_order as the
-    runtime's tables hold them."""
     nnz_row = max(1, int(cols * density))
     col = torch.randint(0, cols, (T * rows * nnz_row,), device=dev, generator=g)
-    row_of = torch.arange(T * rows).repeat_interleave(nnz_row)
-    col = col[octet_order(row_of, col.cpu()).to(dev)]
     row_ptr = torch.arange(T * (rows + 1), device=dev).view(T, rows + 1) - torch.arange(T, device=dev).view(T, 1)
     return row_ptr * nnz_row, col, rn(col.numel(), std=0.02)
 

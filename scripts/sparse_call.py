@@ -10,13 +10,11 @@ import argparse
 import torch
 
 import pets_compiler  # noqa: F401
-from pets_compiler.runtime.tables import octet_order
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--density", type=float, default=0.05)
-    p.add_argument("--unordered", action="store_true", help="each row's columns in random order")
     p.add_argument("--in-features", type=int, default=3072, help="768: a q, k, v or o projection")
     args = p.parse_args()
     dev, dt = "cuda", torch.float16
@@ -24,8 +22,6 @@ def main() -> None:
     g = torch.Generator(device=dev).manual_seed(0)
     per_row = max(1, int(inp * args.density))
     col = torch.randint(0, inp, (slots * out * per_row,), device=dev, generator=g)
-    if not args.unordered:  # each row's entries in octet_order, as the runtime's tables hold them
-        col = col[octet_order(torch.arange(slots * out).repeat_interleave(per_row), col.cpu()).to(dev)]
     row_ptr = (
         torch.arange(out + 1, device=dev).view(1, -1) + out * torch.arange(slots, device=dev).view(-1, 1)
     ) * per_row

@@ -181,32 +181,10 @@ def _ia3_value(spec: TaskSpec, table: TableSpec) -> Tensor | None:
     return present[0].double() * present[1].double() - 1
 
 
-def octet_order(rows: Tensor, cols: Tensor) -> Tensor:
-    """A permutation of row-major sorted entries that keeps each row's entries together and deals them out by
-    column class (col mod 8): the first of each class, then the second, and so on. The CUDA sparse_delta takes a row's
-    entries 8 at a time and gathers their columns with one shared-memory read that is free of bank conflicts when the
-    8 classes differ (sparse.cu, MmaLines); any order gives the same sums up to fp32 rounding."""
-    if rows.numel() == 0:
-        return torch.zeros(0, dtype=torch.long)
-    group = rows * 8 + cols % 8  # entries of one row and class, in column order after a stable sort
-    by_group = torch.argsort(group, stable=True)
-    sorted_group = group[by_group]
-    n = sorted_group.numel()
-    at = torch.arange(n)
-    starts = torch.ones(n, dtype=torch.bool)
-    starts[1:] = sorted_group[1:] != sorted_group[:-1]
-    rank = torch.empty(n, dtype=torch.long)
-    rank[by_group] = at - torch.cummax(torch.where(starts, at, 0), 0).values  # place within its row and class
-    key = (rows * (int(rank.max()) + 1) + rank) * 8 + cols % 8
-    return torch.argsort(key, stable=True)
-
-
 def _csr(delta: SparseDelta) -> tuple[Tensor, Tensor, Tensor]:
-    """(row counts [rows], col [nnz], val [nnz]) of a row-major sorted sparse delta, each row's entries in
-    octet_order."""
+    """(row counts [rows], col [nnz], val [nnz]) of a row-major sorted sparse delta."""
     counts = torch.bincount(delta.index[0], minlength=delta.shape[0])
-    order = octet_order(delta.index[0], delta.index[1])
-    return counts, delta.index[1][order], delta.values[order]
+    return counts, delta.index[1], delta.values
 
 
 class TaskTables:

@@ -51,7 +51,6 @@
 #include "../lora/lora.h"
 #include "../sparse/sparse.h"
 #include "common.cuh"
-#include "mma.cuh"
 #include "ops.h"
 
 namespace pets::cuda {
@@ -541,231 +540,6 @@ __device__ __forceinline__ void chunk_sums(const unsigned char* xs, acc_t<scalar
   }
 }
 
-// The tensor-core path runs fp16 and bf16; float and double run chunk_sums.
-template <typename scalar_t>
-constexpr bool kSparseMma = kIs16<scalar_t>;
-
-template <typename scalar_t, int kColBytes>
-constexpr int zero_lines() {
-  return kSparseMma<scalar_t> ? 8 : 1;
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// The tensor-core path (fp16 / bf16). A chunk's 16 output rows are the mma's M, 8 tokens its N, and 16 of the
-// rows' entries its K: each row's entries are taken in octets (8 consecutive entries of one row, its last octet
-// padded with zero entries), two octets a step. a (16 x 16) has one nonzero a column, entry k's value at its row;
-// b (16 x 8) holds entry k's column for 8 tokens, read from the staged lines with ldmatrix.trans (lane k gives entry
-// k's line). An mma makes 128 useful products (16 entries x 8 tokens), an ldmatrix.x4 feeds two. With 128-byte
-// lines (kT = 64) a step is 4 ldmatrix.x4 and 8 mma for 1024 products; the SIMT path above needs ~77 warp
-// instructions for as many. Shared memory bound: 2 bytes a product gathered, conflict-free where an octet's columns
-// differ mod 8: chunk j of line c is staged at j ^ ((c >> kShift) & (kChunks - 1)), so the bank quad of (c, j) is a
-// bijection of c & 7 for each j; the sparse tables order each row's entries so that an octet's columns do where they
-// can (runtime/tables.py, octet_order); any order is correct, a worse one costs wavefronts. Padding entries read the
-// zero line of their class (in_pad + position), so 0 * 0 adds +0 and inf or nan in x never meets a padding entry.
-
-template <int kColBytes>
-struct MmaLines {
-  static constexpr int kChunks = kColBytes / kVecBytes;
-  static constexpr int kShift = kChunks == 8 ? 0 : (kChunks == 4 ? 1 : 2);  // log2(8 / kChunks)
-  // Where chunk j (8 / 4 / 2 tokens of 16 bytes) of line c is staged in that line.
-  __device__ __forceinline__ static uint32_t chunk(uint32_t c, uint32_t j) {
-    return j ^ ((c >> kShift) & (kChunks - 1));
-  }
-};
-
-// One step's entry as a lane loaded it (lanes l and l + 16 hold entry l % 16 of the step), before its checks.
-struct MmaEntry {
-  int64_t c;
-  uint32_t v;     // raw 16-bit value
-  uint32_t meta;  // bits 0-7: the row (0-15, 16+: none) of the step's first octet; 8-15: its second; 16: a real entry
-};
-
-// Table loads that stay where the source puts them: volatile asm keeps its order with the other volatile asm (the
-// ldmatrix of the group that runs meanwhile); plain loads were sunk next to their first use (nvcc, 128 registers),
-// which then waited for them.
-__device__ __forceinline__ int64_t load_early(const int64_t* p) {
-  int64_t v;
-  asm volatile("ld.global.nc.s64 %0, [%1];" : "=l"(v) : "l"(p));
-  return v;
-}
-__device__ __forceinline__ uint32_t load_early(const uint16_t* p) {
-  uint16_t v;
-  asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
-  return v;
-}
-
-// Lane l's entry of the octets q, q + 1 of the chunk (q even): ends[r] (lane r < 16) is the inclusive prefix sum of
-// the rows' octet counts, first[r] the pool offset (from cb / vb) of row r's entry 0 less 8 x its first octet, last[r]
-// its end offset. A lane without an entry loads the pool's first (`col0`, `val0`: the block has entries, so the pool
-// has one) and its meta says so: the loads are unconditional, so their results are first read where they are used.
-__device__ __forceinline__ MmaEntry mma_entry(const int64_t* __restrict__ cb, const uint16_t* __restrict__ vb,
-                                              const int64_t* __restrict__ col0, const uint16_t* __restrict__ val0,
-                                              int q, int ends, int first, int last, int lane) {
-  constexpr unsigned kFull = 0xffffffffu;
-  const int r0 = __popc(__ballot_sync(kFull, lane < kChunkRows && ends <= q));
-  const int r1 = __popc(__ballot_sync(kFull, lane < kChunkRows && ends <= q + 1));
-  const int kl = lane % 16;
-  const int r = kl < 8 ? r0 : r1;
-  const int lo = __shfl_sync(kFull, first, r & 15), hi = __shfl_sync(kFull, last, r & 15);
-  const int idx = lo + 8 * (q + kl / 8) + kl % 8;
-  const bool real = r < kChunkRows && idx < hi;
-  MmaEntry e;
-  e.c = load_early(real ? cb + idx : col0);
-  e.v = load_early(real ? vb + idx : val0);
-  e.meta = static_cast<uint32_t>(r0) | (static_cast<uint32_t>(r1) << 8) | (real ? 1u << 16 : 0u);
-  return e;
-}
-
-// A warp's 16 x kT results (lane (g, q): d[i] = rows g, g + 8 of tokens 8 i + 2 q, + 1) written as out = y + d,
-// rounded once; an empty row's outputs are y's bits. `pairs` (16-bit y / out with an even out_features, 4-byte
-// aligned): lanes g and g ^ 1 trade a value (shuffle xor 4) so that each writes one word of two adjacent rows for one
-// token (32 contiguous bytes a token across 8 lanes); else one element at a time.
-template <typename scalar_t, int kNT>
-__device__ __forceinline__ void write_fragments(const scalar_t* __restrict__ y, scalar_t* __restrict__ out,
-                                                const float (&d)[kNT][4], int64_t m0, int count, int64_t o0,
-                                                int64_t out_features, int lane, unsigned nonempty, bool pairs) {
-  constexpr unsigned kFull = 0xffffffffu;
-  const int g = lane / 4, t2 = 2 * (lane % 4);
-  const bool odd = g & 1;
-  if (pairs) {
-    const uint32_t* yw = reinterpret_cast<const uint32_t*>(y);
-    uint32_t* ow = reinterpret_cast<uint32_t*>(out);
-    uint32_t yv[kNT][2];
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int tok = 8 * i + t2 + (odd ? 1 : 0);
-        const int64_t o = o0 + (g & ~1) + 8 * h;  // rows o, o + 1 (out_features even: both or neither exist)
-        yv[i][h] = tok < count && o < out_features ? yw[((m0 + tok) * out_features + o) / 2] : 0u;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float c0 = d[i][2 * h], c1 = d[i][2 * h + 1];
-        const float recv = __shfl_xor_sync(kFull, odd ? c0 : c1, 4);
-        const float lo = odd ? recv : c0, hi = odd ? c1 : recv;
-        const int tok = 8 * i + t2 + (odd ? 1 : 0);
-        const int r = (g & ~1) + 8 * h;
-        const int64_t o = o0 + r;
-        if (tok < count && o < out_features) {
-          float a, b;
-          halves_to_float<scalar_t>(yv[i][h], a, b);
-          const uint32_t sel = (((nonempty >> r) & 1u) ? 0x0010u : 0x0054u) |
-                               (((nonempty >> (r + 1)) & 1u) ? 0x3200u : 0x7600u);
-          ow[((m0 + tok) * out_features + o) / 2] =
-              __byte_perm(float2_to_halves<scalar_t>(a + lo, b + hi), yv[i][h], sel);
-        }
-      }
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) {
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int tok = 8 * i + t2 + u % 2, r = g + 8 * (u / 2);
-        const int64_t o = o0 + r;
-        if (tok < count && o < out_features) {
-          const int64_t at = (m0 + tok) * out_features + o;
-          const scalar_t yv = y[at];
-          out[at] = ((nonempty >> r) & 1u) ? static_cast<scalar_t>(static_cast<float>(yv) + d[i][u]) : yv;
-        }
-      }
-    }
-  }
-}
-
-// A warp's chunk (lane r < kChunkRows: row o0 + r's entries [rk0, rk1), an empty row 0, 0) on tensor cores, written
-// to out. Steps go in groups of kS (straight-line code: the steps' shuffles, gathers and mmas overlap; steps past
-// the last are zero entries); a group's entries are loaded while the previous group runs.
-template <typename scalar_t, int kColBytes>
-__device__ __forceinline__ void chunk_mma(const unsigned char* xs, const int64_t* __restrict__ col,
-                                          const uint16_t* __restrict__ val, int64_t rk0, int64_t rk1,
-                                          int in_features, int in_pad, const scalar_t* __restrict__ y,
-                                          scalar_t* __restrict__ out, int64_t m0, int count, int64_t o0,
-                                          int64_t out_features, bool pairs, int lane) {
-  using L = SparseLayout<scalar_t, kColBytes>;
-  using M = MmaLines<kColBytes>;
-  constexpr unsigned kFull = 0xffffffffu;
-  constexpr int kNT = L::kT / 8;              // n-tiles of the block's tokens
-  constexpr int kS = kNT >= 8 ? 2 : 4;        // steps a group: 16 mmas
-  static_assert(kNT % 2 == 0, "ldmatrix.x4 feeds two n-tiles");
-  const unsigned nonempty = __ballot_sync(kFull, rk1 > rk0);  // bit r: row o0 + r has entries
-  // Offsets from the chunk's first entry (32 bits); lanes past the chunk's rows have 0, 0.
-  const int64_t base = __shfl_sync(kFull, rk0, 0);
-  CUDA_KERNEL_ASSERT(rk1 - base < (int64_t(1) << 31) && "pets: a sparse_delta chunk of 16 rows has 2^31 entries");
-  const int n = static_cast<int>(min64(rk1 - rk0, int64_t(1) << 30));
-  const int octets = (n + 7) / 8;
-  int ends = octets;
-#pragma unroll
-  for (int dd = 1; dd < kWarp; dd *= 2) {
-    const int v = __shfl_up_sync(kFull, ends, dd);
-    if (lane >= dd) ends += v;
-  }
-  const int total = __shfl_sync(kFull, ends, kWarp - 1);
-  const int first = static_cast<int>(rk0 - base) - 8 * (ends - octets);
-  const int last = static_cast<int>(rk0 - base) + n;
-  const int64_t* cb = col + base;
-  const uint16_t* vb = val + base;
-
-  float d[kNT][4];
-#pragma unroll
-  for (int i = 0; i < kNT; ++i) d[i][0] = d[i][1] = d[i][2] = d[i][3] = 0.f;
-  const int g = lane / 4, t2 = 2 * (lane % 4), pos = lane % 8;
-  bool bad = false;
-  // The group of steps q0 .. q0 + 2 kS - 1 (its entries e) into d.
-  auto run_group = [&](const MmaEntry (&e)[kS]) {
-    uint32_t line[kS], a[kS][4];
-#pragma unroll
-    for (int st = 0; st < kS; ++st) {
-      const bool real = (e[st].meta >> 16) & 1u;
-      const bool ok = real && static_cast<uint64_t>(e[st].c) < static_cast<uint64_t>(in_features);
-      bad = bad || (real && !ok);
-      line[st] = ok ? static_cast<uint32_t>(e[st].c) : static_cast<uint32_t>(in_pad + pos);
-      const uint32_t v = ok ? e[st].v : 0u;
-      // a: lane (g, t2 / 2) holds entries t2, t2 + 1 (first octet) and t2 + 8, t2 + 9 (second) at rows g, g + 8.
-      const uint32_t w = v | (__shfl_down_sync(kFull, v, 1) << 16);
-      const uint32_t lo = __shfl_sync(kFull, w, t2), hi = __shfl_sync(kFull, w, t2 + 8);
-      const int r0 = static_cast<int>(e[st].meta & 0xffu), r1 = static_cast<int>((e[st].meta >> 8) & 0xffu);
-      a[st][0] = r0 == g ? lo : 0u;
-      a[st][1] = r0 == g + 8 ? lo : 0u;
-      a[st][2] = r1 == g ? hi : 0u;
-      a[st][3] = r1 == g + 8 ? hi : 0u;
-    }
-#pragma unroll
-    for (int st = 0; st < kS; ++st) {
-      const unsigned char* lp = xs + line[st] * kColBytes;
-#pragma unroll
-      for (int np = 0; np < kNT / 2; ++np) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, lp + M::chunk(line[st], 2 * np + lane / 16) * kVecBytes);
-        mma_16816<scalar_t>(d[2 * np], a[st], b[0], b[1]);
-        mma_16816<scalar_t>(d[2 * np + 1], a[st], b[2], b[3]);
-      }
-    }
-  };
-  auto load_group = [&](MmaEntry (&e)[kS], int q0) {
-#pragma unroll
-    for (int st = 0; st < kS; ++st) e[st] = mma_entry(cb, vb, col, val, q0 + 2 * st, ends, first, last, lane);
-  };
-  // Two buffers in turn (no copy of loaded values, which would wait for the loads): one group runs while the
-  // next one's entries load.
-  MmaEntry ea[kS], eb[kS];
-  load_group(ea, 0);
-#pragma unroll 1
-  for (int q0 = 0; q0 < total; q0 += 4 * kS) {
-    load_group(eb, q0 + 2 * kS);
-    run_group(ea);
-    if (q0 + 2 * kS >= total) break;  // warp-uniform
-    load_group(ea, q0 + 4 * kS);
-    run_group(eb);
-  }
-  CUDA_KERNEL_ASSERT(!bad && "pets: a sparse_delta column is outside [0, in)");
-  write_fragments<scalar_t, kNT>(y, out, d, m0, count, o0, out_features, lane, nonempty, pairs);
-}
-
 template <typename scalar_t, int kColBytes>
 __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
     sparse_delta_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ x,
@@ -776,7 +550,6 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
   using L = SparseLayout<scalar_t, kColBytes>;
   using acc = acc_t<scalar_t>;
   constexpr unsigned kFull = 0xffffffffu;
-  constexpr bool kMma = kSparseMma<scalar_t>;
   extern __shared__ __align__(16) unsigned char shared_raw[];
   __shared__ int next_chunk;
 
@@ -840,25 +613,18 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
       const int sx = (kb >> 3) & L::kSlotXor;
 #pragma unroll
       for (int c = 0; c < 8; ++c) {
-        const uint4 q = segment_column<scalar_t, L::kVE, L::kSegWords>(seg, c);
-        if constexpr (kMma) {  // column kb + c at its own line, chunk a where MmaLines puts it
-          const uint32_t line = static_cast<uint32_t>(kb + c);
-          *reinterpret_cast<uint4*>(xs + line * kColBytes + MmaLines<kColBytes>::chunk(line, a) * kVecBytes) = q;
-        } else {
-          *reinterpret_cast<uint4*>(xs + (kb + (c ^ sx)) * kColBytes + a * kVecBytes) = q;
-        }
+        *reinterpret_cast<uint4*>(xs + (kb + (c ^ sx)) * kColBytes + a * kVecBytes) =
+            segment_column<scalar_t, L::kVE, L::kSegWords>(seg, c);
       }
     }
-    // The zero lines of padding entries and bad columns (one, or MmaLines' eight).
-    if (static_cast<int>(threadIdx.x) < zero_lines<scalar_t, kColBytes>() * L::kChunks) {
+    if (static_cast<int>(threadIdx.x) < L::kChunks) {  // the zero line of padding entries and bad columns
       *reinterpret_cast<uint4*>(xs + in_pad * kColBytes + threadIdx.x * kVecBytes) = make_uint4(0, 0, 0, 0);
     }
   }
   if (threadIdx.x == 0) next_chunk = warps;
   __syncthreads();
 
-  acc* sums = reinterpret_cast<acc*>(shared_raw +
-                                     static_cast<size_t>(in_pad + zero_lines<scalar_t, kColBytes>()) * kColBytes) +
+  acc* sums = reinterpret_cast<acc*>(shared_raw + static_cast<size_t>(in_pad + 1) * kColBytes) +
               warp * kChunkRows * L::kSStride;
   // Short rows (a slot's average below 16 entries): a group a row; else two groups a row.
   const bool short_rows = p[out_features] - p[0] < 16 * out_features;
@@ -883,30 +649,25 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
     CUDA_KERNEL_ASSERT((!mine || ok) && "pets: CSR offsets outside the pool or decreasing");
     const int64_t rk0 = mine && ok ? q : 0, rk1 = mine && ok ? q1 : 0;  // lane r: row o0 + r, else empty
 
-    if constexpr (kMma) {
-      chunk_mma<scalar_t, kColBytes>(xs, col, val, rk0, rk1, in_features, in_pad, y, out, m0, count, o0,
-                                     out_features, flags.pairs, lane);
+    if (short_rows) {
+      chunk_sums<scalar_t, kColBytes, 1>(xs, sums, col, val, rk0, rk1, in_features, in_pad, flags.vec_entries,
+                                         lane);
     } else {
-      if (short_rows) {
-        chunk_sums<scalar_t, kColBytes, 1>(xs, sums, col, val, rk0, rk1, in_features, in_pad, flags.vec_entries,
-                                           lane);
-      } else {
-        chunk_sums<scalar_t, kColBytes, 2>(xs, sums, col, val, rk0, rk1, in_features, in_pad, flags.vec_entries,
-                                           lane);
-      }
-      __syncwarp();
+      chunk_sums<scalar_t, kColBytes, 2>(xs, sums, col, val, rk0, rk1, in_features, in_pad, flags.vec_entries,
+                                         lane);
+    }
+    __syncwarp();
 
-      // The chunk's outputs (rows o0 .. o0 + 15, all the tile's tokens), coalesced across output features.
-      const unsigned nonempty = __ballot_sync(kFull, rk1 > rk0);  // bit r: row o0 + r has entries
-      if (flags.pairs) {
-        if (L::kT % 32 == 0 && count == L::kT) {
-          write_pairs<scalar_t, L, true>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
-        } else {
-          write_pairs<scalar_t, L, false>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
-        }
+    // The chunk's outputs (rows o0 .. o0 + 15, all the tile's tokens), coalesced across output features.
+    const unsigned nonempty = __ballot_sync(kFull, rk1 > rk0);  // bit r: row o0 + r has entries
+    if (flags.pairs) {
+      if (L::kT % 32 == 0 && count == L::kT) {
+        write_pairs<scalar_t, L, true>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
       } else {
-        write_scalars<scalar_t, L>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
+        write_pairs<scalar_t, L, false>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
       }
+    } else {
+      write_scalars<scalar_t, L>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
     }
     __syncwarp();
     chunk = next;
@@ -946,13 +707,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Shared memory of a sparse_delta block: the staged lines of x (in_pad columns and the zero lines) and, on the SIMT
-// path, each warp's fp32 sums (kChunkRows rows of kT + 1).
+// Shared memory of a sparse_delta block: the staged lines of x (in_pad columns and the zero line) and each warp's
+// fp32 sums (kChunkRows rows of kT + 1).
 template <typename scalar_t, int kColBytes>
 size_t sparse_shared_bytes(int64_t in_pad, int warps) {
   using L = SparseLayout<scalar_t, kColBytes>;
-  const size_t sums = kSparseMma<scalar_t> ? 0 : static_cast<size_t>(warps) * kChunkRows * L::kSStride;
-  return static_cast<size_t>(in_pad + zero_lines<scalar_t, kColBytes>()) * kColBytes + sums * sizeof(acc_t<scalar_t>);
+  return static_cast<size_t>(in_pad + 1) * kColBytes +
+         static_cast<size_t>(warps) * kChunkRows * L::kSStride * sizeof(acc_t<scalar_t>);
 }
 
 template <typename scalar_t, int kColBytes>
