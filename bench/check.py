@@ -1,4 +1,7 @@
-"""Correctness before timing: sampled rows of a mixed batch against each row's own merged model (fp32)."""
+"""Correctness before timing: sampled rows of a mixed batch against each row's own merged model, in fp32 and (for a
+runtime in fp16 / bf16) in the runtime's dtype: a row passes within the tolerance of either (DESIGN.md's rule: fp16
+on GPU within 1e-2 of the row's own model; that model in fp16 can itself be further than 1e-2 from fp32, 0.030 on a
+mix_dense row of session 11, so an fp32-only bound would fail whatever ran the task)."""
 
 from __future__ import annotations
 
@@ -47,27 +50,54 @@ def sample_rows(names: list[str], kind_of: Callable[[str], str]) -> list[int]:
     return sorted(rows)
 
 
+OUTPUTS = ("embedding", "logits")
+
+
 @dataclass
 class CheckResult:
+    """Per row: `rel_err_<output>` against the fp32 own model; with a runtime in fp16 / bf16 also
+    `dtype_rel_err_<output>` against the own model in that dtype and `own_dtype_err_<output>`, that model's own
+    error against fp32 (for reading the others)."""
+
     tolerance: float
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def max_rel_err(self) -> float:
+        """Against the fp32 own models."""
         errs = [float(e) for r in self.rows for k, e in r.items() if k.startswith("rel_err")]
         return max(errs, default=float("nan"))
 
+    def _failing(self, row: dict[str, Any]) -> list[str]:
+        """The outputs of a row beyond the tolerance of both own models."""
+        inf = float("inf")
+        return [
+            o
+            for o in OUTPUTS
+            if f"rel_err_{o}" in row
+            and float(row[f"rel_err_{o}"]) > self.tolerance
+            and float(row.get(f"dtype_rel_err_{o}", inf)) > self.tolerance
+        ]
+
     @property
     def passed(self) -> bool:
-        return bool(self.rows) and self.max_rel_err <= self.tolerance
+        return bool(self.rows) and not any(self._failing(r) for r in self.rows)
 
     def to_json(self) -> dict[str, object]:
         return {"passed": self.passed, "tolerance": self.tolerance, "max_rel_err": self.max_rel_err, "rows": self.rows}
 
     def failure(self) -> str:
-        """The record's error for a failed check; it names the rows whose own model in the runtime's dtype is itself
-        beyond the tolerance (there the fp32 bound is out of that dtype's reach, whatever runs the task)."""
+        """The record's error for a failed check: the rows and outputs beyond both own models, then the rows whose own
+        model in the runtime's dtype is itself beyond the tolerance of the fp32 one."""
+        failing = [
+            f"row {r['row']} ({r['task']}) {o}: {float(r[f'rel_err_{o}']):.3g}"
+            + (f" (own model in dtype: {float(r[f'dtype_rel_err_{o}']):.3g})" if f"dtype_rel_err_{o}" in r else "")
+            for r in self.rows
+            for o in self._failing(r)
+        ]
         message = f"correctness check failed: max relative error {self.max_rel_err:.3g} > {self.tolerance}"
+        if failing:
+            message += " at " + ", ".join(failing)
         beyond = [
             f"row {r['row']} ({r['task']}): {k.removeprefix('own_dtype_err_')} {float(e):.3g}"
             for r in self.rows
@@ -91,9 +121,9 @@ def check_rows(
     tolerance: float,
     own_in_dtype: Callable[[str], OwnModel] | None = None,
 ) -> CheckResult:
-    """Compare the runtime's outputs of `rows` with each row's own fp32 model run alone on that row. With
-    `own_in_dtype` (the own model in the runtime's fp16 / bf16), each row also records that model's error against the
-    fp32 one (`own_dtype_err_*`: the rounding of the dtype alone, for reading the runtime's; not part of the check)."""
+    """Compare the runtime's outputs of `rows` with each row's own fp32 model run alone on that row; with
+    `own_in_dtype` (the own model in the runtime's fp16 / bf16) also with that model (a row passes within the
+    tolerance of either), and record that model's error against the fp32 one (`own_dtype_err_*`)."""
     result = CheckResult(tolerance)
     models: dict[str, OwnModel] = {}
     low: dict[str, OwnModel] = {}
@@ -111,8 +141,10 @@ def check_rows(
             if name not in low:
                 low[name] = own_in_dtype(name)
             low_logits, low_emb = low[name](ids[i : i + 1], mask[i : i + 1])
+            entry["dtype_rel_err_embedding"] = rel_err(embedding[i], low_emb[0])
             entry["own_dtype_err_embedding"] = rel_err(low_emb[0], want_emb[0])
-            if with_logits and low_logits is not None:
+            if head is not None and with_logits and low_logits is not None:
+                entry["dtype_rel_err_logits"] = rel_err(logits[i, : head.num_labels], low_logits[0])
                 entry["own_dtype_err_logits"] = rel_err(low_logits[0], want_logits[0])
         result.rows.append(entry)
     return result
@@ -129,8 +161,8 @@ def check_sampled(
     device: str,
     tolerance: float,
 ) -> CheckResult:
-    """check_rows on one sampled row per kind (`part_of`: task -> its kind) against each task's own fp32 model; in
-    fp16 / bf16 also the own model in that dtype (its error recorded beside the runtime's)."""
+    """check_rows on one sampled row per kind (`part_of`: task -> its kind) against each task's own fp32 model and,
+    in fp16 / bf16, the own model in that dtype."""
     dtype = outputs[1].dtype
     return check_rows(
         *outputs,
