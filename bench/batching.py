@@ -47,6 +47,10 @@ class Config:
     dtype: str = "float16"
     kind: str = "mix"  # PetS gives each task a random PET type: the mix cycles through every kind
     wide_kind: str = "lora_r8"  # the wide workload's one task (a runtime of the mix would run every kind's ops)
+    # the wide workload's task without and with a classification head: answered with its 768-float embedding (as
+    # lists of floats: ~11 us an answer on the host, which bounded packed at 1.80x HF in session 11) or, as a served
+    # classifier, its logits and label
+    wide_heads: tuple[bool, ...] = (False, True)
     tasks: tuple[int, ...] = (32, 64, 128)
     sigmas: tuple[float, ...] = (1, 2, 4, 8)
     queries: int = 1024
@@ -297,11 +301,12 @@ def run(cfg: Config) -> list[dict[str, Any]]:
     served.free()
     if cfg.wide:  # one task: a runtime with that one task loaded, against the HF backbone alone
         kind = make_kinds(base, (cfg.wide_kind,))[cfg.wide_kind]
-        served = Served(kind, base, cfg.device, cfg.dtype, "default")
-        served.load(1)
         hf = backbone_model(base, cfg.device, DTYPES[cfg.dtype])
-        workload(cfg, served, "wide", 32.0, env, out, profile(served, cfg), hf)
-        served.free()
+        for heads in cfg.wide_heads:
+            served = Served(replace(kind, heads=heads), base, cfg.device, cfg.dtype, "default")
+            served.load(1)
+            workload(cfg, served, "wide", 32.0, env, out, profile(served, cfg), hf)
+            served.free()
     print(out.summary())
     print(table(out.records))
     return out.records
@@ -337,6 +342,7 @@ def workload(
         "sigma": sigma,
         "tasks": served.loaded,
         "kind": served.kind.name,
+        "heads": served.kind.heads or bool(served.kind.parts),  # the tasks answer with logits (else embeddings)
         "model": cfg.model,
         "dtype": cfg.dtype,
         **env,
@@ -386,7 +392,7 @@ def workload(
             {f"{p}_over_hf_padded": rate[p] / record["hf_padded_backbone"]["queries_per_s"] for p in rate}
         )
     out.write(record)
-    print(f"  {name} s={sigma:g} tasks={served.loaded}: " + ", ".join(f"{p} {rate[p]:.0f} q/s" for p in rate))
+    print(f"  {label(record)} s={sigma:g} tasks={served.loaded}: " + ", ".join(f"{p} {rate[p]:.0f} q/s" for p in rate))
     for st in record.get("steady", []):
         p99, bound = st["latency_p99_ms"], st["p99_bound_ms"]
         print(f"    steady {st['policy']} {st['rate_qps']:.0f} q/s: p99 {p99:.1f} ms, bound {bound:.1f} ms")
@@ -399,15 +405,20 @@ def rate_of(results: dict[str, Any], policy: str) -> float:
     return float(chosen["queries_per_s"])
 
 
+def label(record: dict[str, Any]) -> str:
+    """The workload's name in tables: the wide one's task with a head is "wide+head"."""
+    return record["workload"] + ("+head" if record["workload"] == "wide" and record.get("heads") else "")
+
+
 def table(records: list[dict[str, Any]]) -> str:
-    lines = ["workload    s  tasks " + " ".join(f"{p:>11}" for p in POLICIES) + "  coord/fixed  best/HF-padded"]
+    lines = ["workload     s  tasks " + " ".join(f"{p:>11}" for p in POLICIES) + "  coord/fixed  best/HF-padded"]
     for r in records:
         rate = {p: v["queries_per_s"] for p, v in r["policies"].items()}
         cols = " ".join(f"{rate[p]:>9.0f}/s" if p in rate else f"{'-':>11}" for p in POLICIES)
         coord = r["ratios"].get("coordinated_over_fixed")
         hf = max((v for k, v in r["ratios"].items() if k.endswith("_over_hf_padded")), default=None)
         lines.append(
-            f"{r['workload']:<8} {r['sigma']:>4g} {r['tasks']:>6} {cols}  "
+            f"{label(r):<9} {r['sigma']:>4g} {r['tasks']:>6} {cols}  "
             f"{'-' if coord is None else f'{coord:.2f}':>11}  {'-' if hf is None else f'{hf:.2f}':>14}"
         )
     return "\n".join(lines)

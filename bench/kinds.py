@@ -160,6 +160,9 @@ class Kind:
     sparse: str | None = None  # "diff" / "mask"
     patterns: SparsePatterns | None = None
     parts: tuple[Kind, ...] = ()
+    # tasks carry a classification head (2-4 labels): always in mixes; for a single kind where asked (a served
+    # classifier answers with its logits and label, a task without head with its whole embedding)
+    heads: bool = False
     sites: SiteShapes = field(init=False)
 
     def __post_init__(self) -> None:
@@ -177,7 +180,7 @@ class Kind:
         part = self.part(i)
         assert part.make is not None
         spec = part.make(self.base, name, i // len(self.parts) if self.parts else i, part)
-        if self.parts:
+        if self.parts or self.heads:
             spec.head = head(self.base, name, 2 + i % 3)
         return spec
 

@@ -36,10 +36,12 @@ class ZeroForward:
         return rows * seq
 
 
-def stubbed_runtime() -> Any:
-    """A CPU runtime of the tiny model with one LoRA r8 task (the wide workload's kind), its executors stubbed."""
+def stubbed_runtime(heads: bool = False) -> Any:
+    """A CPU runtime of the tiny model with one LoRA r8 task (the wide workload's kind; `heads`: with a classification
+    head), its executors stubbed."""
     base = make_base(TINY)
-    served = Served(make_kinds(base, ("lora_r8",))["lora_r8"], base, "cpu", "float32", "default")
+    kind = replace(make_kinds(base, ("lora_r8",))["lora_r8"], heads=heads)
+    served = Served(kind, base, "cpu", "float32", "default")
     served.load(1)
     runtime = served.runtime
     assert runtime is not None
@@ -56,8 +58,9 @@ def main() -> None:
     p.add_argument(
         "--profile", action="store_true", help="cProfile a packed pass: the engine's thread and the caller's"
     )
+    p.add_argument("--heads", action="store_true", help="the task has a classification head (answers: logits)")
     args = p.parse_args()
-    runtime = stubbed_runtime()
+    runtime = stubbed_runtime(args.heads)
     cfg = replace(Config(device="cpu", dtype="float32"), wide_queries=args.queries)
     qs = queries("wide", runtime.task_names(), cfg, 32.0)
     for policy in args.policies.split(","):

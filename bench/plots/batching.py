@@ -16,14 +16,15 @@ HF = "HF padded"
 
 
 def plot(records: list[dict[str, Any]], out: Path) -> list[Path]:
-    records = last_per(records, "workload", "tasks", "sigma")
+    records = last_per(records, "workload", "tasks", "sigma", "heads")
     fig12 = [r for r in records if r.get("workload") == "fig12"]
-    wide = [r for r in records if r.get("workload") == "wide"]
     paths = []
     if fig12:
         paths.append(save(fig12_figure(fig12), out / "batching-fig12.png"))
-    if wide:
-        paths.append(save(wide_figure(wide[-1]), out / "batching-wide.png"))
+    for heads, name in ((False, "batching-wide.png"), (True, "batching-wide-head.png")):
+        wide = [r for r in records if r.get("workload") == "wide" and bool(r.get("heads")) == heads]
+        if wide:
+            paths.append(save(wide_figure(wide[-1]), out / name))
     return paths
 
 
@@ -80,7 +81,9 @@ def wide_figure(record: dict[str, Any]) -> Figure:
     ax.set_ylabel("throughput (queries/s)")
     packed_over_hf = record.get("ratios", {}).get("packed_over_hf_padded")
     ratio = "" if packed_over_hf is None else f"; packed / HF padded: {packed_over_hf:.2f}x (issue 5's goal: 2x)"
-    ax.set_xlabel(f"policy ({record['tasks']} {record.get('kind')} task{'s' if record['tasks'] != 1 else ''}){ratio}")
+    head = " with a classification head" if record.get("heads") else ""
+    tasks = f"{record['tasks']} {record.get('kind')} task{'s' if record['tasks'] != 1 else ''}{head}"
+    ax.set_xlabel(f"policy ({tasks}){ratio}")
     fig.suptitle(f"Wide workload, lengths ~ N(64, 32) in [8, 256]\n{describe([record])}")
     return fig
 

@@ -17,12 +17,13 @@ def test_smoke_records(tmp_path: Path) -> None:
     cfg = replace(SMOKE, tasks=(3,), sigmas=(2,), queries=24, wide_queries=20, out=tmp_path)
     records = run(cfg)
     lines = [json.loads(x) for f in tmp_path.glob("batching-smoke-*.jsonl") for x in f.read_text().splitlines()]
-    # the wide workload: one task, on a runtime of the wide kind with that task alone
-    assert [(r["workload"], r["tasks"], r["kind"]) for r in lines] == [
-        ("fig12", 3, cfg.kind),
-        ("wide", 1, cfg.wide_kind),
+    # the wide workload: one task, on a runtime of the wide kind with that task alone, without and with a head
+    assert [(r["workload"], r["tasks"], r["kind"], r["heads"]) for r in lines] == [
+        ("fig12", 3, cfg.kind, True),
+        ("wide", 1, cfg.wide_kind, False),
+        ("wide", 1, cfg.wide_kind, True),
     ]
-    assert len(records) == 2
+    assert len(records) == 3
     for r in lines:
         assert set(r["policies"]) == set(POLICIES) and r["device"].startswith("cpu") and r["commit"]
         n = 24 if r["workload"] == "fig12" else 20
@@ -37,10 +38,12 @@ def test_smoke_records(tmp_path: Path) -> None:
     st = steady[0]
     assert st["succeeded"] == cfg.steady_queries and st["rate_qps"] > 0 and st["p99_bound_ms"] > 0
     assert st["p99_within_bound"] == (st["latency_p99_ms"] <= st["p99_bound_ms"])
-    wide = lines[1]
-    assert 0 < wide["hf_padded_backbone"]["padding_fraction"] < 1 and wide["ratios"]["packed_over_hf_padded"] > 0
-    pad = {p: v["padding_fraction"] for p, v in wide["policies"].items()}
-    assert pad["packed"] < pad["fixed"] and pad["packed"] < pad["sorted"]  # one task: rows fill up
+    for wide in lines[1:]:
+        assert 0 < wide["hf_padded_backbone"]["padding_fraction"] < 1 and wide["ratios"]["packed_over_hf_padded"] > 0
+        pad = {p: v["padding_fraction"] for p, v in wide["policies"].items()}
+        assert pad["packed"] < pad["fixed"] and pad["packed"] < pad["sorted"]  # one task: rows fill up
+    assert [batching.label(r) for r in lines] == ["fig12", "wide", "wide+head"]
+    assert "wide+head" in batching.table(records)
 
 
 @pytest.mark.parametrize(

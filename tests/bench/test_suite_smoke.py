@@ -37,7 +37,7 @@ def test_all_smoke(tmp_path: Path) -> None:
     assert "records ->" in Path(str(summary(tmp_path)[0]["log"])).read_text()  # the script's own output
     assert len(list(tmp_path.glob("batching-smoke-*.jsonl"))) == 1
     pngs = sorted((tmp_path / "figures").glob("*.png"))
-    assert [p.name for p in pngs] == ["batching-fig12.png", "batching-wide.png"]
+    assert [p.name for p in pngs] == ["batching-fig12.png", "batching-wide-head.png", "batching-wide.png"]
     assert all(p.read_bytes().startswith(PNG) for p in pngs)
 
 
