@@ -270,8 +270,8 @@ __global__ void __launch_bounds__(kMmaThreads, mma_blocks(kFrags))
   const Tile tile = tile_of<kTileTok, kMmaCols>(tokens, out_features);
   const int64_t row = tile.row, c0 = tile.c0, m0 = tile.m0;
   const int count = tile.count, cols = tile.cols;
-  const int wt = warp * kFrags * kFrag, wc = 0;  // the warp's corner
-  const int lt = wt + lane / kVecs, lc = wc + (lane % kVecs) * V;  // the lane's first token, its features
+  const int wt = warp * kFrags * kFrag;  // the warp's first token (each warp takes all of the tile's features)
+  const int lt = wt + lane / kVecs, lc = (lane % kVecs) * V;  // the lane's first token, its features
   const bool col_ok = lc < cols;
   // The lane's vector of token lt; its vector of token lt + i is i * out_features further.
   const int64_t lane_off = (m0 + lt) * out_features + c0 + lc;
@@ -334,13 +334,13 @@ __global__ void __launch_bounds__(kMmaThreads, mma_blocks(kFrags))
 #pragma unroll
   for (int f = 0; f < kFrags; ++f) {
     const int ft = wt + f * kFrag;  // the fragment's first token
-    if (r > 0 && ft < count && wc < cols) {
+    if (r > 0 && ft < count) {
       const int g = lane / 4, q = lane % 4;  // the fragments' row and column pair
       uint32_t a[4];  // h of tokens ft .. ft + 15: 8x8 blocks (tokens 0-7, ranks 0-7), (8-15, 0-7), (0-7, 8-15), ..
       ldmatrix_x4(a, &hs[ft + lane % 16][(lane / 16) * 8]);
 #pragma unroll
       for (int n = 0; n < kWarpCols / kFrag; ++n) {
-        const int n0 = wc + n * kFrag;
+        const int n0 = n * kFrag;
         if (n0 >= cols) break;
         // B[t] rows n0 .. n0 + 15 ([feature][rank]: the col-major rank x feature operand): 8x8 blocks (features
         // 0-7, ranks 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15).
@@ -350,7 +350,7 @@ __global__ void __launch_bounds__(kMmaThreads, mma_blocks(kFrags))
         for (int i = 0; i < 2; ++i) {  // features n0 + 8i .. + 7; this lane: tokens g, g + 8, features 2q, 2q + 1
           float d[4] = {};
           mma_16816<scalar_t>(d, a, b[2 * i], b[2 * i + 1]);
-          float* zd = z + g * kZLd + zcol(n0 - wc + 8 * i + 2 * q);
+          float* zd = z + g * kZLd + zcol(n0 + 8 * i + 2 * q);
           *reinterpret_cast<float2*>(zd) = make_float2(d[0], d[1]);
           *reinterpret_cast<float2*>(zd + 8 * kZLd) = make_float2(d[2], d[3]);
         }
@@ -367,8 +367,8 @@ __global__ void __launch_bounds__(kMmaThreads, mma_blocks(kFrags))
         float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
         if (r > 0) {
           const float* zr = z + (tm - ft) * kZLd;
-          lo = *reinterpret_cast<const float4*>(zr + zcol(lc - wc));
-          hi = *reinterpret_cast<const float4*>(zr + zcol(lc - wc + 4));
+          lo = *reinterpret_cast<const float4*>(zr + zcol(lc));
+          hi = *reinterpret_cast<const float4*>(zr + zcol(lc + 4));
         }
         const float2 zv[4] = {{lo.x, lo.y}, {lo.z, lo.w}, {hi.x, hi.y}, {hi.z, hi.w}};
 #pragma unroll

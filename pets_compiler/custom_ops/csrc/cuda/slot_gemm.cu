@@ -80,18 +80,16 @@ void slot_gemms(const at::Tensor& task_ids, std::initializer_list<SlotGemm> gemm
                 const std::function<void(size_t)>& after) {
   TORCH_INTERNAL_ASSERT(gemms.size() <= static_cast<size_t>(kMaxGemms), "pets: slot_gemms takes at most ",
                         kMaxGemms, " matmuls");
-  // The matmuls with work (their index in `gemms`); one with no input features is all zeros.
-  std::vector<const SlotGemm*> work;
-  std::vector<size_t> index;
-  for (const SlotGemm& g : gemms) {
+  // The matmuls with work (their indices in `gemms`); one with no input features is all zeros.
+  const SlotGemm* all = gemms.begin();
+  std::vector<size_t> work;
+  for (size_t j = 0; j < gemms.size(); ++j) {
+    const SlotGemm& g = all[j];
     const int64_t batch = g.x.size(0), n = g.x.size(1), k = g.x.size(2), f = g.w.size(1);
     TORCH_CHECK(n <= INT32_MAX && k <= INT32_MAX && f <= INT32_MAX && batch <= INT32_MAX, "pets: a per-slot matmul of ",
                 batch, " x ", n, " x ", k, " x ", f, " is beyond cuBLAS's int sizes");
     if (batch > 0 && n > 0 && f > 0 && k == 0) g.out.zero_();
-    if (batch > 0 && n > 0 && f > 0 && k > 0) {
-      work.push_back(&g);
-      index.push_back(static_cast<size_t>(&g - gemms.begin()));
-    }
+    if (batch > 0 && n > 0 && f > 0 && k > 0) work.push_back(j);
   }
   const auto run_after = [&](size_t j) {
     if (after) after(j);
@@ -100,7 +98,7 @@ void slot_gemms(const at::Tensor& task_ids, std::initializer_list<SlotGemm> gemm
     for (size_t j = 0; j < gemms.size(); ++j) run_after(j);
     return;
   }
-  const at::Tensor& x0 = work.front()->x;
+  const at::Tensor& x0 = all[work.front()].x;
   const int64_t batch = x0.size(0);
   at::Tensor ptrs = at::empty({3 * batch * static_cast<int64_t>(work.size())}, x0.options().dtype(at::kLong));
   void** p = reinterpret_cast<void**>(ptrs.mutable_data_ptr<int64_t>());
@@ -110,7 +108,7 @@ void slot_gemms(const at::Tensor& task_ids, std::initializer_list<SlotGemm> gemm
     PointerJobs<scalar_t> jobs{};
     jobs.count = static_cast<int>(work.size());
     for (size_t j = 0; j < work.size(); ++j) {
-      const SlotGemm& g = *work[j];
+      const SlotGemm& g = all[work[j]];
       TORCH_INTERNAL_ASSERT(g.x.size(0) == batch && g.x.scalar_type() == x0.scalar_type());
       const int64_t n = g.x.size(1), k = g.x.size(2), f = g.w.size(1);
       const scalar_t* spare_x = nullptr;
@@ -132,8 +130,8 @@ void slot_gemms(const at::Tensor& task_ids, std::initializer_list<SlotGemm> gemm
     cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to the current stream
     size_t w = 0;  // the next matmul with work
     for (size_t j = 0; j < gemms.size(); ++j) {
-      if (w < work.size() && index[w] == j) {
-        const SlotGemm& g = *work[w];
+      if (w < work.size() && work[w] == j) {
+        const SlotGemm& g = all[j];
         const int n = static_cast<int>(g.x.size(1)), k = static_cast<int>(g.x.size(2));
         const int f = static_cast<int>(g.w.size(1));
         void** q = jobs.job[w].ptrs;
