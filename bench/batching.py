@@ -342,7 +342,7 @@ def workload(
         "sigma": sigma,
         "tasks": served.loaded,
         "kind": served.kind.name,
-        "heads": served.kind.heads or bool(served.kind.parts),  # the tasks answer with logits (else embeddings)
+        "heads": served.kind.has_heads,
         "model": cfg.model,
         "dtype": cfg.dtype,
         **env,

@@ -168,6 +168,11 @@ class Kind:
     def __post_init__(self) -> None:
         self.sites = self.base.sites  # computed from a meta-device model: once, not per task
 
+    @property
+    def has_heads(self) -> bool:
+        """Whether its tasks carry a classification head (answers: logits and a label, else the embedding)."""
+        return self.heads or bool(self.parts)
+
     def task_name(self, i: int) -> str:
         return f"{self.name}-{i}"
 
@@ -180,7 +185,7 @@ class Kind:
         part = self.part(i)
         assert part.make is not None
         spec = part.make(self.base, name, i // len(self.parts) if self.parts else i, part)
-        if self.parts or self.heads:
+        if self.has_heads:
             spec.head = head(self.base, name, 2 + i % 3)
         return spec
 
