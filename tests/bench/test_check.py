@@ -1,5 +1,6 @@
-"""bench.check: a row passes within the tolerance of its fp32 own model or of its own model in the runtime's dtype;
-beyond both it fails, and the failure names the row and output."""
+"""bench.check: a row passes within the tolerance of its fp32 own model or of its own model in the runtime's dtype, or
+no further from the fp32 one than the tolerance plus that dtype model is; beyond all three it fails, and the failure
+names the row and output."""
 
 from __future__ import annotations
 
@@ -46,6 +47,14 @@ def test_within_the_own_model_in_the_dtype() -> None:
     got = run(1.05)
     assert got.passed and abs(got.max_rel_err - 0.05) < 1e-6
     assert all(row["dtype_rel_err_logits"] < 1e-6 for row in got.rows)
+
+
+def test_as_far_from_fp32_as_the_dtype_model_on_the_other_side() -> None:
+    """5% below fp32 where the dtype model is 5% above: 0.095 from that model, but no further from fp32 than it."""
+    got = run(0.95)
+    assert got.passed
+    assert all(abs(row["dtype_rel_err_logits"] - 0.2 / 2.1) < 1e-6 for row in got.rows)
+    assert not run(0.93).passed  # 0.07 from fp32 > 0.01 + 0.05
 
 
 def test_beyond_both_fails() -> None:
