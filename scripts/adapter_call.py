@@ -18,17 +18,28 @@ import pets_compiler  # noqa: F401
 from pets_compiler.custom_ops.reference import ADAPTER_ACTIVATIONS
 
 
-def inputs(batch: int, seq: int, slots: int, device: str, dtype: torch.dtype) -> tuple[object, ...]:
-    """pets.adapter's arguments: h, residual, ids, the LayerNorm's rows and per-slot deltas, eps, the adapter tables
-    (bottleneck 64, adapters on slots 3, 8, 13, ...: 1 in 5, as mix_dense's Pfeiffer part) and their config."""
+def inputs(
+    batch: int,
+    seq: int,
+    slots: int,
+    device: str,
+    dtype: torch.dtype,
+    every: int = 5,
+    uniform: bool = False,
+    h_bias: bool = False,
+) -> tuple[object, ...]:
+    """pets.adapter's arguments: h, residual, ids (row b on slot b % slots, or `uniform`: drawn uniformly as
+    bench.throughput draws them), the LayerNorm's rows and per-slot deltas, eps, the adapter tables (bottleneck 64,
+    adapters on slots 3, 3 + every, ...: 1 in 5 by default, as mix_dense's Pfeiffer part), their config and, with
+    `h_bias`, the bias delta fuse_norm_inputs hands it (mix_dense's BitFit tasks)."""
     g = torch.Generator().manual_seed(0)
     hidden, bottleneck = 768, 64
 
     def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * std).to(device, dtype)
 
-    ids = (torch.arange(batch) % slots).to(device)
-    enabled = (torch.arange(slots) % 5 == 3).long()
+    ids = (torch.randint(0, slots, (batch,), generator=g) if uniform else torch.arange(batch) % slots).to(device)
+    enabled = (torch.arange(slots) % every == 3 % every).long()
     relu = enabled * ADAPTER_ACTIVATIONS["relu"]
     config = torch.stack([enabled, enabled, enabled, enabled, relu, enabled * bottleneck], 1)
     return (
@@ -46,6 +57,7 @@ def inputs(batch: int, seq: int, slots: int, device: str, dtype: torch.dtype) ->
         randn(slots, hidden, std=0.1),
         torch.ones(slots).to(device, dtype),
         config.to(device),
+        randn(slots, hidden, std=0.01) if h_bias else None,
     )
 
 
@@ -54,11 +66,17 @@ def main() -> None:
     p.add_argument("--shapes", default="64x128,128x64", help="comma-separated BATCHxSEQ")
     p.add_argument("--slots", type=int, default=128, help="tasks loaded (row b on slot b %% slots)")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--every", type=int, default=5, help="an adapter on 1 slot in EVERY")
+    p.add_argument("--uniform", action="store_true", help="rows draw their slot uniformly (seeded)")
+    p.add_argument("--h-bias", action="store_true", help="with h_bias (the kBias kernels)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for shape in args.shapes.split(","):
         batch, seq = (int(v) for v in shape.split("x"))
-        call = inputs(batch, seq, args.slots, device, torch.float16 if device == "cuda" else torch.float32)
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        call = inputs(batch, seq, args.slots, device, dtype, args.every, args.uniform, args.h_bias)
+        ids, config = call[2], call[13]
+        busy = int(config[ids, 0].ne(0).sum()) * seq  # type: ignore[index]
         for _ in range(3):
             torch.ops.pets.adapter(*call)
         if device == "cuda":
@@ -73,7 +91,7 @@ def main() -> None:
         rows = [(e.key, getattr(e, attr) / args.iters) for e in prof.key_averages() if getattr(e, attr) > 0]
         rows.sort(key=lambda r: -r[1])
         total = sum(t for _, t in rows) if device == "cuda" else max(t for _, t in rows)
-        print(f"{batch}x{seq}, {args.slots} slots ({device}): {total:.1f} us a call")
+        print(f"{batch}x{seq}, {args.slots} slots, {busy} tokens with an adapter ({device}): {total:.1f} us a call")
         for name, t in rows[:8]:
             print(f"    {t:8.1f} us  {name[:100]}")
 
