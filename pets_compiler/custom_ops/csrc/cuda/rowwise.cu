@@ -40,10 +40,10 @@ struct RowTables {
 
 // act(y + b) * (1 + s) + r, each term only where given: without a bias a -0.0 stays -0.0, and y * (1 + 0) is y
 // exactly, so rows of slots without a scale are unchanged bit for bit (and with a residual are aten.add's y + r).
-template <Act act, bool has_bias, bool has_scale, bool has_residual, typename acc>
+template <typename scalar_t, Act act, bool has_bias, bool has_scale, bool has_residual, typename acc>
 __device__ __forceinline__ acc row_term(acc y, acc b, acc s, acc r) {
   acc z = has_bias ? y + b : y;
-  if constexpr (act == Act::kGelu) z = gelu_erf(z);
+  if constexpr (act == Act::kGelu) z = gelu_erf_for<scalar_t>(z);
   if constexpr (act == Act::kGeluTanh) z = gelu_tanh(z);
   if constexpr (has_scale) z = z * (acc(1) + s);
   if constexpr (has_residual) z = z + r;
@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t i = (m0 + tm) * features + f;
       const acc r = has_residual ? static_cast<acc>(tables.residual[i]) : acc(0);
       out[i] = static_cast<scalar_t>(
-          row_term<act, has_bias, has_scale, has_residual>(static_cast<acc>(y[i]), b, s, r));
+          row_term<scalar_t, act, has_bias, has_scale, has_residual>(static_cast<acc>(y[i]), b, s, r));
     }
   }
 }
@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kThreads)
         const acc s = has_scale ? static_cast<acc>(sk.v[e]) : acc(0);
         const acc r = has_residual ? static_cast<acc>(rk[k].v[e]) : acc(0);
         o.v[e] = static_cast<scalar_t>(
-            row_term<act, has_bias, has_scale, has_residual>(static_cast<acc>(yk[k].v[e]), b, s, r));
+            row_term<scalar_t, act, has_bias, has_scale, has_residual>(static_cast<acc>(yk[k].v[e]), b, s, r));
       }
       ov[p] = o;
     }
@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(kMaxFixedThreads, 2)
       for (int e = 0; e < kV; ++e) {
         acc z = static_cast<acc>(yk[k].v[e]);
         if constexpr (has_bias) z = z + b[e];
-        if constexpr (act == Act::kGelu) z = gelu_erf(z);
+        if constexpr (act == Act::kGelu) z = gelu_erf_for<scalar_t>(z);
         if constexpr (act == Act::kGeluTanh) z = gelu_tanh(z);
         if constexpr (has_scale) z = z * s1[e];
         if constexpr (has_residual) z = z + static_cast<acc>(rk[k].v[e]);
