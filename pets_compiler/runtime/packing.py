@@ -90,27 +90,22 @@ def first_fit(lengths: Sequence[int], tasks: Sequence[str], width: int) -> Packi
 
 def packed_inputs(batch: Sequence[Prepared], packing: Packing, pad_id: int = 0) -> tuple[Tensor, Tensor]:
     """(input_ids [rows, width], segments [rows, K, width]) for the packed program, built with numpy from each
-    request's place (a tensor write per request cost ~10 ms for 256 requests; torch.tensor of a long list ~1.5)."""
+    request's place (a tensor write per request cost ~10 ms for 256 requests; torch.tensor of a long list ~1.5),
+    without a Python step per request or per segment cell: 1.03 -> 0.5 ms for 256 wide-workload requests in 65 rows
+    of 15 (this project's 2-core CPU), where segments compared every cell of [rows, K, width] with its bounds."""
     rows, width, per_row = len(packing.rows), packing.width, packing.per_row
     order = [i for members in packing.rows for i in members]  # requests in row order
+    counts = np.fromiter((len(members) for members in packing.rows), dtype=np.int64, count=rows)
     lengths = np.fromiter((len(batch[i].ids) for i in order), dtype=np.int64, count=len(order))
-    starts = np.empty(len(order), dtype=np.int64)  # each request's first column in its row
-    slots = np.empty(len(order), dtype=np.int64)  # row * K + k
-    n = 0
-    for r, members in enumerate(packing.rows):
-        at = 0
-        for k, i in enumerate(members):
-            starts[n], slots[n] = at, r * per_row + k
-            at += len(batch[i].ids)
-            n += 1
     tokens = np.fromiter(itertools.chain.from_iterable(batch[i].ids for i in order), dtype=np.int64)
+    first_request = np.cumsum(counts) - counts  # each row's first request in `order`
     first = np.cumsum(lengths) - lengths  # each request's first token in `tokens`
-    dest = np.arange(len(tokens)) + np.repeat((slots // per_row) * width + starts - first, lengths)
+    row = np.repeat(np.arange(rows), counts)
+    starts = first - np.repeat(first[first_request], counts)  # each request's first column in its row
+    slots = row * per_row + np.arange(len(order)) - np.repeat(first_request, counts)  # row * K + k
+    column = np.arange(len(tokens)) - np.repeat(first - starts, lengths)  # each token's column in its row
     flat = np.full(rows * width, pad_id, dtype=np.int64)
-    flat[dest] = tokens
-    edges = np.zeros((rows * per_row, 2), dtype=np.int64)  # [start, end) of each (row, k); empty: [0, 0)
-    edges[slots, 0], edges[slots, 1] = starts, starts + lengths
-    column = np.arange(width).reshape(1, 1, width)
-    bound = edges.reshape(rows, per_row, 2, 1)
-    segments = ((column >= bound[:, :, 0]) & (column < bound[:, :, 1])).astype(np.int64)
-    return torch.from_numpy(flat).view(rows, width), torch.from_numpy(segments)
+    flat[np.repeat(row * width, lengths) + column] = tokens
+    segments = np.zeros(rows * per_row * width, dtype=np.int64)  # 1 where (row, k, column) holds request k's token
+    segments[np.repeat(slots * width, lengths) + column] = 1
+    return torch.from_numpy(flat).view(rows, width), torch.from_numpy(segments).view(rows, per_row, width)
