@@ -1,6 +1,7 @@
 """Correctness before timing: sampled rows of a mixed batch against each row's own merged model, in fp32 and (for a
 runtime in fp16 / bf16) in the runtime's dtype: a row passes within the tolerance of either, or no further from the
-fp32 one than the tolerance plus the distance of its own model in the dtype from fp32 (DESIGN.md's rule: fp16 on GPU
+fp32 one than the tolerance plus the distance of its own model in the dtype from fp32, counted up to 5 tolerances
+(DESIGN.md's rule: fp16 on GPU
 within 1e-2 of the row's own model; that model in fp16 can itself be further than 1e-2 from fp32, 0.030 on a mix_dense
 row's logits in sessions 11-13, and two fp16 runs of it can land on either side: an fp32-only bound would fail
 whatever ran the task)."""
@@ -53,6 +54,7 @@ def sample_rows(names: list[str], kind_of: Callable[[str], str]) -> list[int]:
 
 
 OUTPUTS = ("embedding", "logits")
+MAX_DTYPE_SLACK = 5.0  # tolerances; the largest own-model fp16 error seen on a check row: 0.030 (3 tolerances)
 
 
 @dataclass
@@ -78,9 +80,14 @@ class CheckResult:
             o
             for o in OUTPUTS
             if f"rel_err_{o}" in row
-            and float(row[f"rel_err_{o}"]) > self.tolerance + float(row.get(f"own_dtype_err_{o}", 0.0))
+            and float(row[f"rel_err_{o}"]) > self.tolerance + self._dtype_slack(row, o)
             and float(row.get(f"dtype_rel_err_{o}", inf)) > self.tolerance
         ]
+
+    def _dtype_slack(self, row: dict[str, Any], output: str) -> float:
+        """What the fp32 bound widens by: the own model in the runtime's dtype's distance from fp32, at most
+        MAX_DTYPE_SLACK tolerances (an own model that far off in fp16 does not vouch for anything)."""
+        return min(float(row.get(f"own_dtype_err_{output}", 0.0)), MAX_DTYPE_SLACK * self.tolerance)
 
     @property
     def passed(self) -> bool:

@@ -57,6 +57,21 @@ def test_as_far_from_fp32_as_the_dtype_model_on_the_other_side() -> None:
     assert not run(0.93).passed  # 0.07 from fp32 > 0.01 + 0.05
 
 
+def test_the_dtype_slack_is_capped() -> None:
+    """An own model 20% off in the dtype widens the fp32 bound by 5 tolerances at most."""
+    low = lambda _: lambda ids, mask: (WANT_LOGITS * 1.2, WANT_EMB)  # noqa: E731
+    spec = lambda _: SimpleNamespace(head=SimpleNamespace(num_labels=2))  # noqa: E731
+
+    def check(factor: float) -> CheckResult:
+        logits, embedding = WANT_LOGITS.repeat(2, 1) * factor, WANT_EMB.repeat(2, 1)
+        return check_rows(
+            logits, embedding, IDS, MASK, ["a", "b"], [0, 1], own=own, spec=spec, tolerance=1e-2, own_in_dtype=low,
+        )  # fmt: skip
+
+    assert check(0.95).passed  # 0.05 from fp32 <= 0.01 + 0.05
+    assert not check(0.9).passed  # 0.1 from fp32 > 0.01 + 0.05, and 0.25 from the dtype model
+
+
 def test_beyond_both_fails() -> None:
     got = run(1.1)  # 0.1 off fp32, 0.048 off the low model
     assert not got.passed
