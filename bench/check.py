@@ -1,10 +1,9 @@
 """Correctness before timing: sampled rows of a mixed batch against each row's own merged model, in fp32 and (for a
 runtime in fp16 / bf16) in the runtime's dtype: a row passes within the tolerance of either, or no further from the
 fp32 one than the tolerance plus the distance of its own model in the dtype from fp32, counted up to 5 tolerances
-(DESIGN.md's rule: fp16 on GPU
-within 1e-2 of the row's own model; that model in fp16 can itself be further than 1e-2 from fp32, 0.030 on a mix_dense
-row's logits in sessions 11-13, and two fp16 runs of it can land on either side: an fp32-only bound would fail
-whatever ran the task)."""
+(DESIGN.md's rule: fp16 on GPU within 1e-2 of the row's own model; that model in fp16 can itself be further than 1e-2
+from fp32, 0.030 on a mix_dense row's logits in sessions 11-13, and two fp16 runs of it can land on either side: an
+fp32-only bound would fail whatever ran the task)."""
 
 from __future__ import annotations
 
