@@ -13,6 +13,7 @@ own mini-batch (the inter-task program alone decides).
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -180,6 +181,11 @@ class CoordinatedPolicy:
 
     def __post_init__(self) -> None:
         self._model = self.cost.monotone()  # what the programs plan with (split_sorted's steps need it monotone)
+        # The programs' look-ups, memoised per policy: a plan of 1,024 fig12 requests made ~9,000 of them at ~2.5 us
+        # each (bisects, scaling), half of its 12.6 ms, under the engine's lock, once per batch while requests
+        # arrive.
+        self._alpha = functools.cache(self._model.alpha)
+        self._betas: dict[str | None, Callable[[int, int], float]] = {}
 
     def select(self, queue: Sequence[Any], max_batch: int) -> list[int]:
         """The planned batch of the oldest request while it is whole (none of it ran, timed out or was
@@ -220,8 +226,10 @@ class CoordinatedPolicy:
         minis.sort(key=lambda m: (max(queue[i].length for i in m), min(m)))
         longest = [max(queue[i].length for i in m) for m in minis]
         sizes = [len(m) for m in minis]
-        groups = split_sorted(longest, sizes, model.alpha, max_batch, model.rows)
+        groups = split_sorted(longest, sizes, self._alpha, max_batch, model.rows)
         return [[i for m in minis[a:b] for i in m] for a, b in groups]
 
     def _beta(self, kind: str | None) -> Callable[[int, int], float]:
-        return lambda rows, length: self._model.beta(kind, rows, length)
+        if kind not in self._betas:
+            self._betas[kind] = functools.cache(lambda rows, length: self._model.beta(kind, rows, length))
+        return self._betas[kind]
