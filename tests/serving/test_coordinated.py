@@ -4,7 +4,7 @@ round-trips and travels with the artifact, and the engine serves with it."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -122,6 +122,19 @@ def test_plans_cover_the_queue(stream: list[tuple[str, int]], max_batch: int) ->
     assert all(0 < len(m) <= max_batch for m in plan)
     picked = policy.select(queue, max_batch)
     assert 0 in picked and len(picked) <= max_batch
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.sampled_from("abc"), st.integers(1, 128)), min_size=1, max_size=30), max_size=4))
+def test_a_policy_plans_as_a_fresh_one_after_other_queues(queues: list[list[tuple[str, int]]]) -> None:
+    """The policy memoises its cost look-ups across plans: each plan is still the one a new policy makes."""
+    beta = {"b": tuple(tuple(2e-4 * r for _ in (8, 16, 32, 64, 128)) for r in (1, 2, 4, 8))}
+    costs = replace(model(), beta_s=beta)
+    kind_of = {"a": None, "b": "b", "c": None}.get
+    used = CoordinatedPolicy(costs, kind_of)
+    for stream in queues:
+        queue = [R(t, n, float(i)) for i, (t, n) in enumerate(stream)]
+        assert used.plan(queue, 5) == CoordinatedPolicy(costs, kind_of).plan(queue, 5)
 
 
 @settings(max_examples=60, deadline=None)
