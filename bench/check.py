@@ -73,7 +73,7 @@ class CheckResult:
 
     def _failing(self, row: dict[str, Any]) -> list[str]:
         """The outputs of a row beyond the tolerance of both own models and further from the fp32 one than the
-        tolerance plus the own model in the dtype is."""
+        tolerance plus the dtype slack."""
         inf = float("inf")
         return [
             o
@@ -96,7 +96,7 @@ class CheckResult:
         return {"passed": self.passed, "tolerance": self.tolerance, "max_rel_err": self.max_rel_err, "rows": self.rows}
 
     def failure(self) -> str:
-        """The record's error for a failed check: the rows and outputs beyond both own models, then the rows whose own
+        """The record's error for a failed check: the rows and outputs that fail (_failing), then the rows whose own
         model in the runtime's dtype is itself beyond the tolerance of the fp32 one."""
         failing = [
             f"row {r['row']} ({r['task']}) {o}: {float(r[f'rel_err_{o}']):.3g}"

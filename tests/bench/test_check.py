@@ -18,14 +18,12 @@ def own(_: str):  # the fp32 own model of every task
     return lambda ids, mask: (WANT_LOGITS, WANT_EMB)
 
 
-def own_low(_: str):  # the same in a lower precision: 5% off on the logits, 1% on the embedding
-    return lambda ids, mask: (WANT_LOGITS * 1.05, WANT_EMB * 1.01)
-
-
-def run(logits_factor: float, in_dtype: bool = True) -> CheckResult:
+def run(logits_factor: float, in_dtype: bool = True, low_logits: float = 1.05) -> CheckResult:
     """The check of two rows (tasks a and b, a head of 2 labels each) whose logits are `logits_factor` times the
-    own model's and whose embeddings are the own model's."""
+    own model's and whose embeddings are the own model's; the own model in a lower precision (unless not
+    `in_dtype`) is `low_logits` times off on the logits (5% by default) and 1% on the embedding."""
     spec = lambda _: SimpleNamespace(head=SimpleNamespace(num_labels=2))  # noqa: E731
+    own_low = lambda _: lambda ids, mask: (WANT_LOGITS * low_logits, WANT_EMB * 1.01)  # noqa: E731
     logits, embedding = WANT_LOGITS.repeat(2, 1) * logits_factor, WANT_EMB.repeat(2, 1)
     return check_rows(
         logits, embedding, IDS, MASK, ["a", "b"], [0, 1], own=own, spec=spec, tolerance=1e-2,
@@ -59,17 +57,8 @@ def test_as_far_from_fp32_as_the_dtype_model_on_the_other_side() -> None:
 
 def test_the_dtype_slack_is_capped() -> None:
     """An own model 20% off in the dtype widens the fp32 bound by 5 tolerances at most."""
-    low = lambda _: lambda ids, mask: (WANT_LOGITS * 1.2, WANT_EMB)  # noqa: E731
-    spec = lambda _: SimpleNamespace(head=SimpleNamespace(num_labels=2))  # noqa: E731
-
-    def check(factor: float) -> CheckResult:
-        logits, embedding = WANT_LOGITS.repeat(2, 1) * factor, WANT_EMB.repeat(2, 1)
-        return check_rows(
-            logits, embedding, IDS, MASK, ["a", "b"], [0, 1], own=own, spec=spec, tolerance=1e-2, own_in_dtype=low,
-        )  # fmt: skip
-
-    assert check(0.95).passed  # 0.05 from fp32 <= 0.01 + 0.05
-    assert not check(0.9).passed  # 0.1 from fp32 > 0.01 + 0.05, and 0.25 from the dtype model
+    assert run(0.95, low_logits=1.2).passed  # 0.05 from fp32 <= 0.01 + 0.05
+    assert not run(0.9, low_logits=1.2).passed  # 0.1 from fp32 > 0.01 + 0.05, and 0.25 from the dtype model
 
 
 def test_beyond_both_fails() -> None:
