@@ -582,10 +582,9 @@ def test_sparse_delta_long_rows_alignment_and_bits(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 def test_sparse_delta_row_splits(dtype: torch.dtype) -> None:
-    """Few (row, token tile) blocks: the kernel splits the output rows across blocks as well (1 and 9 rows: 187
-    chunks of 16 rows in 132 and 14 splits, the last splits of the 132 owning none; 300 rows: no split). Each batch
-    against the reference, and row 0 (same slot, x and y in every batch) bitwise the same whatever the split (132
-    SMs)."""
+    """Few busy (row, token tile) tiles: the kernel splits their output rows over the blocks as well (1 and 9
+    rows: 187 chunks of 16 rows in up to 93 splits, the last splits owning none; 300 rows: none). Each batch
+    against the reference, and row 0 (same slot, x and y in every batch) bitwise the same whatever the split."""
     in_f, out_f, seq = 768, 2990, 16
     pool = sparse_density_pool(4, out_f, in_f, 0.02, dtype, seed=70)
     x = randn(300, seq, in_f, dtype=dtype, seed=71)
@@ -597,3 +596,27 @@ def test_sparse_delta_row_splits(dtype: torch.dtype) -> None:
         got = check("sparse_delta", sparse_delta_ref, (y[:rows], x[:rows], ids[:rows], *pool), dtype)
         row0.append(bits(got[0].cpu()))
     assert all(torch.equal(row0[0], r) for r in row0[1:]), "row 0 depends on how many rows share its batch"
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("seq", [32, 13, 64], ids=lambda s: f"seq{s}")
+def test_sparse_delta_mixed_batch(dtype: torch.dtype, seq: int) -> None:
+    """A mixed batch: rows of slots with entries (busy) among many rows of a slot without (slot 0), as a batch of
+    every PET kind has them; 256 rows (the kernel's plan in shared memory) and 1,100 (beyond kPlanRows: every row
+    counted busy, each item checks its slot); short rows take 64- or 32-byte column lines. Against the reference;
+    the empty rows keep y's bits; row 0 bitwise the same alone, among 256 rows and among 1,100."""
+    in_f, out_f = 264, 72  # small: the reference densifies every row's D_t in float64
+    pool = sparse_density_pool(5, out_f, in_f, 0.05, dtype, seed=80)
+    gen = torch.Generator().manual_seed(81)
+    ids = torch.where(torch.rand(1100, generator=gen) < 0.2, torch.randint(1, 5, (1100,), generator=gen), 0)
+    ids[0], ids[1] = 3, 0
+    x = randn(1100, seq, in_f, dtype=dtype, seed=82)
+    y = randn(1100, seq, out_f, dtype=dtype, seed=83)
+    row0 = []
+    for rows in (1, 256, 1100):
+        got = check("sparse_delta", sparse_delta_ref, (y[:rows], x[:rows], ids[:rows], *pool), dtype).cpu()
+        row0.append(bits(got[0]))
+        empty = ids[:rows] == 0
+        assert bool(empty.any()) == (rows > 1)
+        assert torch.equal(bits(got[empty]), bits(y[:rows][empty]))
+    assert all(torch.equal(row0[0], r) for r in row0[1:]), "row 0 depends on the rows that share its batch"

@@ -540,138 +540,227 @@ __device__ __forceinline__ void chunk_sums(const unsigned char* xs, acc_t<scalar
   }
 }
 
+// n elements of y's bits from src to dst by the block's threads (16-byte vectors where `vec`: both 16-byte aligned
+// and n a whole number of vectors).
+template <typename scalar_t>
+__device__ __forceinline__ void copy_elements(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, int64_t n,
+                                              bool vec) {
+  if (vec) {
+    const int64_t nv = n * static_cast<int64_t>(sizeof(scalar_t)) / kVecBytes;
+    for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
+      reinterpret_cast<uint4*>(dst)[v] = reinterpret_cast<const uint4*>(src)[v];
+    }
+  } else {
+    for (int64_t v = threadIdx.x; v < n; v += blockDim.x) dst[v] = src[v];
+  }
+}
+
+// A launch's work, the same in every block: the (batch row, token tile) tiles of rows whose slot has entries ("busy"
+// tiles), each split into `splits` items over its output chunks, then the other rows' tiles as copies of y. Blocks
+// take items i, i + gridDim.x, ... (a persistent grid of about one block an SM), so the busy tiles of a mixed batch
+// (a few rows of diff or mask tasks among many) spread over every SM instead of one block a busy row doing its
+// whole slot. Batches of more than kPlanRows rows count every row busy (a block then finds an empty slot itself).
+constexpr int kPlanRows = 1024;
+constexpr int kItemsPerBlock = 2;  // split busy tiles until there are about this many items a block
+constexpr int kMinChunksPerItem = 2;
+
+struct SparsePlan {
+  int busy_rows;   // rows whose slot has entries (all rows beyond kPlanRows)
+  int splits;      // items a busy tile is split into
+  int busy_items;
+  int items;       // busy items, then one copy item a tile of the other rows
+};
+
+// The index of the n-th (from 0) row r with busy(r) == want, from prefix[r] = busy rows before r (prefix[rows]
+// = all): a binary search over the rows.
+__device__ __forceinline__ int64_t nth_row(const int* prefix, int64_t rows, int64_t n, bool want) {
+  int64_t lo = 0, hi = rows - 1;  // the answer is the least r with count(r + 1) > n
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    const int64_t c = want ? prefix[mid + 1] : (mid + 1) - prefix[mid + 1];
+    if (c > n) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return lo;
+}
+
 template <typename scalar_t, int kColBytes>
 __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
     sparse_delta_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ x,
                         const int64_t* __restrict__ task_ids, const int64_t* __restrict__ row_ptr,
                         const int64_t* __restrict__ col, const RawVal<scalar_t>* __restrict__ val, int64_t slots,
-                        int64_t pool, scalar_t* __restrict__ out, int64_t tokens, int in_features, int in_pad,
-                        int64_t out_features, SparseFlags flags) {
+                        int64_t pool, scalar_t* __restrict__ out, int64_t rows, int64_t tokens, int in_features,
+                        int in_pad, int64_t out_features, SparseFlags flags) {
   using L = SparseLayout<scalar_t, kColBytes>;
   using acc = acc_t<scalar_t>;
   constexpr unsigned kFull = 0xffffffffu;
   extern __shared__ __align__(16) unsigned char shared_raw[];
   __shared__ int next_chunk;
+  __shared__ int busy_prefix[kPlanRows + 1];  // busy rows before row r
+  __shared__ unsigned char busy_flag[kPlanRows];
 
   const int lane = static_cast<int>(threadIdx.x) % kWarp;
   const int warp = static_cast<int>(threadIdx.x) / kWarp;
   const int warps = static_cast<int>(blockDim.x) / kWarp;
-  const int64_t row = blockIdx.x;
-  const int64_t tok0 = static_cast<int64_t>(blockIdx.y) * L::kT;
-  const int count = static_cast<int>(min64(L::kT, tokens - tok0));
-  const int64_t m0 = row * tokens + tok0;
-  const int64_t t = slot_of(task_ids, row, slots);
-  const int64_t* p = row_ptr + max64(t, 0) * (out_features + 1);
-  // This block's output rows: chunks [c_begin, chunks) of kChunkRows rows, split z of gridDim.z (few tokens: the
-  // host splits the rows so that the grid covers the SMs; the sums of a row do not depend on the split).
+  const int64_t tiles_per_row = ceil_div(tokens, L::kT);
   const int64_t all_chunks = ceil_div(out_features, kChunkRows);
-  const int64_t per_split = ceil_div(all_chunks, static_cast<int64_t>(gridDim.z));
-  const int64_t c_begin = static_cast<int64_t>(blockIdx.z) * per_split;
-  const int64_t chunks = min64(all_chunks, c_begin + per_split);
-  if (c_begin >= chunks) return;  // block-uniform: a split past the last chunk
 
-  if (t < 0 || p[0] == p[out_features]) {  // no nonzeros (block-uniform): the tile of y itself
-    if (gridDim.z > 1) {  // this split's outputs of each token
-      const int64_t o_begin = c_begin * kChunkRows, width = min64(chunks * kChunkRows, out_features) - o_begin;
-      for (int64_t v = threadIdx.x; v < count * width; v += blockDim.x) {
-        const int64_t at = (m0 + v / width) * out_features + o_begin + v % width;
-        out[at] = y[at];
-      }
-      return;
+  // The plan: which rows are busy (their slot's first and last offsets differ), counted in row order.
+  const bool planned = rows <= kPlanRows;
+  if (planned) {
+    for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
+      const int64_t t = slot_of(task_ids, r, slots);
+      const int64_t* rp = row_ptr + max64(t, 0) * (out_features + 1);
+      busy_flag[r] = t >= 0 && rp[0] != rp[out_features];
     }
-    const int64_t n = static_cast<int64_t>(count) * out_features;
-    const scalar_t* src = y + m0 * out_features;
-    scalar_t* dst = out + m0 * out_features;
-    if (flags.vec_y) {
-      const int64_t nv = n * static_cast<int64_t>(sizeof(scalar_t)) / kVecBytes;
-      for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
-        reinterpret_cast<uint4*>(dst)[v] = reinterpret_cast<const uint4*>(src)[v];
+    __syncthreads();
+    if (warp == 0) {
+      int running = 0;
+      for (int64_t r0 = 0; r0 < rows; r0 += kWarp) {
+        const int64_t r = r0 + lane;
+        const unsigned ballot = __ballot_sync(kFull, r < rows && busy_flag[r]);
+        if (r < rows) busy_prefix[r] = running + __popc(ballot & ((1u << lane) - 1u));
+        running += __popc(ballot);
       }
-    } else {
-      for (int64_t v = threadIdx.x; v < n; v += blockDim.x) dst[v] = src[v];
+      if (lane == 0) busy_prefix[rows] = running;
     }
-    return;
+    __syncthreads();
   }
-
-  // Stage x: lane (a, b) of a warp loads tokens [a kVE, (a + 1) kVE) x columns [kb, kb + 8) (coalesced: 8 kVE
-  // bytes of each token row per lane, kWarp / kChunks lanes side by side) and stores each column's kVE tokens as
-  // chunk a of that column's line; a phase's 8 stores go to distinct banks (one line, or lines at different
-  // slot residues by the permutation).
-  unsigned char* xs = shared_raw;
-  {
-    const int a = lane % L::kChunks, b = lane / L::kChunks;
-    for (int k0 = warp * L::kPassCols; k0 < in_pad; k0 += warps * L::kPassCols) {
-      const int kb = k0 + 8 * b;
-      if (kb >= in_pad) continue;
-      uint32_t seg[L::kVE][L::kSegWords];
-#pragma unroll
-      for (int tt = 0; tt < L::kVE; ++tt) {
-        const int tok = a * L::kVE + tt;
-        const scalar_t* xr = tok < count ? x + (m0 + tok) * in_features : nullptr;
-        load_segment<scalar_t>(xr, kb, in_features, flags.vec_x, seg[tt]);
-      }
-      const int sx = (kb >> 3) & L::kSlotXor;
-#pragma unroll
-      for (int c = 0; c < 8; ++c) {
-        *reinterpret_cast<uint4*>(xs + (kb + (c ^ sx)) * kColBytes + a * kVecBytes) =
-            segment_column<scalar_t, L::kVE, L::kSegWords>(seg, c);
-      }
-    }
-    if (static_cast<int>(threadIdx.x) < L::kChunks) {  // the zero line of padding entries and bad columns
-      *reinterpret_cast<uint4*>(xs + in_pad * kColBytes + threadIdx.x * kVecBytes) = make_uint4(0, 0, 0, 0);
-    }
+  __shared__ SparsePlan plan;  // block-uniform, read from shared memory where used (registers are short)
+  if (threadIdx.x == 0) {
+    const int64_t busy_rows = planned ? busy_prefix[rows] : rows;
+    const int64_t busy_tiles = busy_rows * tiles_per_row;
+    const int64_t grid = gridDim.x, max_splits = max64(1, all_chunks / kMinChunksPerItem);
+    const int64_t splits =
+        busy_tiles == 0 || busy_tiles >= grid ? 1 : min64(max_splits, ceil_div(kItemsPerBlock * grid, busy_tiles));
+    plan.busy_rows = static_cast<int>(busy_rows);
+    plan.splits = static_cast<int>(splits);
+    plan.busy_items = static_cast<int>(busy_tiles * splits);
+    plan.items = static_cast<int>(busy_tiles * splits + (rows - busy_rows) * tiles_per_row);
   }
-  if (threadIdx.x == 0) next_chunk = warps;
   __syncthreads();
 
-  acc* sums = reinterpret_cast<acc*>(shared_raw + static_cast<size_t>(in_pad + 1) * kColBytes) +
-              warp * kChunkRows * L::kSStride;
-  // Short rows (a slot's average below 16 entries): a group a row; else two groups a row.
-  const bool short_rows = p[out_features] - p[0] < 16 * out_features;
-
-  // Lane l <= kChunkRows of a warp holds row_ptr[t, o0 + l] of its chunk.
-  auto chunk_offsets = [&](int64_t chunk) -> int64_t {
-    const int64_t o = chunk * kChunkRows + lane;
-    return chunk < chunks && lane <= kChunkRows && o <= out_features ? p[o] : 0;
-  };
-  int64_t chunk = c_begin + warp;
-  int64_t q = chunk_offsets(chunk);
-  while (chunk < chunks) {
-    int64_t next = 0;
-    if (lane == 0) next = c_begin + atomicAdd(&next_chunk, 1);
-    next = __shfl_sync(kFull, next, 0);
-    const int64_t q_next = chunk_offsets(next);  // in flight during this chunk
-
-    const int64_t o0 = chunk * kChunkRows;
-    const int64_t q1 = __shfl_down_sync(kFull, q, 1);
-    const bool mine = lane < kChunkRows && o0 + lane < out_features;
-    const bool ok = q >= 0 && q <= q1 && q1 <= pool;
-    CUDA_KERNEL_ASSERT((!mine || ok) && "pets: CSR offsets outside the pool or decreasing");
-    const int64_t rk0 = mine && ok ? q : 0, rk1 = mine && ok ? q1 : 0;  // lane r: row o0 + r, else empty
-
-    if (short_rows) {
-      chunk_sums<scalar_t, kColBytes, 1>(xs, sums, col, val, rk0, rk1, in_features, in_pad, flags.vec_entries,
-                                         lane);
-    } else {
-      chunk_sums<scalar_t, kColBytes, 2>(xs, sums, col, val, rk0, rk1, in_features, in_pad, flags.vec_entries,
-                                         lane);
+  for (int item = blockIdx.x; item < plan.items; item += gridDim.x) {
+    __syncthreads();  // the previous item's staged x, sums and chunk counter are free
+    if (item >= plan.busy_items) {  // a tile of a row without entries: y itself
+      const int c = item - plan.busy_items;
+      const int64_t row = nth_row(busy_prefix, rows, c / tiles_per_row, false);
+      const int64_t tok0 = (c % tiles_per_row) * L::kT;
+      const int64_t n = min64(L::kT, tokens - tok0) * out_features;
+      const int64_t at = (row * tokens + tok0) * out_features;
+      copy_elements(y + at, out + at, n, flags.vec_y);
+      continue;
     }
-    __syncwarp();
+    const int64_t tile = item / plan.splits, z = item % plan.splits;
+    const int64_t row = planned ? nth_row(busy_prefix, rows, tile / tiles_per_row, true) : tile / tiles_per_row;
+    const int64_t tok0 = (tile % tiles_per_row) * L::kT;
+    const int count = static_cast<int>(min64(L::kT, tokens - tok0));
+    const int64_t m0 = row * tokens + tok0;
+    const int64_t t = slot_of(task_ids, row, slots);
+    const int64_t* p = row_ptr + max64(t, 0) * (out_features + 1);
+    // This item's output rows: chunks [c_begin, chunks) of kChunkRows rows, split z of plan.splits (the sums of a
+    // row do not depend on the split).
+    const int64_t per_split = ceil_div(all_chunks, plan.splits);
+    const int64_t c_begin = z * per_split;
+    const int64_t chunks = min64(all_chunks, c_begin + per_split);
+    if (c_begin >= chunks) continue;  // block-uniform: a split past the last chunk
 
-    // The chunk's outputs (rows o0 .. o0 + 15, all the tile's tokens), coalesced across output features.
-    const unsigned nonempty = __ballot_sync(kFull, rk1 > rk0);  // bit r: row o0 + r has entries
-    if (flags.pairs) {
-      if (L::kT % 32 == 0 && count == L::kT) {
-        write_pairs<scalar_t, L, true>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
+    if (t < 0 || p[0] == p[out_features]) {  // unplanned batches: no nonzeros (block-uniform), y itself
+      const int64_t o_begin = c_begin * kChunkRows, width = min64(chunks * kChunkRows, out_features) - o_begin;
+      if (width == out_features) {
+        copy_elements(y + m0 * out_features, out + m0 * out_features, count * out_features, flags.vec_y);
       } else {
-        write_pairs<scalar_t, L, false>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
+        for (int64_t v = threadIdx.x; v < count * width; v += blockDim.x) {
+          const int64_t at = (m0 + v / width) * out_features + o_begin + v % width;
+          out[at] = y[at];
+        }
       }
-    } else {
-      write_scalars<scalar_t, L>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
+      continue;
     }
-    __syncwarp();
-    chunk = next;
-    q = q_next;
+
+    // Stage x: lane (a, b) of a warp loads tokens [a kVE, (a + 1) kVE) x columns [kb, kb + 8) (coalesced: 8 kVE
+    // bytes of each token row per lane, kWarp / kChunks lanes side by side) and stores each column's kVE tokens as
+    // chunk a of that column's line; a phase's 8 stores go to distinct banks (one line, or lines at different
+    // slot residues by the permutation).
+    unsigned char* xs = shared_raw;
+    {
+      const int a = lane % L::kChunks, b = lane / L::kChunks;
+      for (int k0 = warp * L::kPassCols; k0 < in_pad; k0 += warps * L::kPassCols) {
+        const int kb = k0 + 8 * b;
+        if (kb >= in_pad) continue;
+        uint32_t seg[L::kVE][L::kSegWords];
+#pragma unroll
+        for (int tt = 0; tt < L::kVE; ++tt) {
+          const int tok = a * L::kVE + tt;
+          const scalar_t* xr = tok < count ? x + (m0 + tok) * in_features : nullptr;
+          load_segment<scalar_t>(xr, kb, in_features, flags.vec_x, seg[tt]);
+        }
+        const int sx = (kb >> 3) & L::kSlotXor;
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+          *reinterpret_cast<uint4*>(xs + (kb + (c ^ sx)) * kColBytes + a * kVecBytes) =
+              segment_column<scalar_t, L::kVE, L::kSegWords>(seg, c);
+        }
+      }
+      if (static_cast<int>(threadIdx.x) < L::kChunks) {  // the zero line of padding entries and bad columns
+        *reinterpret_cast<uint4*>(xs + in_pad * kColBytes + threadIdx.x * kVecBytes) = make_uint4(0, 0, 0, 0);
+      }
+    }
+    if (threadIdx.x == 0) next_chunk = warps;
+    __syncthreads();
+
+    acc* sums = reinterpret_cast<acc*>(shared_raw + static_cast<size_t>(in_pad + 1) * kColBytes) +
+                warp * kChunkRows * L::kSStride;
+    // Short rows (a slot's average below 16 entries): a group a row; else two groups a row.
+    const bool short_rows = p[out_features] - p[0] < 16 * out_features;
+
+    // Lane l <= kChunkRows of a warp holds row_ptr[t, o0 + l] of its chunk.
+    auto chunk_offsets = [&](int64_t chunk) -> int64_t {
+      const int64_t o = chunk * kChunkRows + lane;
+      return chunk < chunks && lane <= kChunkRows && o <= out_features ? p[o] : 0;
+    };
+    int64_t chunk = c_begin + warp;
+    int64_t q = chunk_offsets(chunk);
+    while (chunk < chunks) {
+      int64_t next = 0;
+      if (lane == 0) next = c_begin + atomicAdd(&next_chunk, 1);
+      next = __shfl_sync(kFull, next, 0);
+      const int64_t q_next = chunk_offsets(next);  // in flight during this chunk
+
+      const int64_t o0 = chunk * kChunkRows;
+      const int64_t q1 = __shfl_down_sync(kFull, q, 1);
+      const bool mine = lane < kChunkRows && o0 + lane < out_features;
+      const bool ok = q >= 0 && q <= q1 && q1 <= pool;
+      CUDA_KERNEL_ASSERT((!mine || ok) && "pets: CSR offsets outside the pool or decreasing");
+      const int64_t rk0 = mine && ok ? q : 0, rk1 = mine && ok ? q1 : 0;  // lane r: row o0 + r, else empty
+
+      if (short_rows) {
+        chunk_sums<scalar_t, kColBytes, 1>(xs, sums, col, val, rk0, rk1, in_features, in_pad, flags.vec_entries,
+                                           lane);
+      } else {
+        chunk_sums<scalar_t, kColBytes, 2>(xs, sums, col, val, rk0, rk1, in_features, in_pad, flags.vec_entries,
+                                           lane);
+      }
+      __syncwarp();
+
+      // The chunk's outputs (rows o0 .. o0 + 15, all the tile's tokens), coalesced across output features.
+      const unsigned nonempty = __ballot_sync(kFull, rk1 > rk0);  // bit r: row o0 + r has entries
+      if (flags.pairs) {
+        if (L::kT % 32 == 0 && count == L::kT) {
+          write_pairs<scalar_t, L, true>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
+        } else {
+          write_pairs<scalar_t, L, false>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
+        }
+      } else {
+        write_scalars<scalar_t, L>(y, out, sums, m0, count, o0, out_features, lane, nonempty);
+      }
+      __syncwarp();
+      chunk = next;
+      q = q_next;
+    }
   }
 }
 
@@ -722,18 +811,15 @@ void launch_sparse_delta(const at::Tensor& y3, const at::Tensor& x3, const at::T
   using L = SparseLayout<scalar_t, kColBytes>;
   const int64_t tokens = y3.size(1), in_features = x3.size(2), out_features = y3.size(2);
   const int64_t in_pad = ceil_div(in_features, 8) * 8;
-  // One block an SM: with fewer (row, token tile) blocks than SMs (a few hundred tokens), the output rows are split
-  // across blocks too, each staging its tile of x again (from L2). Profiled on the H200 (bench.breakdown, 8 mixed
-  // tasks, bs1 s64): without splits (8 or 16 blocks on 132 SMs) 6.4 ms a forward, 87x the op's memory floor; with
-  // SMs / tiles splits 1.67 ms, 22x (11cc4b8). Four waves of splits for batches under SMs / 4 tiles, 2 chunks of
-  // rows a split at least, were slower: 1.93 ms, 25x (44476b4, twice): each split stages all of its tile's x.
-  const int64_t tiles = y3.size(0) * ceil_div(tokens, L::kT);
-  const int64_t sms = multiprocessor_count();
-  const int64_t splits = tiles >= sms ? 1 : min64(ceil_div(out_features, kChunkRows), max64(1, sms / tiles));
-  const dim3 grid(static_cast<unsigned>(y3.size(0)), static_cast<unsigned>(ceil_div(tokens, L::kT)),
-                  static_cast<unsigned>(splits));
-  TORCH_CHECK(grid.y <= 65535, "pets::sparse_delta: ", tokens, " tokens per row is more than the kernel's ",
-              65535 * L::kT);
+  // About one block an SM, each taking the plan's items in turn (sparse_delta_kernel). Splitting few busy tiles over
+  // output chunks is what made small batches fast: profiled on the H200 (bench.breakdown, 8 mixed tasks, bs1 s64),
+  // without splits (8 or 16 blocks on 132 SMs) 6.4 ms a forward, 87x the op's memory floor; with SMs / tiles splits
+  // 1.67 ms, 22x (11cc4b8); four waves of splits, 2 chunks of rows a split at least, 1.93 ms, 25x (44476b4, twice):
+  // each split stages all of its tile's x.
+  const int64_t rows = y3.size(0), tiles = rows * ceil_div(tokens, L::kT);
+  const int64_t all_chunks = ceil_div(out_features, kChunkRows);
+  const int64_t items = tiles * max64(1, all_chunks / kMinChunksPerItem);  // the most a plan can have
+  const dim3 grid(static_cast<unsigned>(min64(multiprocessor_count(), items)));
   const size_t shared = sparse_shared_bytes<scalar_t, kColBytes>(in_pad, warps);
   allow_shared_memory("pets::sparse_delta", sparse_delta_kernel<scalar_t, kColBytes>, shared, "x's in_features");
   const int64_t elem = static_cast<int64_t>(sizeof(scalar_t));
@@ -749,27 +835,30 @@ void launch_sparse_delta(const at::Tensor& y3, const at::Tensor& x3, const at::T
       y3.const_data_ptr<scalar_t>(), x3.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
       rp.const_data_ptr<int64_t>(), cols.const_data_ptr<int64_t>(),
       reinterpret_cast<const RawVal<scalar_t>*>(vals.const_data_ptr<scalar_t>()), rp.size(0), cols.size(0),
-      out.mutable_data_ptr<scalar_t>(), tokens, static_cast<int>(in_features), static_cast<int>(in_pad),
+      out.mutable_data_ptr<scalar_t>(), rows, tokens, static_cast<int>(in_features), static_cast<int>(in_pad),
       out_features, flags);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The widest column lines (most tokens a block) and then the most warps whose shared memory the device gives; where
-// none fits, the smallest, whose launch then fails allow_shared_memory's check with the sizes.
+// Column lines just wide enough for a row's tokens (a tile of 64 fp16 tokens over rows of 32 would run half its
+// lanes on zeros), at most 128 bytes, and then the most warps whose shared memory the device gives; narrower lines
+// where none fits, and where even 32-byte lines do not, the smallest launch, which then fails
+// allow_shared_memory's check with the sizes.
 template <typename scalar_t>
 void run_sparse_delta(const at::Tensor& y3, const at::Tensor& x3, const at::Tensor& ids, const at::Tensor& rp,
                       const at::Tensor& cols, const at::Tensor& vals, at::Tensor& out) {
   const int64_t in_pad = ceil_div(x3.size(2), 8) * 8;
+  const int64_t row_bytes = y3.size(1) * static_cast<int64_t>(sizeof(scalar_t));  // bytes of a row's column
   const size_t limit = shared_memory_optin();
-  constexpr size_t kStaticSlack = 256;  // the kernel's static shared memory (a counter), with room to spare
+  constexpr size_t kStaticSlack = 6 * 1024;  // the kernel's static shared memory (the plan), with room to spare
   const auto fits = [&](size_t bytes) { return bytes + kStaticSlack <= limit; };
   for (const int warps : {kSparseMaxWarps, kSparseMaxWarps / 2}) {
-    if (fits(sparse_shared_bytes<scalar_t, 128>(in_pad, warps))) {
+    if (row_bytes > 64 && fits(sparse_shared_bytes<scalar_t, 128>(in_pad, warps))) {
       return launch_sparse_delta<scalar_t, 128>(y3, x3, ids, rp, cols, vals, out, warps);
     }
   }
   for (const int warps : {kSparseMaxWarps, kSparseMaxWarps / 2}) {
-    if (fits(sparse_shared_bytes<scalar_t, 64>(in_pad, warps))) {
+    if (row_bytes > 32 && fits(sparse_shared_bytes<scalar_t, 64>(in_pad, warps))) {
       return launch_sparse_delta<scalar_t, 64>(y3, x3, ids, rp, cols, vals, out, warps);
     }
   }
