@@ -583,8 +583,8 @@ def test_sparse_delta_long_rows_alignment_and_bits(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 def test_sparse_delta_row_splits(dtype: torch.dtype) -> None:
     """Few busy (row, token tile) tiles: the kernel splits their output rows over the blocks as well (1 and 9
-    rows: 187 chunks of 16 rows in up to 93 splits, the last splits owning none; 300 rows: none). Each batch
-    against the reference, and row 0 (same slot, x and y in every batch) bitwise the same whatever the split."""
+    rows: 187 chunks of 16 rows, 12 splits of 16 chunks, the last owning 11; 300 rows: none). Each batch against
+    the reference, and row 0 (same slot, x and y in every batch) bitwise the same whatever the split."""
     in_f, out_f, seq = 768, 2990, 16
     pool = sparse_density_pool(4, out_f, in_f, 0.02, dtype, seed=70)
     x = randn(300, seq, in_f, dtype=dtype, seed=71)

@@ -560,9 +560,19 @@ __device__ __forceinline__ void copy_elements(const scalar_t* __restrict__ src, 
 // take items i, i + gridDim.x, ... (a persistent grid of about one block an SM), so the busy tiles of a mixed batch
 // (a few rows of diff or mask tasks among many) spread over every SM instead of one block a busy row doing its
 // whole slot. Batches of more than kPlanRows rows count every row busy (a block then finds an empty slot itself).
+// The split is the one of least estimated time (split_cost). On the H200 (9732c13), splitting every busy tile until
+// there were two items a block cost 23.5 -> 39.2 us at bs64 s128 (1%, 768x768; 128 busy tiles in 3 items each):
+// each item stages its tile's x again, and an item of few chunks leaves most of its block's warps idle.
 constexpr int kPlanRows = 1024;
-constexpr int kItemsPerBlock = 2;  // split busy tiles until there are about this many items a block
-constexpr int kMinChunksPerItem = 2;
+
+// The estimated time of busy tiles split `splits` ways, in chunk-steps of a warp: rounds of items over the grid,
+// each staging x (in_pad / 1536 steps) and then running its chunks, one a warp at a time.
+__device__ __forceinline__ float split_cost(int64_t busy_tiles, int64_t splits, int64_t grid, int64_t all_chunks,
+                                            int warps, int in_pad) {
+  const int64_t rounds = ceil_div(busy_tiles * splits, grid);
+  const int64_t steps = ceil_div(ceil_div(all_chunks, splits), warps);
+  return static_cast<float>(rounds) * (static_cast<float>(steps) + static_cast<float>(in_pad) / 1536.0f);
+}
 
 struct SparsePlan {
   int busy_rows;   // rows whose slot has entries (all rows beyond kPlanRows)
@@ -630,16 +640,31 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
     __syncthreads();
   }
   __shared__ SparsePlan plan;  // block-uniform, read from shared memory where used (registers are short)
-  if (threadIdx.x == 0) {
+  if (warp == 0) {
     const int64_t busy_rows = planned ? busy_prefix[rows] : rows;
     const int64_t busy_tiles = busy_rows * tiles_per_row;
-    const int64_t grid = gridDim.x, max_splits = max64(1, all_chunks / kMinChunksPerItem);
-    const int64_t splits =
-        busy_tiles == 0 || busy_tiles >= grid ? 1 : min64(max_splits, ceil_div(kItemsPerBlock * grid, busy_tiles));
-    plan.busy_rows = static_cast<int>(busy_rows);
-    plan.splits = static_cast<int>(splits);
-    plan.busy_items = static_cast<int>(busy_tiles * splits);
-    plan.items = static_cast<int>(busy_tiles * splits + (rows - busy_rows) * tiles_per_row);
+    const int64_t grid = gridDim.x;
+    // The fewest splits of least cost, lanes trying s = lane + 1, lane + 33, ... up to about 4 rounds of items.
+    int64_t splits = 1;
+    if (busy_tiles > 0 && busy_tiles < grid) {
+      const int64_t limit = min64(all_chunks, 4 * grid / busy_tiles + 1);
+      float best = split_cost(busy_tiles, 1, grid, all_chunks, warps, in_pad);
+      for (int64_t s = lane + 1; s <= limit; s += kWarp) {
+        const float c = split_cost(busy_tiles, s, grid, all_chunks, warps, in_pad);
+        if (c < best) best = c, splits = s;
+      }
+      for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+        const float other = __shfl_xor_sync(kFull, best, offset);
+        const int64_t other_splits = __shfl_xor_sync(kFull, splits, offset);
+        if (other < best || (other == best && other_splits < splits)) best = other, splits = other_splits;
+      }
+    }
+    if (lane == 0) {
+      plan.busy_rows = static_cast<int>(busy_rows);
+      plan.splits = static_cast<int>(splits);
+      plan.busy_items = static_cast<int>(busy_tiles * splits);
+      plan.items = static_cast<int>(busy_tiles * splits + (rows - busy_rows) * tiles_per_row);
+    }
   }
   __syncthreads();
 
@@ -818,7 +843,9 @@ void launch_sparse_delta(const at::Tensor& y3, const at::Tensor& x3, const at::T
   // each split stages all of its tile's x.
   const int64_t rows = y3.size(0), tiles = rows * ceil_div(tokens, L::kT);
   const int64_t all_chunks = ceil_div(out_features, kChunkRows);
-  const int64_t items = tiles * max64(1, all_chunks / kMinChunksPerItem);  // the most a plan can have
+  const int64_t items = tiles * all_chunks;  // the most busy items a plan can have
+  TORCH_CHECK(items + tiles < (int64_t(1) << 31), "pets::sparse_delta: ", rows, " rows of ", tokens, " tokens and ",
+              out_features, " outputs are more tiles than the kernel's int32 plan counts");
   const dim3 grid(static_cast<unsigned>(min64(multiprocessor_count(), items)));
   const size_t shared = sparse_shared_bytes<scalar_t, kColBytes>(in_pad, warps);
   allow_shared_memory("pets::sparse_delta", sparse_delta_kernel<scalar_t, kColBytes>, shared, "x's in_features");
