@@ -581,20 +581,24 @@ struct SparsePlan {
   int items;       // busy items, then one copy item a tile of the other rows
 };
 
-// The index of the n-th (from 0) row r with busy(r) == want, from prefix[r] = busy rows before r (prefix[rows]
-// = all): a binary search over the rows.
-__device__ __forceinline__ int64_t nth_row(const int* prefix, int64_t rows, int64_t n, bool want) {
-  int64_t lo = 0, hi = rows - 1;  // the answer is the least r with count(r + 1) > n
+constexpr int kPlanGroups = kPlanRows / kWarp;  // rows' busy bits: a word a group of 32 rows
+
+// The index of the n-th (from 0) row whose busy bit is `want`, from the rows' busy bits (bits past the last row
+// clear) and before[g] = busy rows in the groups before g: the last group with at most n such rows before it (a
+// binary search), then the bit within its word. n must be less than the count of such rows.
+__device__ __forceinline__ int64_t nth_row(const unsigned* bits, const int* before, int groups, int n, bool want) {
+  const auto rows_before = [&](int g) { return want ? before[g] : kWarp * g - before[g]; };
+  int lo = 0, hi = groups - 1;
   while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    const int64_t c = want ? prefix[mid + 1] : (mid + 1) - prefix[mid + 1];
-    if (c > n) {
-      hi = mid;
+    const int mid = (lo + hi + 1) / 2;
+    if (rows_before(mid) <= n) {
+      lo = mid;
     } else {
-      lo = mid + 1;
+      hi = mid - 1;
     }
   }
-  return lo;
+  const unsigned word = want ? bits[lo] : ~bits[lo];
+  return static_cast<int64_t>(kWarp) * lo + __fns(word, 0, n - rows_before(lo) + 1);
 }
 
 template <typename scalar_t, int kColBytes>
@@ -609,8 +613,8 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
   constexpr unsigned kFull = 0xffffffffu;
   extern __shared__ __align__(16) unsigned char shared_raw[];
   __shared__ int next_chunk;
-  __shared__ int busy_prefix[kPlanRows + 1];  // busy rows before row r
-  __shared__ unsigned char busy_flag[kPlanRows];
+  __shared__ unsigned busy_bits[kPlanGroups];  // bit r % 32 of word r / 32: row r's slot has entries
+  __shared__ int busy_before[kPlanGroups + 1];  // busy rows in the groups before g (the last: all)
 
   const int lane = static_cast<int>(threadIdx.x) % kWarp;
   const int warp = static_cast<int>(threadIdx.x) / kWarp;
@@ -618,30 +622,39 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
   const int64_t tiles_per_row = ceil_div(tokens, L::kT);
   const int64_t all_chunks = ceil_div(out_features, kChunkRows);
 
-  // The plan: which rows are busy (their slot's first and last offsets differ), counted in row order.
+  // The plan: which rows are busy (their slot's first and last offsets differ), counted in row order. Little
+  // static shared memory (the x lines of in 3072 take all but ~2 KB of an SM's at 16 warps).
   const bool planned = rows <= kPlanRows;
+  const int groups = static_cast<int>(ceil_div(min64(rows, kPlanRows), kWarp));
   if (planned) {
-    for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
-      const int64_t t = slot_of(task_ids, r, slots);
-      const int64_t* rp = row_ptr + max64(t, 0) * (out_features + 1);
-      busy_flag[r] = t >= 0 && rp[0] != rp[out_features];
+    for (int64_t r0 = static_cast<int64_t>(warp) * kWarp; r0 < rows; r0 += blockDim.x) {
+      const int64_t r = r0 + lane;
+      bool busy = false;
+      if (r < rows) {
+        const int64_t t = slot_of(task_ids, r, slots);
+        const int64_t* rp = row_ptr + max64(t, 0) * (out_features + 1);
+        busy = t >= 0 && rp[0] != rp[out_features];
+      }
+      const unsigned ballot = __ballot_sync(kFull, busy);
+      if (lane == 0) busy_bits[r0 / kWarp] = ballot;
     }
     __syncthreads();
-    if (warp == 0) {
-      int running = 0;
-      for (int64_t r0 = 0; r0 < rows; r0 += kWarp) {
-        const int64_t r = r0 + lane;
-        const unsigned ballot = __ballot_sync(kFull, r < rows && busy_flag[r]);
-        if (r < rows) busy_prefix[r] = running + __popc(ballot & ((1u << lane) - 1u));
-        running += __popc(ballot);
+    if (warp == 0) {  // exclusive scan of the groups' counts (groups <= 32)
+      const int count = lane < groups ? __popc(busy_bits[lane]) : 0;
+      int inclusive = count;
+#pragma unroll
+      for (int offset = 1; offset < kWarp; offset *= 2) {
+        const int v = __shfl_up_sync(kFull, inclusive, offset);
+        if (lane >= offset) inclusive += v;
       }
-      if (lane == 0) busy_prefix[rows] = running;
+      if (lane < groups) busy_before[lane] = inclusive - count;
+      if (lane == kWarp - 1) busy_before[groups] = inclusive;
     }
     __syncthreads();
   }
   __shared__ SparsePlan plan;  // block-uniform, read from shared memory where used (registers are short)
   if (warp == 0) {
-    const int64_t busy_rows = planned ? busy_prefix[rows] : rows;
+    const int64_t busy_rows = planned ? busy_before[groups] : rows;
     const int64_t busy_tiles = busy_rows * tiles_per_row;
     const int64_t grid = gridDim.x;
     // The fewest splits of least cost, lanes trying s = lane + 1, lane + 33, ... up to about 4 rounds of items.
@@ -672,7 +685,7 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
     __syncthreads();  // the previous item's staged x, sums and chunk counter are free
     if (item >= plan.busy_items) {  // a tile of a row without entries: y itself
       const int c = item - plan.busy_items;
-      const int64_t row = nth_row(busy_prefix, rows, c / tiles_per_row, false);
+      const int64_t row = nth_row(busy_bits, busy_before, groups, static_cast<int>(c / tiles_per_row), false);
       const int64_t tok0 = (c % tiles_per_row) * L::kT;
       const int64_t n = min64(L::kT, tokens - tok0) * out_features;
       const int64_t at = (row * tokens + tok0) * out_features;
@@ -680,7 +693,8 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
       continue;
     }
     const int64_t tile = item / plan.splits, z = item % plan.splits;
-    const int64_t row = planned ? nth_row(busy_prefix, rows, tile / tiles_per_row, true) : tile / tiles_per_row;
+    const int64_t row = planned ? nth_row(busy_bits, busy_before, groups, static_cast<int>(tile / tiles_per_row), true)
+                                : tile / tiles_per_row;
     const int64_t tok0 = (tile % tiles_per_row) * L::kT;
     const int count = static_cast<int>(min64(L::kT, tokens - tok0));
     const int64_t m0 = row * tokens + tok0;
@@ -877,7 +891,7 @@ void run_sparse_delta(const at::Tensor& y3, const at::Tensor& x3, const at::Tens
   const int64_t in_pad = ceil_div(x3.size(2), 8) * 8;
   const int64_t row_bytes = y3.size(1) * static_cast<int64_t>(sizeof(scalar_t));  // bytes of a row's column
   const size_t limit = shared_memory_optin();
-  constexpr size_t kStaticSlack = 6 * 1024;  // the kernel's static shared memory (the plan), with room to spare
+  constexpr size_t kStaticSlack = 512;  // the kernel's static shared memory (~300 B: the plan), with room to spare
   const auto fits = [&](size_t bytes) { return bytes + kStaticSlack <= limit; };
   for (const int warps : {kSparseMaxWarps, kSparseMaxWarps / 2}) {
     if (row_bytes > 64 && fits(sparse_shared_bytes<scalar_t, 128>(in_pad, warps))) {
