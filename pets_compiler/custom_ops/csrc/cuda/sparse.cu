@@ -11,9 +11,12 @@
 // 493 us at 5%; floors 8.9 / 17.8 us).
 //
 // Design:
-//  * A block takes kT tokens of one batch row and stages their x token-minor: column c's kT tokens are one
-//    kColBytes line (128 B where in_features allows: 64 fp16/bf16 tokens, 32 fp32; else 64 B or 32 B lines, e.g.
-//    32 fp16 tokens at in 3072). 16 warps (8 where shared memory is short), one block an SM.
+//  * An item takes kT tokens of one batch row (a tile) and some of its output rows; its block stages the tile's x
+//    token-minor: column c's kT tokens are one kColBytes line (128 B where in_features allows and the row has more
+//    than 32 fp16/bf16 tokens: 64 tokens, 32 fp32; else 64 B or 32 B lines, e.g. 32 fp16 tokens at in 3072 or in
+//    rows of 32 tokens). 16 warps (8 where shared memory is short), one block an SM, each taking the launch's
+//    items in turn: the tiles of rows whose slot has entries, split over output chunks where they are fewer than
+//    the blocks, then copies of the other rows' tiles (SparsePlan).
 //  * A group of kG lanes reads one entry's whole line with 16-byte loads, so an entry is fetched once per kT
 //    tokens, and a wavefront serves two entries at disjoint banks: with 128-byte lines the two groups of a phase
 //    read opposite halves of their lines, then swap (no bank conflicts); 64-byte lines collide half the time (1.5
