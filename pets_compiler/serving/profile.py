@@ -1,5 +1,9 @@
 """Profile the coordinated policy's cost model on the runtime's own device: alpha(rows, length) is the time of one
-forward of the compiled program (task ops included: they run inside it for every row)."""
+forward of the compiled program (task ops included: they run inside it for every row), its rows taking the loaded
+tasks in turn, as served traffic mixes them. Rows of the first task alone had made alpha the cost of that
+task's kind: in bench.batching's mix (its first task LoRA r8) alpha(256, 32) was 6.9 ms on the H200 (17ee7e6)
+while a forward of every kind at 256 x 32 ran 10.1 ms of kernels (da78b4b; the diff and mask rows' sparse ops),
+so the plans weighed padding well under its cost (bench/results/*session14*)."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ def profile_costs(
     runtime: Any, rows: Sequence[int] = ROWS, lengths: Sequence[int] = LENGTHS, repeats: int = 3, warmup: int = 1
 ) -> CostModel:
     """Median seconds of `repeats` forwards at every (rows, length), after `warmup` untimed ones; lengths beyond
-    the model's positions are dropped. Uses the first loaded task for every row."""
+    the model's positions are dropped. Row i runs loaded task i mod (tasks loaded)."""
     tasks = runtime.task_names()
     if not tasks:
         raise InputError("profile_costs needs a runtime with at least one task loaded")
@@ -37,7 +41,7 @@ def profile_costs(
         for n in lengths:
             ids = torch.randint(min(5, vocab - 1), vocab, (r, n), generator=gen)
             mask = torch.ones_like(ids)
-            names = [tasks[0]] * r
+            names = [tasks[i % len(tasks)] for i in range(r)]
             samples = []
             for i in range(warmup + repeats):
                 _sync(runtime.device)

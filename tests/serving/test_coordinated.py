@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -213,6 +214,23 @@ def test_engine_serves_with_a_profiled_cost_model(small_base: Path, tmp_path: Pa
     assert [g["id"] for g in got] == [w["id"] for w in want]
     rt.save(tmp_path / "art")
     assert pets_compiler.load(tmp_path / "art").cost_model == rt.cost_model
+
+
+def test_profile_costs_rows_take_the_loaded_tasks_in_turn(small_base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """alpha is the cost of a mixed batch: row i of each profiled forward runs loaded task i mod (tasks), not the
+    first task alone (whose kind would stand for every row)."""
+    rt = pets_compiler.compile(small_base, {"a": small_base, "b": small_base, "c": small_base})
+    seen: list[list[str]] = []
+    forward = rt.forward
+
+    def recording(ids: Any, mask: Any, names: list[str]) -> Any:
+        seen.append(list(names))
+        return forward(ids, mask, names)
+
+    monkeypatch.setattr(rt, "forward", recording)
+    model = profile_costs(rt, rows=(1, 4), lengths=(8,), repeats=1, warmup=0)
+    assert model.rows == (1, 4) and len(seen) == 2
+    assert seen == [["a"], ["a", "b", "c", "a"]]
 
 
 def test_partitions_helper_counts() -> None:
