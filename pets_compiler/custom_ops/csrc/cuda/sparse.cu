@@ -569,12 +569,23 @@ __device__ __forceinline__ void copy_elements(const scalar_t* __restrict__ src, 
 constexpr int kPlanRows = 1024;
 
 // The estimated time of busy tiles split `splits` ways, in chunk-steps of a warp: rounds of items over the grid,
-// each staging x (in_pad / 1536 steps) and then running its chunks, one a warp at a time.
+// each staging x (stage_steps) and then running its chunks, one a warp at a time. A step is a chunk of the busiest
+// slot: in a mixed batch the mask rows' tiles (5% of entries), not the diff rows' (1%), decide when a round ends.
 __device__ __forceinline__ float split_cost(int64_t busy_tiles, int64_t splits, int64_t grid, int64_t all_chunks,
-                                            int warps, int in_pad) {
+                                            int warps, float stage_steps) {
   const int64_t rounds = ceil_div(busy_tiles * splits, grid);
   const int64_t steps = ceil_div(ceil_div(all_chunks, splits), warps);
-  return static_cast<float>(rounds) * (static_cast<float>(steps) + static_cast<float>(in_pad) / 1536.0f);
+  return static_cast<float>(rounds) * (static_cast<float>(steps) + stage_steps);
+}
+
+// Staging a tile's x in chunk-steps of the busiest slot: a warp stages in_pad / warps columns, each taken as two
+// entries' work (an estimate, not measured), against a chunk's max_entries / all_chunks entries. Until 17ee7e6 the
+// staging counted in_pad / 1536 steps whatever the density: 2 steps at in 3072, which kept the 73 busy tiles of a
+// 256 x 32 mixed batch whole at the FFN output (this counts 0.16 there and splits them in 3; the other sites of
+// Fig. 12's batches and the all-busy bs64 s128 batches split as before).
+__device__ __forceinline__ float stage_steps(int in_pad, int warps, int64_t max_entries, int64_t all_chunks) {
+  const float per_chunk = fmaxf(1.0f, static_cast<float>(max_entries) / static_cast<float>(all_chunks));
+  return 2.0f * static_cast<float>(in_pad) / static_cast<float>(warps) / per_chunk;
 }
 
 struct SparsePlan {
@@ -618,6 +629,7 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
   __shared__ int next_chunk;
   __shared__ unsigned busy_bits[kPlanGroups];  // bit r % 32 of word r / 32: row r's slot has entries
   __shared__ int busy_before[kPlanGroups + 1];  // busy rows in the groups before g (the last: all)
+  __shared__ int max_entries;                   // the most entries of a busy row's slot (capped at 2^31 - 1)
 
   const int lane = static_cast<int>(threadIdx.x) % kWarp;
   const int warp = static_cast<int>(threadIdx.x) / kWarp;
@@ -629,17 +641,25 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
   // static shared memory (the x lines of in 3072 take all but ~2 KB of an SM's at 16 warps).
   const bool planned = rows <= kPlanRows;
   const int groups = static_cast<int>(ceil_div(min64(rows, kPlanRows), kWarp));
+  if (threadIdx.x == 0) max_entries = 0;
+  __syncthreads();
   if (planned) {
     for (int64_t r0 = static_cast<int64_t>(warp) * kWarp; r0 < rows; r0 += blockDim.x) {
       const int64_t r = r0 + lane;
       bool busy = false;
+      int entries = 0;
       if (r < rows) {
         const int64_t t = slot_of(task_ids, r, slots);
         const int64_t* rp = row_ptr + max64(t, 0) * (out_features + 1);
         busy = t >= 0 && rp[0] != rp[out_features];
+        entries = busy ? static_cast<int>(min64(max64(rp[out_features] - rp[0], 0), INT32_MAX)) : 0;
       }
       const unsigned ballot = __ballot_sync(kFull, busy);
-      if (lane == 0) busy_bits[r0 / kWarp] = ballot;
+      const int most = warp_max(entries);
+      if (lane == 0) {
+        busy_bits[r0 / kWarp] = ballot;
+        atomicMax(&max_entries, most);
+      }
     }
     __syncthreads();
     if (warp == 0) {  // exclusive scan of the groups' counts (groups <= 32)
@@ -664,9 +684,10 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
     int64_t splits = 1;
     if (busy_tiles > 0 && busy_tiles < grid) {
       const int64_t limit = min64(all_chunks, 4 * grid / busy_tiles + 1);
-      float best = split_cost(busy_tiles, 1, grid, all_chunks, warps, in_pad);
+      const float stage = stage_steps(in_pad, warps, max_entries, all_chunks);
+      float best = split_cost(busy_tiles, 1, grid, all_chunks, warps, stage);
       for (int64_t s = lane + 1; s <= limit; s += kWarp) {
-        const float c = split_cost(busy_tiles, s, grid, all_chunks, warps, in_pad);
+        const float c = split_cost(busy_tiles, s, grid, all_chunks, warps, stage);
         if (c < best) best = c, splits = s;
       }
       for (int offset = kWarp / 2; offset > 0; offset /= 2) {
