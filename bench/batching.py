@@ -314,7 +314,8 @@ def run(cfg: Config) -> list[dict[str, Any]]:
 
 # The cost model's lengths: look-ups round up to the next, so 48 and 96 keep a batch of Fig. 12's lengths 33-48
 # (one 48-token CUDA graph bucket) from being costed as 64, which had left the plans no reason to split the
-# requests of 33-48 tokens from those of 49-64 (coordinated / fixed 1.67 at s = 4 and 8, session 14).
+# requests of 33-48 tokens from those of 49-64. Replaying session 14's queues offline with its cost models (48 and
+# 96 interpolated), only the s = 8 plans change: their last 256 split into 128 + 128 (45,056 -> 43,008 tokens).
 PROFILE_LENGTHS = (8, 16, 32, 48, 64, 96, 128, 256)
 
 
