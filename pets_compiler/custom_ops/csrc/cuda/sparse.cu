@@ -589,7 +589,6 @@ __device__ __forceinline__ float stage_steps(int in_pad, int warps, int64_t max_
 }
 
 struct SparsePlan {
-  int busy_rows;   // rows whose slot has entries (all rows beyond kPlanRows)
   int splits;      // items a busy tile is split into
   int busy_items;
   int items;       // busy items, then one copy item a tile of the other rows
@@ -697,7 +696,6 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
       }
     }
     if (lane == 0) {
-      plan.busy_rows = static_cast<int>(busy_rows);
       plan.splits = static_cast<int>(splits);
       plan.busy_items = static_cast<int>(busy_tiles * splits);
       plan.items = static_cast<int>(busy_tiles * splits + (rows - busy_rows) * tiles_per_row);
@@ -731,16 +729,10 @@ __global__ void __launch_bounds__(kSparseMaxWarps* kWarp, 1)
     const int64_t chunks = min64(all_chunks, c_begin + per_split);
     if (c_begin >= chunks) continue;  // block-uniform: a split past the last chunk
 
-    if (t < 0 || p[0] == p[out_features]) {  // unplanned batches: no nonzeros (block-uniform), y itself
-      const int64_t o_begin = c_begin * kChunkRows, width = min64(chunks * kChunkRows, out_features) - o_begin;
-      if (width == out_features) {
-        copy_elements(y + m0 * out_features, out + m0 * out_features, count * out_features, flags.vec_y);
-      } else {
-        for (int64_t v = threadIdx.x; v < count * width; v += blockDim.x) {
-          const int64_t at = (m0 + v / width) * out_features + o_begin + v % width;
-          out[at] = y[at];
-        }
-      }
+    // Only in unplanned batches (every row counted busy, so more tiles than blocks and no split): a slot without
+    // nonzeros (block-uniform), the tile of y itself.
+    if (t < 0 || p[0] == p[out_features]) {
+      copy_elements(y + m0 * out_features, out + m0 * out_features, count * out_features, flags.vec_y);
       continue;
     }
 
