@@ -179,16 +179,22 @@ def split_sorted(
 @dataclass
 class CoordinatedPolicy:
     """The next batch is the macro-batch (of PetS's two programs over the whole queue) that holds the oldest
-    request. `kind_of(task)` names a task's PET kind for beta (None: beta is zero)."""
+    request. `kind_of(task)` names a task's PET kind for beta (None: beta is zero). `lookahead`: the engine lets
+    `lookahead` batches' worth of requests queue (or the oldest wait max_delay) before the first choice, so the
+    programs sort lengths across several batches: PetS plans all its queries at once, and a plan of one batch's
+    worth (a burst's first max_batch requests) is that batch unsorted, padded like fixed batching's."""
 
     cost: CostModel
     kind_of: Callable[[str], str | None] = lambda task: None
     name: str = "coordinated"
     packed: bool = False
+    lookahead: int = 4
 
     _planned: list[list[Any]] = field(default_factory=list, repr=False, compare=False)  # the last plan's batches
 
     def __post_init__(self) -> None:
+        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or self.lookahead < 1:
+            raise InputError(f"lookahead must be an integer >= 1, got {self.lookahead!r}")
         self._model = self.cost.monotone()  # what the programs plan with (split_sorted's steps need it monotone)
         # The programs' look-ups, memoised per policy: a plan of 1,024 fig12 requests made ~9,000 of them at ~2.5 us
         # each (bisects, scaling), half of its 12.6 ms, under the engine's lock, once per batch while requests

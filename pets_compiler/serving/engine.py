@@ -109,7 +109,9 @@ class Engine:
 
     policy: "fixed", "sorted", "coordinated" (needs runtime.cost_model), "packed" or a Policy object; max_queue:
     accepted requests waiting at most; max_batch: requests per batch at most; max_delay_ms: how long the oldest
-    waiting request may wait for a fuller batch; deterministic: pad every batch to one shape, so that each answer is
+    waiting request may wait for a fuller batch (a batch forms once max_batch requests are queued, times the
+    policy's lookahead: coordinated plans over several batches' worth; or once the oldest waited this long);
+    deterministic: pad every batch to one shape, so that each answer is
     bitwise independent of the other requests in its batch (by default answers agree within float rounding,
     ~1e-7 relative in fp32); freeze_gc: collect once, then exempt every object alive from the cyclic garbage
     collector's scans (gc.freeze), as long-running servers do: a full collection scans every tracked object of the
@@ -146,6 +148,13 @@ class Engine:
                 raise InputError(f"policy {self.policy.name!r} packs rows: it has no deterministic mode")
             self._shape = (max_batch, int(runtime.base.config.max_position_embeddings))
         self.max_queue, self.max_batch, self.max_delay_s = max_queue, max_batch, max_delay_ms / 1e3
+        # a batch forms once this many requests are queued (the policy's lookahead batches' worth, at most
+        # max_queue), or once the oldest has waited max_delay, or on close
+        self._fill = min(max_queue, max_batch * max(1, int(getattr(self.policy, "lookahead", 1))))
+        # a window's requests run without waiting once it filled (those that arrived by then): each later batch of
+        # its plan is ready at once (a window of one batch releases nothing: fixed, sorted and packed keep waiting
+        # for a full batch or max_delay)
+        self._released_at = float("-inf")
         self._cv = threading.Condition()
         self._queue: list[_Request] = []
         # what makes a scan of the queue for expired requests worth its time (each scan reads every queued future;
@@ -199,10 +208,10 @@ class Engine:
                 self._earliest = deadline
             self._metrics.accepted += 1
             # Wake the loop and the reaper only where this request changes what they wait for: the first request
-            # (the loop waits for one), a full batch (it waits for max_batch or the oldest's max_delay), a nearer
+            # (the loop waits for one), a full window (it waits for _fill or the oldest's max_delay), a nearer
             # deadline (the reaper's). A wake-up per request cost the loop a GIL hand-over each: submitting 4096
             # requests woke it 4096 times while it was forming and launching batches.
-            if len(self._queue) in (1, self.max_batch) or sooner:
+            if len(self._queue) in (1, self._fill) or sooner:
                 self._cv.notify_all()
         future.add_done_callback(self._on_done)
         return future
@@ -272,11 +281,15 @@ class Engine:
                 continue
             ready_at = self._queue[0].arrived + self.max_delay_s
             now = time.monotonic()
-            if len(self._queue) < self.max_batch and not self._closed and now < ready_at:
+            full = len(self._queue) >= self._fill
+            released = self._queue[0].arrived <= self._released_at  # of a window that filled: planned, not waiting
+            if not (full or released or self._closed or now >= ready_at):
                 if not wait:
                     return [], expired
                 self._cv.wait(ready_at - now)
                 continue
+            if full and self._fill > self.max_batch:
+                self._released_at = self._queue[-1].arrived
             picked = self._select()
             chosen = set(picked)
             batch = [self._queue[i] for i in sorted(chosen)]

@@ -25,10 +25,13 @@ class Policy(Protocol):
     """select(queue, max_batch): indices into `queue` (oldest first) of the next batch, 1..max_batch of them.
     The engine calls it with a non-empty queue; a policy must include the oldest request (index 0), so none waits
     behind newer ones for ever. A policy whose `packed` is true has its batches run padding-free
-    (Runtime.run_batch(packed=True)); others run padded batches."""
+    (Runtime.run_batch(packed=True)); others run padded batches. `lookahead`: how many batches' worth of requests
+    (max_batch each) the policy wants queued before it chooses; the engine forms a batch once that many are queued
+    (at most max_queue), or once the oldest request has waited max_delay."""
 
     name: str
     packed: bool
+    lookahead: int
 
     def select(self, queue: Sequence[Queued], max_batch: int) -> list[int]: ...
 
@@ -38,6 +41,7 @@ class FixedPolicy:
 
     name = "fixed"
     packed = False
+    lookahead = 1
 
     def select(self, queue: Sequence[Queued], max_batch: int) -> list[int]:
         return list(range(min(max_batch, len(queue))))
@@ -49,6 +53,7 @@ class SortedPolicy:
 
     name = "sorted"
     packed = False
+    lookahead = 1
 
     def select(self, queue: Sequence[Queued], max_batch: int) -> list[int]:
         anchor = queue[0].length

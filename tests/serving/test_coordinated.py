@@ -4,6 +4,7 @@ round-trips and travels with the artifact, and the engine serves with it."""
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,32 @@ def test_engine_serves_with_a_profiled_cost_model(small_base: Path, tmp_path: Pa
     assert [g["id"] for g in got] == [w["id"] for w in want]
     rt.save(tmp_path / "art")
     assert pets_compiler.load(tmp_path / "art").cost_model == rt.cost_model
+
+
+def test_the_engine_lets_coordinated_see_its_lookahead(small_base: Path) -> None:
+    """A coordinated engine forms its first batch once lookahead x max_batch requests are queued (capped at
+    max_queue), not at max_batch: the plan sorts lengths across batches. Fixed, lookahead 1, is the control."""
+    rt = pets_compiler.compile(small_base, {"plain": small_base})
+    rt.cost_model = profile_costs(rt, rows=(1, 2, 4), lengths=(8, 16), repeats=1, warmup=0)
+    with pytest.raises(InputError, match="lookahead"):
+        CoordinatedPolicy(rt.cost_model, lookahead=0)
+    ids = [[5, 6, 7], [5, 6, 7, 8, 9, 10, 11, 12, 13], [5, 6], [5, 6, 7, 8, 9, 10, 11, 12]]
+    with Engine(rt, policy=CoordinatedPolicy(rt.cost_model, lookahead=2), max_batch=2, max_delay_ms=600_000) as eng:
+        first = [eng.submit("plain", input_ids=i) for i in ids[:3]]
+        time.sleep(0.3)
+        assert not any(f.done() for f in first) and eng.metrics()["batches"] == 0  # 3 queued, the window is 4
+        last = eng.submit("plain", input_ids=ids[3])
+        got = [f.result(timeout=60) for f in [*first, last]]
+    want = rt.run([{"task": "plain", "input_ids": i} for i in ids], batch_size=1)
+    for g, w in zip(got, want, strict=True):
+        assert g["embedding"] == pytest.approx(w["embedding"], abs=1e-5)
+    # the window is at most max_queue: 3 queued requests fill a queue of 3
+    with Engine(
+        rt, policy=CoordinatedPolicy(rt.cost_model, lookahead=2), max_batch=2, max_delay_ms=600_000, max_queue=3
+    ) as eng:
+        assert all(f.result(timeout=60) for f in [eng.submit("plain", input_ids=i) for i in ids[:3]])
+    with Engine(rt, policy="fixed", max_batch=2, max_delay_ms=600_000) as eng:  # the control: a batch at 2 queued
+        assert all(f.result(timeout=60) for f in [eng.submit("plain", input_ids=i) for i in ids[:2]])
 
 
 def test_profile_costs_rows_take_the_loaded_tasks_in_turn(small_base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
