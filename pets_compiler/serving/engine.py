@@ -32,6 +32,7 @@ from pets_compiler.errors import (
     UnknownTaskError,
 )
 from pets_compiler.runtime.requests import Prepared
+from pets_compiler.serving import switching
 from pets_compiler.serving.policies import FixedPolicy, Policy, policy_named
 
 LATENCY_WINDOW = 100_000  # latencies kept for the percentiles (the most recent)
@@ -118,6 +119,9 @@ class Engine:
     process while all threads wait (~0.5 s with torch and transformers loaded, on this project's CI machine; on the
     H200 each steady run of bench.batching had one batch of ~0.4 s against a 10-17 ms median, and the backlog
     behind it set the p99). Cycles among the frozen objects are never collected; objects made later are.
+    switch_interval_ms: Python's thread switch interval while the engine is open (sys.setswitchinterval,
+    process-wide; restored when the last engine closes; None leaves it): the engine's loop gives up the GIL at each
+    torch call and waits up to this long to get it back from a thread that is submitting (switching.py).
     """
 
     def __init__(
@@ -129,12 +133,19 @@ class Engine:
         max_delay_ms: float = 5.0,
         deterministic: bool = False,
         freeze_gc: bool = True,
+        switch_interval_ms: float | None = 0.5,
     ) -> None:
         for name, value, least in (("max_queue", max_queue, 1), ("max_batch", max_batch, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
         if not isinstance(max_delay_ms, int | float) or isinstance(max_delay_ms, bool) or not max_delay_ms >= 0:
             raise InputError(f"max_delay_ms must be a number >= 0, got {max_delay_ms!r}")
+        if switch_interval_ms is not None and (
+            isinstance(switch_interval_ms, bool)
+            or not isinstance(switch_interval_ms, int | float)
+            or not 0 < switch_interval_ms <= 1000
+        ):
+            raise InputError(f"switch_interval_ms must be a number in (0, 1000] or None, got {switch_interval_ms!r}")
         self.runtime = runtime
         self.policy = policy_named(policy, runtime)
         self._packed = bool(getattr(self.policy, "packed", False))  # its batches run as packed rows
@@ -166,6 +177,9 @@ class Engine:
         if freeze_gc:
             gc.collect()
             gc.freeze()
+        self._switch_s = None if switch_interval_ms is None else switch_interval_ms / 1e3
+        if self._switch_s is not None:
+            switching.hold(self._switch_s)
         self._metrics = Metrics(started=time.monotonic())
         self._worker = threading.Thread(target=self._serve, name="pets-engine", daemon=True)
         self._reaper = threading.Thread(target=self._reap, name="pets-engine-timeouts", daemon=True)
@@ -242,6 +256,10 @@ class Engine:
         self._fail(dropped, lambda r: RequestCancelledError("the engine closed with cancel_pending=True"))
         self._worker.join(timeout_s)
         self._reaper.join(timeout_s)
+        with self._cv:
+            switch_s, self._switch_s = self._switch_s, None  # given back once, on the first close
+        if switch_s is not None:
+            switching.release(switch_s)
 
     def __enter__(self) -> Engine:
         return self

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -105,6 +106,26 @@ def test_the_engine_exempts_what_was_alive_at_start_from_gc_scans(runtime: pets_
         assert gc.get_freeze_count() == 0
     with Engine(runtime):  # the default: a full collection would otherwise scan torch's objects, all threads stopped
         assert gc.get_freeze_count() > 1000
+
+
+def test_the_engine_lowers_the_thread_switch_interval_while_open(runtime: pets_compiler.Runtime) -> None:
+    before = sys.getswitchinterval()
+    with Engine(runtime, switch_interval_ms=None):
+        assert sys.getswitchinterval() == before
+    outer = Engine(runtime)  # the default, 0.5 ms
+    assert sys.getswitchinterval() == pytest.approx(5e-4)
+    with Engine(runtime, switch_interval_ms=0.2):  # the lowest asked for holds
+        assert sys.getswitchinterval() == pytest.approx(2e-4)
+    assert sys.getswitchinterval() == pytest.approx(5e-4)
+    with Engine(runtime, switch_interval_ms=100):  # never above what holds already
+        assert sys.getswitchinterval() == pytest.approx(5e-4)
+    outer.close()
+    outer.close()  # a second close gives nothing back twice
+    assert sys.getswitchinterval() == before
+    for bad in (0, -1, True, "1", 1e9):
+        with pytest.raises(InputError, match="switch_interval_ms"):
+            Engine(runtime, switch_interval_ms=bad)  # type: ignore[arg-type]
+    assert sys.getswitchinterval() == before
 
 
 def test_bad_requests_raise_at_submit_and_are_not_accepted(runtime: pets_compiler.Runtime) -> None:
