@@ -21,6 +21,7 @@ import gc
 import random
 import sys
 import time
+from concurrent.futures import wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -129,9 +130,12 @@ def serve(runtime: Any, qs: list[tuple[str, list[int]]], policy: str, cfg: Confi
     start = time.perf_counter()
     futures = [engine.submit(task, input_ids=ids) for task, ids in qs]
     submitted = time.perf_counter()
-    for f in futures:
-        f.result()
+    # one wait for them all: it wakes this thread once, when the last is answered; a result() per future in turn
+    # woke it at each answer, to take the GIL from the engine's loop
+    wait(futures)
     elapsed = time.perf_counter() - start
+    for f in futures:
+        f.result()  # raises a request's error, if any
     engine.close()
     m = engine.metrics()
     return {
