@@ -36,7 +36,6 @@ from pets_compiler.serving import switching
 from pets_compiler.serving.policies import FixedPolicy, Policy, policy_named
 
 LATENCY_WINDOW = 100_000  # latencies kept for the percentiles (the most recent)
-HOST_YIELD_S = 0.05  # how long a submit waits at most for the loop to launch a batch (Engine._host_busy)
 
 
 @dataclass(eq=False)
@@ -167,9 +166,7 @@ class Engine:
         # its plan is ready at once (a window of one batch releases nothing: fixed, sorted and packed keep waiting
         # for a full batch or max_delay)
         self._released_at = float("-inf")
-        lock = threading.RLock()
-        self._cv = threading.Condition(lock)
-        self._yielded = threading.Condition(lock)  # submits waiting for the loop to launch a batch
+        self._cv = threading.Condition()
         self._queue: list[_Request] = []
         # what makes a scan of the queue for expired requests worth its time (each scan reads every queued future;
         # a scan per submit made submitting 1024 requests quadratic): the earliest deadline of a queued request,
@@ -177,11 +174,6 @@ class Engine:
         self._earliest: float | None = None
         self._cancelled_since_scan = False
         self._closed = False
-        # while the loop forms and launches a batch, submits from other threads wait (up to HOST_YIELD_S): the loop
-        # and the callers share the GIL, and a caller that kept submitting held it for most of each launch (each
-        # torch call of the loop gives it up); on the H200 the wide workload's first packed batch started ~19 ms
-        # into a pass of 4,096 submits (the first 256 took ~4) and the second 38 ms after it, the GPU idle 13 ms
-        self._host_busy = False
         if freeze_gc:
             gc.collect()
             gc.freeze()
@@ -209,9 +201,6 @@ class Engine:
             raise InputError(f"timeout_s must be a number of seconds or None, got {timeout_s!r}")
         if timeout_s is not None and not timeout_s > 0:
             raise InputError(f"timeout_s must be > 0, got {timeout_s!r}")
-        if self._host_busy and threading.current_thread() is not self._worker:  # (a future's callback may submit)
-            with self._cv:
-                self._yielded.wait_for(lambda: not self._host_busy or self._closed, HOST_YIELD_S)
         request: dict[str, Any] = {**fields, "task": task}
         if text is not None:
             request["text"] = text
@@ -261,7 +250,6 @@ class Engine:
         dropped: list[_Request] = []
         with self._cv:
             self._closed = True
-            self._yielded.notify_all()
             if cancel_pending:
                 dropped, self._queue = self._queue, []
             self._cv.notify_all()
@@ -287,20 +275,13 @@ class Engine:
         while True:
             with self._cv:
                 batch, expired = self._next_batch(wait=running is None)
-                self._host_busy = bool(batch)  # submits wait while it is formed and launched
             self._fail(expired, _timed_out)
             launched = self._start(batch) if batch else None
-            self._end_host_busy()
             if running is not None:
                 self._finish(running)
             running = launched
             if batch is None and running is None:
                 return
-
-    def _end_host_busy(self) -> None:
-        with self._cv:
-            self._host_busy = False
-            self._yielded.notify_all()
 
     def _next_batch(self, wait: bool = True) -> tuple[list[_Request] | None, list[_Request]]:
         """(the next batch, or None once closed and drained, or [] when none is ready and `wait` is false;
