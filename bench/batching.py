@@ -20,6 +20,7 @@ import argparse
 import gc
 import random
 import sys
+import threading
 import time
 from concurrent.futures import wait
 from dataclasses import asdict, dataclass, replace
@@ -270,6 +271,11 @@ def padded_backbone(
         "seconds_per_pass": seconds,
         "queries_per_s": len(qs) / best,
         "padding_fraction": 1 - real / padded,
+        # the process around the passes: session 15 saw the same passes at 0.40-0.42 s (GPU-bound) and at
+        # 0.72-0.79 s (every pass of one measurement) in one process
+        "threads": threading.active_count(),
+        "switch_interval_s": sys.getswitchinterval(),
+        "gc_frozen": gc.get_freeze_count(),
     }
 
 
