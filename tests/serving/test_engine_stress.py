@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import pets_compiler
 from pets_compiler.errors import PetsError, RequestTimeoutError, TaskRemovedError, UnknownTaskError
-from pets_compiler.serving import Engine
+from pets_compiler.serving import CoordinatedPolicy, CostModel, Engine
 from tests.builders import make_bitfit
 
 
@@ -41,12 +41,33 @@ request = st.tuples(
 )
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(request, min_size=1, max_size=25), st.sampled_from(["fixed", "sorted", "packed"]), st.integers(1, 8))
+# a cost model of a forward's shape (a fixed cost plus rows x length) for coordinated, without profiling
+COST = CostModel(
+    rows=(1, 2, 4, 8),
+    lengths=(8, 16, 32),
+    alpha_s=tuple(tuple(1e-3 + 1e-6 * r * n for n in (8, 16, 32)) for r in (1, 2, 4, 8)),
+)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(request, min_size=1, max_size=25),
+    st.sampled_from(["fixed", "sorted", "packed", "coordinated"]),
+    st.integers(1, 8),
+    st.integers(1, 3),
+)
 def test_random_streams_end_every_request(
-    rt: pets_compiler.Runtime, stream: list[tuple[str, int, float | None, bool]], policy: str, max_batch: int
+    rt: pets_compiler.Runtime,
+    stream: list[tuple[str, int, float | None, bool]],
+    policy: str,
+    max_batch: int,
+    lookahead: int,
 ) -> None:
-    engine = Engine(rt, policy=policy, max_batch=max_batch, max_delay_ms=0.5)
+    """Coordinated runs with windows of 1-3 batches: its released windows meet timeouts and cancellations too."""
+    chosen: str | CoordinatedPolicy = policy
+    if policy == "coordinated":
+        chosen = CoordinatedPolicy(COST, lookahead=lookahead)
+    engine = Engine(rt, policy=chosen, max_batch=max_batch, max_delay_ms=0.5)
     futures = []
     for task, n, timeout, cancel in stream:
         f = engine.submit(task, input_ids=list(range(5, 5 + n)), timeout_s=timeout)
