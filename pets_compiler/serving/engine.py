@@ -112,13 +112,13 @@ class Engine:
     accepted requests waiting at most; max_batch: requests per batch at most; max_delay_ms: how long the oldest
     waiting request may wait for a fuller batch (a batch forms once max_batch requests are queued, times the
     policy's lookahead: coordinated plans over several batches' worth; or once the oldest waited this long);
-    deterministic: pad every batch to one shape, so that each answer is
-    bitwise independent of the other requests in its batch (by default answers agree within float rounding,
-    ~1e-7 relative in fp32); freeze_gc: collect once, then exempt every object alive from the cyclic garbage
-    collector's scans (gc.freeze), as long-running servers do: a full collection scans every tracked object of the
-    process while all threads wait (~0.5 s with torch and transformers loaded, on this project's CI machine; on the
-    H200 each steady run of bench.batching had one batch of ~0.4 s against a 10-17 ms median, and the backlog
-    behind it set the p99). Cycles among the frozen objects are never collected; objects made later are.
+    deterministic: pad every batch to one shape, so that each answer is bitwise independent of the other requests in its
+    batch (by default answers agree within float rounding, ~1e-7 relative in fp32); freeze_gc: collect once, then exempt
+    every object alive from the cyclic garbage collector's scans (gc.freeze), as long-running servers do: a full
+    collection scans every tracked object of the process while all threads wait (~0.5 s with torch and transformers
+    loaded, on this project's CI machine; on the H200 each steady run of bench.batching had one batch of ~0.4 s against
+    a 10-17 ms median, and the backlog behind it set the p99). Cycles among the frozen objects are never collected;
+    objects made later are.
     switch_interval_ms: Python's thread switch interval while the engine is open (sys.setswitchinterval,
     process-wide; restored when the last engine closes; None leaves it): the engine's loop gives up the GIL at each
     torch call and waits up to this long to get it back from a thread that is submitting (switching.py).
@@ -138,13 +138,9 @@ class Engine:
         for name, value, least in (("max_queue", max_queue, 1), ("max_batch", max_batch, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
-        if not isinstance(max_delay_ms, int | float) or isinstance(max_delay_ms, bool) or not max_delay_ms >= 0:
+        if not _is_number(max_delay_ms) or not max_delay_ms >= 0:
             raise InputError(f"max_delay_ms must be a number >= 0, got {max_delay_ms!r}")
-        if switch_interval_ms is not None and (
-            isinstance(switch_interval_ms, bool)
-            or not isinstance(switch_interval_ms, int | float)
-            or not 0 < switch_interval_ms <= 1000
-        ):
+        if switch_interval_ms is not None and not (_is_number(switch_interval_ms) and 0 < switch_interval_ms <= 1000):
             raise InputError(f"switch_interval_ms must be a number in (0, 1000] or None, got {switch_interval_ms!r}")
         self.runtime = runtime
         self.policy = policy_named(policy, runtime)
@@ -197,7 +193,7 @@ class Engine:
     ) -> Future[dict[str, Any]]:
         """Accept one request (exactly one of text / input_ids; `fields`, e.g. id=..., come back in the answer).
         Raises at once, accepting nothing: InputError, UnknownTaskError, QueueFullError, EngineClosedError."""
-        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float)):
+        if timeout_s is not None and not _is_number(timeout_s):
             raise InputError(f"timeout_s must be a number of seconds or None, got {timeout_s!r}")
         if timeout_s is not None and not timeout_s > 0:
             raise InputError(f"timeout_s must be > 0, got {timeout_s!r}")
@@ -439,6 +435,11 @@ class Engine:
     def _count(self, failed: int) -> None:
         with self._cv:
             self._metrics.failed += failed
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float, not a bool (a bool is an int to isinstance)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _p99(values: Sequence[float] | deque[float]) -> float:

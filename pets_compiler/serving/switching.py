@@ -12,7 +12,7 @@ import threading
 
 _lock = threading.Lock()
 _held: list[float] = []  # the intervals open engines asked for, in seconds
-_saved: float | None = None  # the interval before the first of them
+_saved = 0.005  # the interval before the first of them (set by its hold)
 
 
 def hold(seconds: float) -> None:
@@ -22,16 +22,11 @@ def hold(seconds: float) -> None:
         if not _held:
             _saved = sys.getswitchinterval()
         _held.append(seconds)
-        sys.setswitchinterval(min(_saved or seconds, *_held))
+        sys.setswitchinterval(min([_saved, *_held]))
 
 
 def release(seconds: float) -> None:
     """Give back one hold(seconds): the lowest still held applies, or the saved interval once none is."""
-    global _saved
     with _lock:
         _held.remove(seconds)
-        if _held:
-            sys.setswitchinterval(min(_saved or min(_held), *_held))
-        elif _saved is not None:
-            sys.setswitchinterval(_saved)
-            _saved = None
+        sys.setswitchinterval(min([_saved, *_held]))
